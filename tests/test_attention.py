@@ -1,0 +1,147 @@
+"""mmca_attention against an independent float64 reference written token by token."""
+import math
+
+import pytest
+import torch
+
+from visualchat.attention import build_masks, mmca_attention
+
+
+def reference(q, k, v, is_img, pad, scale, mode):
+    """Loop over every (batch, head, query) in float64, straight from the definition."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, hq, lq, d, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            for qi in range(lq):
+                i = lk - lq + qi  # absolute position of this query
+
+                def term(keys):
+                    keys = [j for j in keys if pad is None or pad[bi, j]]
+                    if not keys:
+                        return torch.zeros(d, dtype=torch.float64)
+                    s = torch.stack([q[bi, h, qi] @ k[bi, kh, j] * scale for j in keys])
+                    w = torch.softmax(s, 0)
+                    return sum(w[n] * v[bi, kh, j] for n, j in enumerate(keys))
+
+                if mode == "causal":
+                    out[bi, h, qi] = term(range(i + 1))
+                elif is_img[bi, i]:
+                    out[bi, h, qi] = term([i])
+                else:
+                    text = [j for j in range(i + 1) if not is_img[bi, j]]
+                    img = [j for j in range(i) if is_img[bi, j]]
+                    out[bi, h, qi] = term(text) + term(img)
+    return out
+
+
+def layout(name, b=2, n=14):
+    img = torch.zeros(b, n, dtype=torch.bool)
+    pad = None
+    if name == "image_first":
+        img[:, 0:4] = True
+    elif name == "image_last":
+        img[:, -4:] = True
+    elif name == "adjacent":
+        img[:, 2:5] = True
+        img[:, 5:8] = True
+    elif name == "interleaved":
+        img[0, 1:4] = True
+        img[0, 7:10] = True
+        img[1, 3:6] = True
+    elif name == "padding":
+        img[:, 2:6] = True
+        pad = torch.ones(b, n, dtype=torch.bool)
+        pad[0, -3:] = False  # right padding
+        pad[1, :2] = False  # left padding
+    return img, pad
+
+
+LAYOUTS = ["no_image", "image_first", "image_last", "adjacent", "interleaved", "padding"]
+
+
+@pytest.mark.parametrize("mode", ["mmca", "causal"])
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("lq", ["prefill", "decode", "chunk"])
+def test_matches_float64_reference(mode, name, heads, lq):
+    torch.manual_seed(hash((mode, name, heads, lq)) % 2**31)
+    img, pad = layout(name)
+    b, n = img.shape
+    hq, hkv = heads
+    d = 8
+    lq = {"prefill": n, "decode": 1, "chunk": 5}[lq]
+    q = torch.randn(b, hq, lq, d, requires_grad=True)
+    k = torch.randn(b, hkv, n, d, requires_grad=True)
+    v = torch.randn(b, hkv, n, d, requires_grad=True)
+    scale = 1 / math.sqrt(d)
+    out = mmca_attention(q, k, v, img, pad, mode=mode)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference(q64, k64, v64, img, pad, scale, mode)
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+
+    # backward: the same upstream gradient through both
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    for a, r in ((q, q64), (k, k64), (v, v64)):
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_image_query_returns_its_own_value():
+    torch.manual_seed(0)
+    img, _ = layout("interleaved")
+    q, k, v = torch.randn(2, 2, 14, 4), torch.randn(2, 2, 14, 4), torch.randn(2, 2, 14, 4)
+    out = mmca_attention(q, k, v, img)
+    for b in range(2):
+        for i in torch.nonzero(img[b]).flatten().tolist():
+            torch.testing.assert_close(out[b, :, i], v[b, :, i], atol=0, rtol=0)
+
+
+def test_image_term_is_exactly_zero_without_earlier_image():
+    """Text before the first image equals plain causal attention over text: the image term adds 0,
+    not a uniform average (the reference code's fault), and no NaN."""
+    torch.manual_seed(1)
+    img, _ = layout("image_last")
+    q, k, v = torch.randn(2, 2, 14, 4), torch.randn(2, 2, 14, 4), torch.randn(2, 2, 14, 4)
+    mm = mmca_attention(q, k, v, img)
+    ca = mmca_attention(q, k, v, img, mode="causal")
+    assert torch.isfinite(mm).all()
+    torch.testing.assert_close(mm[:, :, :10], ca[:, :, :10], atol=0, rtol=0)
+
+
+def test_padded_keys_get_no_weight():
+    torch.manual_seed(2)
+    img, pad = layout("padding")
+    q, k, v = torch.randn(2, 2, 14, 4), torch.randn(2, 2, 14, 4), torch.randn(2, 2, 14, 4)
+    out = mmca_attention(q, k, v, img, pad)
+    v2 = v.clone()
+    v2[~pad[:, None, :, None].expand_as(v)] = 1e6  # garbage in padded rows must not leak
+    k2 = k.clone()
+    k2[~pad[:, None, :, None].expand_as(k)] = 50.0
+    out2 = mmca_attention(q, k2, v2, img, pad)
+    real = pad[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], out2[real])
+
+
+def test_masks_are_vectorised_and_shaped():
+    img, pad = layout("padding")
+    text_term, image_term = build_masks(img, 14, pad)
+    assert text_term.shape == image_term.shape == (2, 14, 14)
+    assert not (text_term & image_term).any()  # a key is in at most one term
+
+
+def test_bad_shapes_are_explained():
+    q = torch.randn(1, 3, 4, 8)
+    k = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        mmca_attention(q, k, k, torch.zeros(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_is_image"):
+        mmca_attention(q[:, :2], k, k, torch.zeros(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mode"):
+        mmca_attention(q[:, :2], k, k, torch.zeros(1, 4, dtype=torch.bool), mode="nope")

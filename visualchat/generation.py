@@ -1,0 +1,79 @@
+"""The sampling loop: greedy or temperature/top-p sampling with a repetition penalty, stop on EOS,
+streaming text pieces as tokens arrive."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # 1 = off; applied to tokens already in the answer
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def next_token(logits: torch.Tensor, previous: list[int], cfg: GenerationConfig,
+               generator: torch.Generator | None = None) -> int:
+    """Pick the next token from ``logits [V]`` (float32)."""
+    logits = logits.float().clone()
+    if cfg.repetition_penalty != 1.0 and previous:
+        idx = torch.tensor(sorted(set(previous)), device=logits.device)
+        seen = logits[idx]
+        logits[idx] = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < cfg.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class TextStreamer:
+    """Turns a growing list of token ids into new text pieces, holding back incomplete UTF-8."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
+def sample_stream(step: Callable[[int], torch.Tensor], first_logits: torch.Tensor, eos_id: int,
+                  cfg: GenerationConfig, max_tokens: int) -> Iterator[int]:
+    """Yield token ids until EOS (yielded too) or ``max_tokens``. ``step(token)`` feeds one token and
+    returns the next logits."""
+    gen = None
+    if cfg.seed is not None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+    logits, out = first_logits, []
+    for i in range(max_tokens):
+        tok = next_token(logits, out, cfg, gen)
+        out.append(tok)
+        yield tok
+        if tok == eos_id or i + 1 == max_tokens:
+            return
+        logits = step(tok)

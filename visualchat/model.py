@@ -1,0 +1,219 @@
+"""The module that joins vision encoder, projection, trainable embedding copy and frozen LM.
+
+``VisualChatModel`` is the ``nn.Module`` the trainer optimises; ``VisualChat`` is what users load:
+``VisualChat.from_pretrained(path)`` and ``vc.new_session()``.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import attention
+from .assets import resolve_lm, shipped_checkpoint
+from .config import VisualChatConfig
+from .encoders import VisionEncoder, build_encoder
+from .template import IGNORE_INDEX, Template
+
+log = logging.getLogger(__name__)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+class VisualChatModel(nn.Module):
+    """Frozen encoder -> trainable ``projection`` -> image rows; trainable ``embed_tokens`` copy for
+    text rows; frozen causal LM with MMCA (or causal) attention. The LM's own input embedding stays
+    untouched: it is the base the checkpoint's sparse embedding rows are measured against, and the
+    output head when the LM ties them."""
+
+    def __init__(self, lm: nn.Module, encoder: VisionEncoder, attention_mode: str = "mmca"):
+        super().__init__()
+        if attention_mode not in attention.MODES:
+            raise ValueError(f"attention must be one of {attention.MODES}, got {attention_mode!r}")
+        self.lm = freeze(lm)
+        self.encoder = freeze(encoder)
+        self.attention_mode = attention_mode
+        lm.config._attn_implementation = attention.register()
+        base = lm.get_input_embeddings().weight
+        self.projection = nn.Linear(encoder.hidden_size, base.shape[1], device=base.device, dtype=base.dtype)
+        self.embed_tokens = nn.Embedding(base.shape[0], base.shape[1], device=base.device, dtype=base.dtype)
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(base.detach().to(self.embed_tokens.weight.dtype))
+
+    def train(self, mode: bool = True):  # the frozen parts stay in eval mode
+        super().train(mode)
+        self.lm.eval()
+        self.encoder.eval()
+        return self
+
+    @property
+    def base_embedding(self) -> torch.Tensor:
+        return self.lm.get_input_embeddings().weight
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence) -> torch.Tensor:
+        """PIL images -> frozen encoder features ``[n, K, d_vis]`` (not yet projected)."""
+        return self.encoder.encode(images)
+
+    def embed(self, input_ids: torch.Tensor, is_image: torch.Tensor, image_rows: torch.Tensor | None) -> torch.Tensor:
+        """input_ids, is_image ``[B, L]``; image_rows ``[n_rows, d_vis]`` (or ``[n, K, d_vis]``), one per
+        image slot in row-major order. Returns ``[B, L, H]``."""
+        x = self.embed_tokens(input_ids)  # [B, L, H]
+        n_slots = int(is_image.sum())
+        if image_rows is None or image_rows.numel() == 0:
+            if n_slots:
+                raise ValueError(f"{n_slots} image slots but no image features")
+            return x
+        rows = image_rows.reshape(-1, image_rows.shape[-1])
+        if rows.shape[0] != n_slots:
+            raise ValueError(f"image features give {rows.shape[0]} rows but the prompt has {n_slots} image slots")
+        proj = self.projection(rows.to(self.projection.weight.dtype)).to(x.dtype)  # [n_rows, H]
+        return x.masked_scatter(is_image[..., None].to(x.device), proj)
+
+    def forward(self, input_ids, is_image, image_rows=None, padding_mask=None, labels=None,
+                past_key_values=None, key_is_image=None, use_cache=False, logits_to_keep: int = 0,
+                attention_mode: str | None = None):
+        """One forward. With ``labels`` (aligned with input_ids, -100 = no loss) returns
+        ``(loss, n_label_tokens)``: the head runs only at label positions. Else returns
+        ``(logits of the last logits_to_keep positions (all if 0), past_key_values)``.
+        ``key_is_image`` covers cached + new keys (defaults to ``is_image`` without a cache)."""
+        embeds = self.embed(input_ids, is_image, image_rows)
+        decoder = self.lm.get_decoder()
+        kis = is_image if key_is_image is None else key_is_image
+        out = decoder(
+            inputs_embeds=embeds, past_key_values=past_key_values, use_cache=use_cache,
+            vc_key_is_image=kis.bool(), vc_key_padding_mask=padding_mask,
+            vc_attention_mode=attention_mode or self.attention_mode,
+        )
+        hidden = out.last_hidden_state  # [B, L, H]
+        head = self.lm.get_output_embeddings()
+        if labels is not None:
+            target = labels[:, 1:]
+            where = target != IGNORE_INDEX  # predict token t+1 from position t
+            h = hidden[:, :-1][where]  # [n, H]
+            logits = head(h).float()
+            n = int(where.sum())
+            loss = F.cross_entropy(logits, target[where], reduction="sum") / max(n, 1)
+            return loss, n
+        h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        return head(h).float(), out.past_key_values
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"projection.weight": self.projection.weight, "projection.bias": self.projection.bias,
+                "embed_tokens.weight": self.embed_tokens.weight}
+
+
+def load_lm(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+            quantization: str | None = None, trust_remote_code: bool = False):
+    """An HF causal LM and its tokenizer from an id, a local path or ``"default"``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_lm(spec)
+    kw: dict = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
+    if quantization in ("4bit", "8bit"):
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
+            bnb_4bit_compute_dtype=dtype or torch.float32, bnb_4bit_quant_type="nf4")
+    elif quantization not in (None, "none"):
+        raise ValueError(f"quantization must be 4bit, 8bit or none, got {quantization!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except OSError as e:
+        raise OSError(f"could not load the language model {spec!r} (from {path!r}): {e}") from None
+    if quantization not in ("4bit", "8bit"):
+        lm.to(device)
+    return lm, tok
+
+
+class VisualChat:
+    """A loaded model ready to chat: ``vc.new_session().ask("What is in Image 1?", images=[img])``."""
+
+    def __init__(self, model: VisualChatModel, tokenizer, config: VisualChatConfig):
+        if model.encoder.num_tokens != config.image_tokens:
+            raise ValueError(f"config says K={config.image_tokens} but the encoder gives {model.encoder.num_tokens}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.template = Template(tokenizer, config.image_tokens)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_components(cls, lm, tokenizer, encoder: VisionEncoder, attention: str = "mmca",
+                        lm_spec: str = "custom", **config_kw) -> "VisualChat":
+        """Build an (untrained) model from loaded parts: any HF causal LM, its tokenizer, an encoder."""
+        emb = lm.get_input_embeddings().weight
+        config = VisualChatConfig(lm=lm_spec, vision=encoder.spec(), attention=attention,
+                                  image_tokens=encoder.num_tokens, vision_hidden_size=encoder.hidden_size,
+                                  lm_hidden_size=emb.shape[1], vocab_size=emb.shape[0], **config_kw)
+        return cls(VisualChatModel(lm, encoder, attention), tokenizer, config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | None = None, *, lm: str | None = None, vision: str | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        quantization: str | None = None, share_with: "VisualChat | None" = None,
+                        trust_remote_code: bool = False) -> "VisualChat":
+        """Load a checkpoint directory. ``path=None`` loads the embedded default (SmolLM2-135M-Instruct
+        + EfficientNet-Lite0) with its shipped MMCA checkpoint, or an untrained projection if none is
+        shipped. ``lm``/``vision`` override where the base parts come from (e.g. a local copy of the
+        LM the checkpoint names). ``share_with`` reuses another VisualChat's frozen LM and encoder
+        (they must be the same base), so two checkpoints cost one model's memory."""
+        from .checkpoint import load_trainable
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        custom_base = (lm or "default") != "default" or (vision or "default") not in ("default", "efficientnet-lite0")
+        if path is None and not custom_base:
+            path = shipped_checkpoint()
+        if path is None:
+            warnings.warn("no checkpoint given (and none shipped for this base in assets/checkpoints): the "
+                          "projection is UNTRAINED, so answers will ignore the images")
+        config = VisualChatConfig.load(path) if path is not None else VisualChatConfig(lm=lm or "default")
+        if share_with is not None:
+            base_lm, tok, enc = share_with.model.lm, share_with.tokenizer, share_with.model.encoder
+        else:
+            base_lm, tok = load_lm(lm or config.lm, dtype, device, quantization, trust_remote_code)
+            enc = build_encoder(vision or config.vision).to(device=device, dtype=dtype)
+        model = VisualChatModel(base_lm, enc, config.attention)
+        model.projection.to(device=device, dtype=dtype)
+        model.embed_tokens.to(device=device, dtype=dtype)
+        if path is not None:
+            load_trainable(model, path, config)
+        else:
+            emb = model.base_embedding
+            config = VisualChatConfig(lm=lm or "default", vision=enc.spec(), image_tokens=enc.num_tokens, vision_hidden_size=enc.hidden_size,
+                                      lm_hidden_size=emb.shape[1], vocab_size=emb.shape[0])
+        vc = cls(model, tok, config)
+        vc.path = path
+        return vc
+
+    # -- use ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.projection.weight.device
+
+    @property
+    def context_window(self) -> int:
+        lm_max = getattr(self.model.lm.config, "max_position_embeddings", None) or 4096
+        return min(self.config.max_seq_len or lm_max, lm_max)
+
+    def new_session(self, system: str | None = None):
+        from .session import Session
+
+        return Session(self, system)
+
+    def save_pretrained(self, path: str) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self.model, path, self.config)

@@ -1,0 +1,216 @@
+"""A conversation's state: rounds, images, the KV cache; ask, stream, undo, regenerate.
+
+The session keeps the LM's KV cache between rounds (a prefix cache). Every token of the rendered
+conversation has a key (its id, or ``(image uid, row)`` for an image slot); before each forward the
+cache is cropped to the longest prefix whose keys still match and only the rest is fed. So round k
+encodes only its own new images and question; Undo and Regenerate crop the cache and recompute
+nothing that is still valid. Images are run through the encoder once, when they arrive.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Iterator, Sequence
+
+import torch
+
+from .generation import GenerationConfig, TextStreamer, sample_stream
+from .images import open_image
+from .template import Conversation, Rendered, Round
+
+
+class ContextWindowError(ValueError):
+    """The conversation does not fit the model's context window."""
+
+
+class TooManyImagesError(ValueError):
+    """More images than the model is configured for."""
+
+
+_uids = itertools.count()
+
+
+class Session:
+    def __init__(self, vc, system: str | None = None):
+        self.vc = vc
+        self.conversation = Conversation(system=system if system is not None else vc.config.system)
+        self._answer_ids: list[list[int] | None] = []  # exact generated ids per round (EOS included)
+        self._features: list[torch.Tensor] = []  # [K, d_vis] per image, in conversation order
+        self._uids: list[int] = []
+        self._cache = None
+        self._cache_keys: list = []  # one key per token in the cache
+        self._cache_is_image: list[bool] = []
+        self.last_stats: dict = {}
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def images(self) -> list:
+        return self.conversation.images
+
+    def prompt_text(self) -> str:
+        """The Figure-3 prompt of the conversation so far, each image as ``[Image i: K tokens]``."""
+        return self.vc.template.render_text(self.conversation)
+
+    def reset(self) -> None:
+        self.__init__(self.vc, self.conversation.system)
+
+    def undo(self) -> Round | None:
+        """Remove the last round (and its images). Returns it, or None if there is none."""
+        if not self.conversation.rounds:
+            return None
+        rnd = self.conversation.rounds.pop()
+        self._answer_ids.pop()
+        n = len(rnd.images)
+        if n:
+            del self._features[-n:], self._uids[-n:]
+        return rnd
+
+    # -- rendering -----------------------------------------------------------------------------
+    def _render(self) -> Rendered:
+        t = self.vc.template
+        out = t.render_system(self.conversation.system)
+        first = 1
+        for rnd, ids in zip(self.conversation.rounds, self._answer_ids):
+            out.extend(t.render_round(rnd, first, answer_ids=ids))
+            first += len(rnd.images)
+        return out
+
+    def _keys_and_rows(self, r: Rendered) -> tuple[list, list[tuple[int, int]]]:
+        k = self.vc.config.image_tokens
+        keys, rows, n_img = [], [], 0
+        for tok, is_img in zip(r.input_ids, r.is_image):
+            if is_img:
+                img, row = divmod(n_img, k)
+                keys.append((self._uids[img], row))
+                rows.append((img, row))
+                n_img += 1
+            else:
+                keys.append(tok)
+        return keys, rows
+
+    # -- model calls ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _prefill(self, r: Rendered) -> torch.Tensor:
+        """Feed what the cache lacks of ``r``; return the logits after its last token."""
+        keys, rows = self._keys_and_rows(r)
+        p = 0
+        for a, b in zip(self._cache_keys, keys):
+            if a != b:
+                break
+            p += 1
+        p = min(p, len(keys) - 1)  # at least one token must be fed to get logits
+        if self._cache is None or p == 0:
+            self._cache, p = None, 0
+        elif p < len(self._cache_keys):
+            self._cache.crop(p - len(self._cache_keys))  # transformers 5: a negative count removes tokens
+        dev = self.vc.device
+        n_img_before = sum(r.is_image[:p])
+        new_rows = rows[n_img_before:]
+        image_rows = None
+        if new_rows:
+            image_rows = torch.stack([self._features[i][j] for i, j in new_rows]).to(dev)
+        ids = torch.tensor([r.input_ids[p:]], device=dev)
+        is_img = torch.tensor([r.is_image[p:]], device=dev)
+        kis = torch.tensor([r.is_image], device=dev)
+        if self._cache is None:
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache(config=self.vc.model.lm.config)
+        logits, self._cache = self.vc.model(ids, is_img, image_rows, past_key_values=self._cache,
+                                            key_is_image=kis, use_cache=True, logits_to_keep=1)
+        self._cache_keys = keys
+        self._cache_is_image = list(r.is_image)
+        self.last_stats["prefill_tokens"] = len(keys) - p
+        return logits[0, -1]
+
+    @torch.no_grad()
+    def _step(self, token: int) -> torch.Tensor:
+        dev = self.vc.device
+        self._cache_keys.append(token)
+        self._cache_is_image.append(False)
+        kis = torch.tensor([self._cache_is_image], device=dev)
+        logits, self._cache = self.vc.model(torch.tensor([[token]], device=dev),
+                                            torch.zeros(1, 1, dtype=torch.bool, device=dev),
+                                            past_key_values=self._cache, key_is_image=kis,
+                                            use_cache=True, logits_to_keep=1)
+        return logits[0, -1]
+
+    # -- public --------------------------------------------------------------------------------
+    def stream(self, question: str, images: Sequence = (), **gen) -> Iterator[str]:
+        """Add a round and yield its answer in text pieces as they are generated. Closing the
+        generator early (a Stop button) keeps the partial answer. Bad input raises before anything
+        changes: :class:`~visualchat.images.ImageError`, :class:`TooManyImagesError`,
+        :class:`ContextWindowError`, ``ValueError`` for an empty question."""
+        cfg = GenerationConfig(**gen)
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty")
+        opened = [open_image(im) for im in images]
+        limit = self.vc.config.max_images
+        total = len(self.images) + len(opened)
+        if total > limit:
+            raise TooManyImagesError(f"this conversation would have {total} images; the model allows at most {limit}")
+        if self.conversation.rounds and self._answer_ids[-1] is None:  # stopped before its first token
+            self.conversation.rounds[-1].answer = ""
+            self._answer_ids[-1] = [self.vc.template.eos_id]
+        rnd = Round(question.strip(), images=opened)
+        feats = list(self.vc.model.encode_images(opened).cpu()) if opened else []
+        self.conversation.rounds.append(rnd)
+        self._answer_ids.append(None)
+        self._features += feats
+        self._uids += [next(_uids) for _ in feats]
+        try:
+            return self._generate(cfg, new_round=True)
+        except BaseException:
+            self.undo()
+            raise
+
+    def regenerate(self, **gen) -> Iterator[str]:
+        """Drop the last answer and generate it again (the images are not re-encoded)."""
+        if not self.conversation.rounds:
+            raise ValueError("there is no round to regenerate")
+        self.conversation.rounds[-1].answer = None
+        self._answer_ids[-1] = None
+        return self._generate(GenerationConfig(**gen))
+
+    def ask(self, question: str, images: Sequence = (), **gen) -> str:
+        return "".join(self.stream(question, images, **gen))
+
+    def _generate(self, cfg: GenerationConfig, new_round: bool = False) -> Iterator[str]:
+        """Checks the context window now (eagerly), then returns the token generator."""
+        r = self._render()
+        ctx = self.vc.context_window
+        if len(r) >= ctx:
+            raise ContextWindowError(
+                f"the conversation needs {len(r)} tokens ({sum(r.is_image)} of them image tokens) but the "
+                f"context window is {ctx} tokens; undo or clear earlier rounds, or start a new chat")
+        return self._run(r, cfg, min(cfg.max_new_tokens, ctx - len(r)), new_round)
+
+    def _run(self, r: Rendered, cfg: GenerationConfig, max_tokens: int, new_round: bool) -> Iterator[str]:
+        rnd = self.conversation.rounds[-1]
+        streamer = TextStreamer(self.vc.tokenizer)
+        eos = self.vc.template.eos_id
+        ids: list[int] = []
+        t0 = time.perf_counter()
+        self.last_stats = {}
+        try:
+            logits = self._prefill(r)
+        except BaseException:  # the prefill failed: drop the cache, and the round if this call added it
+            self._cache, self._cache_keys, self._cache_is_image = None, [], []
+            if new_round:
+                self.undo()
+            raise
+        self.last_stats["ttft_s"] = time.perf_counter() - t0
+        try:
+            for tok in sample_stream(self._step, logits, eos, cfg, max_tokens):
+                ids.append(tok)
+                if tok == eos:
+                    break
+                piece = streamer.push(tok)
+                if piece:
+                    yield piece
+        finally:  # also on Stop (GeneratorExit) or an error mid-answer: keep what was generated
+            rnd.answer = streamer.text.strip()
+            self._answer_ids[-1] = ids + ([eos] if not ids or ids[-1] != eos else [])
+            dt = time.perf_counter() - t0
+            self.last_stats.update(new_tokens=len(ids), total_s=dt,
+                                   tokens_per_s=len(ids) / max(dt - self.last_stats["ttft_s"], 1e-9))
