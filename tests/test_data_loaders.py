@@ -321,9 +321,10 @@ def test_llava_otter_blend(cgd_root):
     im = lambda n: coco(cgd_root, f"0000000000{n:02d}.jpg")  # noqa: E731
     assert g.images == [im(2), im(1)]  # Image i is the i-th CGD image
     qs = [r.question for r in g.rounds]
-    assert qs == ["Why is it green?", "Describe the image in detail.",
+    # every pair of a chosen LLaVA conversation comes along, the image with its first
+    assert qs == ["Why is it green?", "Describe the image in detail.", "Second question?",
                   "What differs between the two images?", "Which one is red?"]
-    assert [r.images for r in g.rounds] == [[im(2)], [im(1)], [], []]
+    assert [r.images for r in g.rounds] == [[im(2)], [im(1)], [], [], []]
     mixed = convs[2]
     assert mixed.images == [im(1), im(4)]
     assert mixed.rounds[0].images == [im(1)] and mixed.rounds[0].question == "Describe the image in detail."
@@ -458,8 +459,10 @@ def test_pack_respects_max_images_and_system():
 
 
 def test_limit_images_drops_trailing_rounds():
-    c = Conversation(rounds=[Round("q1", images=["a", "b"], answer="1"), Round("q2", images=["c", "d", "e"], answer="2"),
-                             Round("q3", images=[], answer="3"), Round("q4", images=list("fghi"), answer="4")])
+    c = Conversation(rounds=[Round("q1", images=["a", "b"], answer="1"),
+                             Round("q2", images=["c", "d", "e"], answer="2"),
+                             Round("q3", images=[], answer="3"),
+                             Round("q4", images=list("fghi"), answer="4")])
     out = limit_images(c, 8)
     assert [r.question for r in out.rounds] == ["q1", "q2", "q3"] and out.images == list("abcde")
     assert limit_images(c, 9) is c

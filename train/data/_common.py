@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
-from visualchat.template import Conversation, Round
+from visualchat.template import Conversation
 
 log = logging.getLogger("train.data")
 

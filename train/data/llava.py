@@ -24,7 +24,8 @@ from typing import Any, Iterator
 
 from visualchat.template import Conversation, Round
 
-from ._common import DEFAULT_MAX_IMAGES, LoadStats, find_first, limit_images, pairs, read_json, require_dir, strip_marker
+from ._common import (DEFAULT_MAX_IMAGES, LoadStats, find_first, limit_images, pairs, read_json, require_dir,
+                      strip_marker)
 
 LLAVA_FILES = ("detail_23k.json", "complex_reasoning_77k.json")
 LLAVA_DIAL_FILES = ("conversation_58k.json",)
