@@ -1,0 +1,46 @@
+"""Integration: the embedded default (real SmolLM2-135M-Instruct + real EfficientNet-Lite0) on CPU."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from visualchat.assets import ASSETS_DIR, default_lm_dir
+
+EXAMPLES = os.path.join(ASSETS_DIR, "examples")
+
+
+@pytest.fixture(scope="module")
+def default_vc():
+    from visualchat.model import VisualChat
+
+    return VisualChat.from_pretrained(None, device="cpu")
+
+
+def test_default_lm_is_converted_once_and_cached():
+    path = default_lm_dir()
+    assert os.path.isfile(os.path.join(path, "config.json"))
+    assert default_lm_dir() == path  # second call: straight from the cache
+
+
+def test_default_loads_and_three_images_produce_tokens(default_vc):
+    assert default_vc.config.image_tokens == 49 and default_vc.model.encoder.hidden_size == 1280
+    assert default_vc.model.lm.config.model_type == "llama"
+    ims = [Image.open(os.path.join(EXAMPLES, f"shapes_{i}.png")) for i in (1, 2, 3)]
+    s = default_vc.new_session()
+    pieces = list(s.stream("Describe Image 1, Image 2 and Image 3.", images=ims, max_new_tokens=6))
+    assert s.last_stats["new_tokens"] >= 1
+    assert s.last_stats["prefill_tokens"] > 3 * 49
+    assert "### Image 3:\n[Image 3: 49 tokens]" in s.prompt_text()
+    assert all(isinstance(p, str) for p in pieces)
+
+
+def test_default_lm_answers_text_sensibly(default_vc):
+    """The converted GGUF weights are the real model: plain text gets a sensible greedy answer."""
+    s = default_vc.new_session(system="You are a helpful assistant.")
+    lm, tok = default_vc.model.lm, default_vc.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = lm.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert s.ask("Hi?", max_new_tokens=2) is not None

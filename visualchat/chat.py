@@ -1,0 +1,94 @@
+"""The command-line chat, for people without a browser: ``python -m visualchat.chat``.
+
+Type a question; attach images by putting ``/image PATH`` lines first (each adds the next Image i).
+Commands: ``/image PATH``, ``/undo``, ``/regen``, ``/prompt``, ``/reset``, ``/quit``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m visualchat.chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped MMCA model)")
+    p.add_argument("--lm", default=None, help="override the base LM (HF id or local path)")
+    p.add_argument("--vision", default=None, help="override the vision encoder spec")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--image", action="append", default=[], help="attach image(s) to the first question")
+    p.add_argument("--ask", default=None, help="ask one question (with --image), print the answer and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .images import ImageError
+    from .model import VisualChat
+    from .session import ContextWindowError, TooManyImagesError
+
+    print("loading the model ...", file=sys.stderr)
+    vc = VisualChat.from_pretrained(args.checkpoint, lm=args.lm, vision=args.vision, device=args.device)
+    session = vc.new_session()
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+               repetition_penalty=args.repetition_penalty)
+    pending = list(args.image)
+
+    def answer(stream):
+        try:
+            for piece in stream:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            stream.close()
+            print(" [stopped]", end="")
+        print()
+
+    if args.ask is not None:
+        try:
+            answer(session.stream(args.ask, pending, **gen))
+        except (ImageError, TooManyImagesError, ContextWindowError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+    print("VisualChat. /image PATH attaches an image to your next question; /quit ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input(f"[{len(session.images) + len(pending)} images] you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line.startswith("/image "):
+            pending.append(line[7:].strip())
+            print(f"  will attach as Image {len(session.images) + len(pending)}")
+            continue
+        try:
+            if line == "/undo":
+                print("  removed the last round" if session.undo() else "  nothing to undo")
+            elif line == "/regen":
+                print("vc> ", end="")
+                answer(session.regenerate(**gen))
+            elif line == "/prompt":
+                print(session.prompt_text())
+            elif line == "/reset":
+                session.reset()
+                pending.clear()
+            else:
+                stream = session.stream(line, pending, **gen)  # raises on bad input, before printing
+                pending = []
+                print("vc> ", end="")
+                answer(stream)
+        except (ImageError, TooManyImagesError, ContextWindowError, ValueError) as e:
+            print(f"\n  error: {e} (the conversation is unchanged)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
