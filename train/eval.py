@@ -1,0 +1,133 @@
+"""Evaluation runner: exact-match accuracy on the synthetic shapes test set, or answers for
+conversation files in the reference format written to CSV.
+
+    python -m train.eval --checkpoint assets/checkpoints/shapes-mmca --n 200 --out eval.json
+    python -m train.eval --checkpoint CKPT --conversations eval_single.json --image_root DIR --out answers.csv
+
+Shapes scoring runs every conversation as a real chat (greedy, the model's own earlier answers stay in
+the history) and compares each answer with the canonical one after normalising case, surrounding
+space and a final full stop. It reports accuracy per fine type (``single/count`` ...), per category
+(``single``, ``cross``, ``refer_back``) and overall, prints a table and writes JSON.
+
+Reference format: a JSON object whose keys name conversations, each a list of rounds ``[question]`` or
+``[question, image_path]``. Image paths starting with ``./eval/eval_data/images/`` are resolved
+against ``--image_root``. A conversation with a missing or bad image gets one CSV row with its error
+and the runner goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+from tqdm import tqdm
+
+REFERENCE_PREFIX = "./eval/eval_data/images/"
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, progress: bool = True) -> dict:
+    """Exact-match accuracy of ``vc`` on the first ``n`` conversations of the shapes test split."""
+    from train.data.shapes import SHAPES_VERSION, category, generate
+
+    hits: dict[str, list[int]] = defaultdict(list)
+    examples = []
+    for sample in tqdm(generate("test", n, seed), desc="eval", disable=not progress):
+        conv = sample.materialize()
+        session = vc.new_session(system=conv.system)
+        for rnd, tag in zip(conv.rounds, sample.round_types):
+            answer = session.ask(rnd.question, rnd.images, max_new_tokens=max_new_tokens)
+            ok = int(normalise(answer) == normalise(rnd.answer))
+            for key in (tag, category(tag), "all"):
+                hits[key].append(ok)
+            if len(examples) < 20:
+                examples.append({"type": tag, "question": rnd.question, "expected": rnd.answer, "answer": answer})
+    acc = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items())}
+    return {"shapes_version": SHAPES_VERSION, "n_conversations": n, "seed": seed,
+            "checkpoint": getattr(vc, "path", None), "accuracy": acc, "examples": examples}
+
+
+def print_table(result: dict, file=sys.stdout) -> None:
+    print("| question type | accuracy | rounds |\n|---|---|---|", file=file)
+    for k, v in result["accuracy"].items():
+        print(f"| {k} | {100 * v['accuracy']:.1f}% | {v['n']} |", file=file)
+
+
+def resolve(path: str, image_root: str) -> str:
+    if path.startswith(REFERENCE_PREFIX):
+        path = path[len(REFERENCE_PREFIX):]
+    return path if os.path.isabs(path) else os.path.join(image_root, path)
+
+
+def run_conversations(vc, conversations: dict, image_root: str, out_csv: str, max_new_tokens: int = 128,
+                      progress: bool = True) -> dict:
+    """Answer every round of every conversation; write ``test_name,image_path,question,answer,error``
+    rows. Returns counts of conversations done and failed."""
+    from visualchat.images import ImageError, open_image
+
+    done = failed = 0
+    with open(out_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["test_name", "image_path", "question", "answer", "error"])
+        for name, rounds in tqdm(conversations.items(), desc="conversations", disable=not progress):
+            try:  # open every image first: a missing one fails the conversation before any answer
+                opened = [[open_image(resolve(r[1], image_root))] if len(r) > 1 and r[1] else [] for r in rounds]
+            except ImageError as e:
+                w.writerow([name, "", "", "", f"{type(e).__name__}: {e}"])
+                failed += 1
+                continue
+            session = vc.new_session()
+            try:
+                for r, ims in zip(rounds, opened):
+                    ans = session.ask(r[0], ims, max_new_tokens=max_new_tokens)
+                    w.writerow([name, r[1] if len(r) > 1 else "", r[0], ans, ""])
+                done += 1
+            except (ValueError, RuntimeError) as e:  # e.g. too many images, context window
+                w.writerow([name, "", "", "", f"{type(e).__name__}: {e}"])
+                failed += 1
+    return {"conversations": done, "failed": failed}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped MMCA model)")
+    p.add_argument("--lm", default=None, help="override the base LM the checkpoint names")
+    p.add_argument("--device", default=None)
+    p.add_argument("--n", type=int, default=200, help="shapes test conversations to score")
+    p.add_argument("--seed", type=int, default=0, help="shapes test split seed (0 = the versioned test set)")
+    p.add_argument("--conversations", default=None, help="reference-format JSON file (instead of shapes)")
+    p.add_argument("--image_root", default=".", help="folder that reference image paths resolve against")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="default 32 for shapes, 128 otherwise")
+    p.add_argument("--out", default=None, help="JSON (shapes) or CSV (conversations) output path")
+    args = p.parse_args(argv)
+    from visualchat.model import VisualChat
+
+    vc = VisualChat.from_pretrained(args.checkpoint, lm=args.lm, device=args.device)
+    t0 = time.time()
+    if args.conversations:
+        with open(args.conversations) as f:
+            convs = json.load(f)
+        out = args.out or os.path.splitext(os.path.basename(args.conversations))[0] + "_answers.csv"
+        counts = run_conversations(vc, convs, args.image_root, out, args.max_new_tokens or 128)
+        print(f"{counts['conversations']} conversations answered, {counts['failed']} failed -> {out}")
+        return 0
+    result = score_shapes(vc, args.n, args.seed, args.max_new_tokens or 32)
+    result["seconds"] = round(time.time() - t0, 1)
+    print_table(result)
+    out = args.out or "shapes_eval.json"
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
