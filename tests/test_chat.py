@@ -1,0 +1,42 @@
+"""The command-line chat on a tiny saved checkpoint."""
+import pytest
+
+from tests.conftest import color_image, tiny_llama
+from visualchat import chat
+from visualchat.model import VisualChat
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, tiny_tokenizer, tiny_clip_dir):
+    lm_dir = tmp_path / "lm"
+    tiny_llama(tiny_tokenizer).save_pretrained(lm_dir)
+    tiny_tokenizer.save_pretrained(lm_dir)
+    vc = VisualChat.from_pretrained(None, lm=str(lm_dir), vision="clip:" + tiny_clip_dir, device="cpu")
+    vc.save_pretrained(str(tmp_path / "ckpt"))
+    return str(tmp_path / "ckpt")
+
+
+def test_one_shot_question_with_image(tiny_ckpt, tmp_path, capsys):
+    color_image((0, 255, 0)).save(tmp_path / "g.png")
+    rc = chat.main(["--checkpoint", tiny_ckpt, "--image", str(tmp_path / "g.png"), "--ask", "What is it?",
+                    "--max_new_tokens", "3"])
+    assert rc == 0
+
+
+def test_bad_image_is_a_clear_error(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    rc = chat.main(["--checkpoint", tiny_ckpt, "--image", str(tmp_path / "x.png"), "--ask", "What?"])
+    assert rc == 2
+    assert "not an image" in capsys.readouterr().err
+
+
+def test_interactive_commands(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    color_image((0, 0, 255)).save(tmp_path / "b.png")
+    lines = iter([f"/image {tmp_path / 'b.png'}", "What is in Image 1?", "/prompt", "/undo", "/image nope.png",
+                  "Hi?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert chat.main(["--checkpoint", tiny_ckpt, "--max_new_tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[Image 1: 16 tokens]" in out
+    assert "removed the last round" in out
+    assert "image not found: nope.png" in out and "conversation is unchanged" in out
