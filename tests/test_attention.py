@@ -1,5 +1,6 @@
 """mmca_attention against an independent float64 reference written token by token."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ LAYOUTS = ["no_image", "image_first", "image_last", "adjacent", "interleaved", "
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("lq", ["prefill", "decode", "chunk"])
 def test_matches_float64_reference(mode, name, heads, lq):
-    torch.manual_seed(hash((mode, name, heads, lq)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((mode, name, heads, lq)).encode()))
     img, pad = layout(name)
     b, n = img.shape
     hq, hkv = heads
@@ -90,7 +91,8 @@ def test_matches_float64_reference(mode, name, heads, lq):
     ref.backward(g)
     for a, r in ((q, q64), (k, k64), (v, v64)):
         assert torch.isfinite(a.grad).all()
-        torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-6, rtol=1e-6)
+        # gradients sum over many queries: float32 rounding grows with the sum, hence rtol 1e-5
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_image_query_returns_its_own_value():
@@ -112,7 +114,15 @@ def test_image_term_is_exactly_zero_without_earlier_image():
     mm = mmca_attention(q, k, v, img)
     ca = mmca_attention(q, k, v, img, mode="causal")
     assert torch.isfinite(mm).all()
-    torch.testing.assert_close(mm[:, :, :10], ca[:, :, :10], atol=0, rtol=0)
+    torch.testing.assert_close(mm[:, :, :10], ca[:, :, :10], atol=1e-6, rtol=0)
+    v_big = v.clone()
+    v_big[:, :, 10:] = 1e6  # the image rows: any weight on them would show
+    mm_big = mmca_attention(q, k, v_big, img)
+    torch.testing.assert_close(mm_big[:, :, :10], mm[:, :, :10], atol=0, rtol=0)
+    pad = torch.ones(2, 14, dtype=torch.bool)
+    pad[:, 0] = False  # the general (masked) path too
+    torch.testing.assert_close(mmca_attention(q, k, v_big, img, pad)[:, :, 1:10],
+                               mmca_attention(q, k, v, img, pad)[:, :, 1:10], atol=0, rtol=0)
 
 
 def test_padded_keys_get_no_weight():

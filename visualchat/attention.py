@@ -56,6 +56,29 @@ def build_masks(key_is_image: torch.Tensor, lq: int, key_padding_mask: torch.Ten
     return [text_term, image_term]
 
 
+def _mmca_prefill(q, k, v, is_img, scale):
+    """MMCA prefill of one unpadded sequence (q ``[1, Hq, L, D]``, k/v ``[1, Hkv, L, D]``, is_img ``[L]``)
+    with less work than causal attention: image queries just copy their value row; text queries run
+    plain causal SDPA over the text tokens alone (compacted, so the fast causal kernel applies) plus
+    one rectangular masked SDPA over the earlier image keys."""
+    t_idx = (~is_img).nonzero().flatten()
+    i_idx = is_img.nonzero().flatten()
+    groups = q.shape[1] // k.shape[1]
+    out = q.new_zeros(q.shape)
+    if i_idx.numel():
+        own = v.index_select(2, i_idx).repeat_interleave(groups, dim=1)  # [1, Hq, Ni, D]
+        out = out.index_copy(2, i_idx, own)
+    if t_idx.numel():
+        qt, kt, vt = (x.index_select(2, t_idx) for x in (q, k, v))
+        text = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=groups > 1)
+        if i_idx.numel():
+            earlier = (i_idx[None, :] < t_idx[:, None])[None]  # [1, Nt, Ni]
+            if earlier.any():
+                text = text + _masked_sdpa(qt, k.index_select(2, i_idx), v.index_select(2, i_idx), earlier, scale)
+        out = out.index_copy(2, t_idx, text)
+    return out
+
+
 def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_is_image: torch.Tensor,
                    key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
                    mode: str = "mmca") -> torch.Tensor:
@@ -77,6 +100,9 @@ def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if mode == "causal" and key_padding_mask is None and lq == lk:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                               enable_gqa=hq != hkv)
+    if mode == "mmca" and lq == lk and (key_padding_mask is None or bool(key_padding_mask.all())):
+        return torch.cat([_mmca_prefill(query[i:i + 1], key[i:i + 1], value[i:i + 1], key_is_image[i].bool(), scale)
+                          for i in range(b)])
     masks = build_masks(key_is_image, lq, key_padding_mask, mode)
     out = _masked_sdpa(query, key, value, masks[0], scale)
     for m in masks[1:]:
