@@ -201,3 +201,39 @@ def test_checkpoint_mismatch_is_explained(tmp_path, tiny_tokenizer, tiny_clip_di
         VisualChat.from_pretrained(str(tmp_path / "ckpt"), lm=str(other), device="cpu")
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         VisualChat.from_pretrained(str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_generation_stops_at_the_next_template_section(tiny_vc, monkeypatch):
+    """An undertrained model that writes '\\n### Question:' itself is cut there; the stream and the
+    stored answer agree, and the next round renders from ids that match the text."""
+    tok = tiny_vc.tokenizer
+    script = tok("Red.\n### Question:\nmore", add_special_tokens=False)["input_ids"]
+    calls = iter(script)
+
+    def fake_next_token(logits, previous, cfg, generator=None):
+        return next(calls)
+
+    monkeypatch.setattr("visualchat.generation.next_token", fake_next_token)
+    s = tiny_vc.new_session()
+    streamed = "".join(s.stream("Colour?", max_new_tokens=len(script)))
+    assert streamed == "Red." and s.conversation.rounds[0].answer == "Red."
+    assert s._answer_ids[0] == tok("Red.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_failed_forward_mid_answer_keeps_session_usable(tiny_vc, monkeypatch):
+    s = tiny_vc.new_session()
+    s.ask("One?", max_new_tokens=3)
+    real_step, n = s._step, {"calls": 0}
+
+    def flaky(token):
+        n["calls"] += 1
+        if n["calls"] == 2:
+            raise RuntimeError("boom")
+        return real_step(token)
+
+    monkeypatch.setattr(s, "_step", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        s.ask("Two?", max_new_tokens=8)
+    monkeypatch.undo()
+    assert len(s.conversation.rounds) == 2  # the partial answer was kept
+    assert isinstance(s.ask("Three?", max_new_tokens=3), str)  # and the session still works

@@ -28,6 +28,14 @@ class TooManyImagesError(ValueError):
 
 
 _uids = itertools.count()
+#: Generation stops when the answer starts a new template section (``\n### ``), which an
+#: undertrained model does instead of ending with EOS; the marker is not part of the answer.
+STOP_MARKER = "\n### "
+
+
+def _marker_overlap(text: str) -> int:
+    """Length of the longest end of ``text`` that could begin STOP_MARKER."""
+    return max((k for k in range(1, len(STOP_MARKER)) if text.endswith(STOP_MARKER[:k])), default=0)
 
 
 class Session:
@@ -53,6 +61,11 @@ class Session:
 
     def reset(self) -> None:
         self.__init__(self.vc, self.conversation.system)
+
+    def drop_cache(self) -> None:
+        """Forget the KV cache (to free memory, or after a failed forward left it inconsistent); the next
+        forward recomputes the conversation from its tokens and stored image features."""
+        self._cache, self._cache_keys, self._cache_is_image = None, [], []
 
     def undo(self) -> Round | None:
         """Remove the last round (and its images). Returns it, or None if there is none."""
@@ -142,6 +155,23 @@ class Session:
         changes: :class:`~visualchat.images.ImageError`, :class:`TooManyImagesError`,
         :class:`ContextWindowError`, ``ValueError`` for an empty question."""
         cfg = GenerationConfig(**gen)
+        self._append_round(question, images, None)
+        try:
+            return self._generate(cfg, new_round=True)
+        except BaseException:
+            self.undo()
+            raise
+
+    def add_round(self, question: str, images: Sequence = (), answer: str = "") -> Round:
+        """Append a finished round with a given answer, generating nothing (an API caller's history,
+        or a conversation replayed in a fresh process). Checks its input like :meth:`stream`; the
+        next forward prefills it."""
+        answer = (answer or "").strip()
+        ids = list(self.vc.tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else []
+        return self._append_round(question, images, ids + [self.vc.template.eos_id], answer)
+
+    def _append_round(self, question, images, answer_ids: list[int] | None, answer: str | None = None) -> Round:
+        """Check the input (raising before anything changes), encode the new images once, append."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty")
         opened = [open_image(im) for im in images]
@@ -152,17 +182,13 @@ class Session:
         if self.conversation.rounds and self._answer_ids[-1] is None:  # stopped before its first token
             self.conversation.rounds[-1].answer = ""
             self._answer_ids[-1] = [self.vc.template.eos_id]
-        rnd = Round(question.strip(), images=opened)
         feats = list(self.vc.model.encode_images(opened).cpu()) if opened else []
+        rnd = Round(question.strip(), images=opened, answer=answer)
         self.conversation.rounds.append(rnd)
-        self._answer_ids.append(None)
+        self._answer_ids.append(answer_ids)
         self._features += feats
         self._uids += [next(_uids) for _ in feats]
-        try:
-            return self._generate(cfg, new_round=True)
-        except BaseException:
-            self.undo()
-            raise
+        return rnd
 
     def regenerate(self, **gen) -> Iterator[str]:
         """Drop the last answer and generate it again (the images are not re-encoded)."""
@@ -195,21 +221,37 @@ class Session:
         try:
             logits = self._prefill(r)
         except BaseException:  # the prefill failed: drop the cache, and the round if this call added it
-            self._cache, self._cache_keys, self._cache_is_image = None, [], []
+            self.drop_cache()
             if new_round:
                 self.undo()
             raise
         self.last_stats["ttft_s"] = time.perf_counter() - t0
         try:
+            sent = 0  # characters yielded so far; a possible start of STOP_MARKER is held back
             for tok in sample_stream(self._step, logits, eos, cfg, max_tokens):
                 ids.append(tok)
                 if tok == eos:
                     break
-                piece = streamer.push(tok)
-                if piece:
-                    yield piece
+                streamer.push(tok)
+                text = streamer.text
+                if STOP_MARKER in text:  # the model began the next "### Question:" itself
+                    break
+                safe = len(text) - _marker_overlap(text)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            text = streamer.text.split(STOP_MARKER)[0]
+            if len(text) > sent:
+                yield text[sent:]
+        except Exception:  # a forward failed mid-answer: its cache may hold a token its keys lack
+            self.drop_cache()
+            raise
         finally:  # also on Stop (GeneratorExit) or an error mid-answer: keep what was generated
-            rnd.answer = streamer.text.strip()
+            text = streamer.text
+            if STOP_MARKER in text:  # keep the answer before the marker, as ids a re-render reproduces
+                text = text[: text.index(STOP_MARKER)]
+                ids = list(self.vc.tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+            rnd.answer = text.strip()
             self._answer_ids[-1] = ids + ([eos] if not ids or ids[-1] != eos else [])
             dt = time.perf_counter() - t0
             self.last_stats.update(new_tokens=len(ids), total_s=dt,

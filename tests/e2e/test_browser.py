@@ -1,0 +1,140 @@
+"""End to end in a real headless Chromium (Debian's `chromium`, driven by Playwright through
+executable_path; no browser is ever downloaded). The app runs in this process on tiny models whose
+forwards are slowed down, so that streaming is visible and Stop lands mid-answer. Screenshots go to
+test-artifacts/e2e/."""
+import os
+import shutil
+import tempfile
+import time
+
+import pytest
+
+from tests.test_app import Slow, build_tiny_models
+from tests.test_app_client import serve
+
+CHROMIUM = os.environ.get("VISUALCHAT_CHROMIUM", "/usr/bin/chromium")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARTIFACTS = os.path.join(ROOT, "test-artifacts", "e2e")
+EXAMPLES = os.path.join(ROOT, "assets", "examples")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: install Debian's chromium "
+                       "(apt-get install -y chromium) to run the browser test"),
+]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_tokenizer, tiny_clip_dir):
+    import app
+
+    chat, ca, mm = build_tiny_models(tiny_tokenizer, tiny_clip_dir)
+    slow = [Slow(vc, delay=0.03) for vc in (chat, ca, mm)]
+    for s in slow:
+        s.__enter__()
+    demo = app.build_demo(chat, compare=(ca, mm), concurrency=2)
+    url = serve(demo)
+    yield url
+    demo.close()
+    for s in slow:
+        s.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (never `playwright install`)")
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="vc-chromium-")
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS,
+                                                   viewport={"width": 1366, "height": 768})
+        pg = ctx.new_page()
+        pg.set_default_timeout(30_000)
+        pg.goto(app_url)
+        pg.wait_for_selector("#message textarea")
+        yield pg
+        ctx.close()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def shot(pg, name):
+    pg.screenshot(path=os.path.join(ARTIFACTS, name))
+
+
+def bot_texts(pg, chatbot="#chatbot"):
+    rows = pg.locator(f"{chatbot} .bot-row")
+    return [rows.nth(i).inner_text().strip() for i in range(rows.count())]
+
+
+def wait_for(cond, timeout=30.0, every=0.05):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def attach_and_send(pg, box, files, text):
+    pg.locator(f"{box} input[type=file]").set_input_files(files)
+    wait_for(lambda: pg.locator(f"{box} img").count() >= len(files))  # the upload previews are shown
+    pg.locator(f"{box} textarea").fill(text)
+    pg.locator(f"{box} textarea").press("Enter")
+
+
+def test_chat_upload_two_images_stream_stop_and_compare(page):
+    pg = page
+    shot(pg, "0-start.png")
+    # 1. two images and a question; the answer streams in
+    attach_and_send(pg, "#message", [os.path.join(EXAMPLES, "shapes_2.png"), os.path.join(EXAMPLES, "shapes_3.png")],
+                    "What is different between Image 1 and Image 2?")
+    lengths = []
+
+    def grows():
+        t = bot_texts(pg)
+        if t and t[-1] not in ("", "(generating…)"):
+            lengths.append(len(t[-1]))
+        return len(set(lengths)) >= 3  # several different lengths seen: text arrived piece by piece
+
+    wait_for(grows)
+    shot(pg, "1-streaming.png")
+    wait_for(lambda: "tokens/s" in pg.locator("#status").inner_text(), timeout=60)
+    captions = pg.locator("#gallery").inner_text()
+    assert "Image 1" in captions and "Image 2" in captions
+    assert pg.locator("#chatbot .user-row img").count() == 2  # the images beside the round that brought them
+    shot(pg, "2-answered.png")
+
+    # 2. a long answer, stopped half-way: the partial answer stays
+    pg.get_by_text("Generation settings").click()
+    box = pg.locator("#max-new-tokens input[type=number]")
+    box.fill("300")
+    box.press("Enter")
+    pg.get_by_text("Generation settings").click()
+    pg.locator("#message textarea").fill("Tell me a long story about Image 2.")
+    pg.locator("#message textarea").press("Enter")
+    wait_for(lambda: len(bot_texts(pg)) == 2 and len(bot_texts(pg)[-1]) > 20)
+    pg.locator("#stop").click()
+    wait_for(lambda: "Stopped" in pg.locator("#status").inner_text(), timeout=30)
+    kept = bot_texts(pg)[-1]
+    time.sleep(1.0)
+    assert bot_texts(pg)[-1] == kept and len(kept) > 20  # nothing more arrives; the partial answer stays
+    shot(pg, "3-stopped.png")
+    pg.get_by_text("Prompt as the model sees it").click()
+    wait_for(lambda: "[Image 2: 16 tokens]" in pg.locator("#prompt textarea").input_value())
+    shot(pg, "4-prompt.png")
+
+    # 3. the Compare tab: one question, two answers
+    pg.get_by_role("tab", name="Compare CA vs MMCA").click()
+    pg.wait_for_selector("#compare-message textarea")
+    attach_and_send(pg, "#compare-message", [os.path.join(EXAMPLES, "shapes_1.png")], "What color is the star in Image 1?")
+    wait_for(lambda: all(bot_texts(pg, c) and bot_texts(pg, c)[-1] not in ("", "(generating…)") for c in ("#chat-ca", "#chat-mmca")),
+             timeout=60)
+    shot(pg, "5-compare-streaming.png")
+    wait_for(lambda: len(pg.locator("#compare-status").inner_text().strip()) == 0 and
+             pg.locator("#chat-ca .bot-row").count() == 1 and pg.locator("#chat-mmca .bot-row").count() == 1, timeout=60)
+    time.sleep(4.5)  # both finish (128 tokens each at 30 ms a forward, interleaved)
+    ca, mm = bot_texts(pg, "#chat-ca")[-1], bot_texts(pg, "#chat-mmca")[-1]
+    assert ca and mm and ca != mm
+    shot(pg, "6-compare.png")

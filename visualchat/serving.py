@@ -1,0 +1,890 @@
+"""Serving: loading the models for the app, DeepSpeed-Inference, AutoTP over several ranks in
+lockstep, ZeroGPU, and one conversation per browser tab. ``app.py`` is only the UI on top of this.
+
+Ranks and lockstep
+    Started by the DeepSpeed launcher (or torchrun) with N ranks, every rank loads the same models
+    and DeepSpeed-Inference shards the frozen LM over them (AutoTP, ``tp_size=N``, kernel injection
+    off because it would replace our MMCA attention). Rank 0 serves the UI. Every forward that a
+    request causes (the prefill, then one per generated token) is broadcast before rank 0 runs it:
+    which model, the input tensors, and which KV cache at which length. The other ranks
+    (:meth:`Server.follow`) run the same forward on their own shard of that cache, so the
+    all-reduces inside the sharded layers meet. Stop, Undo and Regenerate need nothing extra: they
+    only change which cache prefix the next forward continues from, and that travels with it.
+
+The shared-memory all-reduce crash (DeepSpeed 0.19 on CPU)
+    On CPU, DeepSpeed's ``TorchBackend`` JIT-builds its shared-memory all-reduce op
+    (``deepspeed_shm_comm``) and registers ``torch.ops.deepspeed.inference_all_reduce_``. AutoTP's
+    ``LinearAllreduce`` reduces through ``deepspeed.comm.inference_all_reduce``, which takes that op
+    whenever it is registered and the CPU has AVX2/AVX-512. But the op's ``initialize`` only creates
+    the shared-memory workspace when the environment variable ``LOCAL_SIZE`` equals the world size;
+    ``LOCAL_SIZE`` is set by DeepSpeed's own launcher, not by torchrun (which sets
+    ``LOCAL_WORLD_SIZE``). Without it the workspace pointers stay NULL and the first all-reduce
+    dereferences them (``symmetric_naive_all_reduce``): SIGSEGV on every rank. We therefore (1) do
+    not build the op and (2) route ``deepspeed.comm.inference_all_reduce`` through
+    ``torch.distributed.all_reduce`` on the process group (gloo on CPU), before the first forward
+    (``--tp-allreduce gloo``, the default). ``--tp-allreduce shm`` keeps DeepSpeed's faster kernel
+    and makes it safe by setting ``LOCAL_SIZE`` from torchrun's ``LOCAL_WORLD_SIZE``.
+
+ZeroGPU
+    ``@spaces.GPU`` runs the decorated function in a forked worker and pickles its arguments and
+    results, so it cannot carry a session with a KV cache. On ZeroGPU (``SPACES_ZERO_GPU``) the chats
+    keep their conversation as plain data and every answer replays it through
+    :func:`stream_conversation`, the only decorated function. Off ZeroGPU ``spaces.GPU`` is not used.
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import collections
+import binascii
+import contextlib
+import datetime
+import inspect
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .assets import DEFAULT_CA_CHECKPOINT, DEFAULT_CHECKPOINT, shipped_checkpoint
+from .config import VisualChatConfig
+from .generation import GenerationConfig
+from .images import ImageError, open_image
+from .session import ContextWindowError, TooManyImagesError
+from .template import Conversation, Round
+
+log = logging.getLogger("visualchat.serving")
+
+#: The errors that mean "the user's input is not acceptable"; the message is for the user.
+INPUT_ERRORS = (ImageError, TooManyImagesError, ContextWindowError, ValueError)
+
+DISPLAY_MAX_SIDE = 1024  # the chat shows a copy of each image at most this large (the model sees the original)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class ServeOptions:
+    """What to load and how to run it. ``app.py`` fills this from flags and environment variables."""
+
+    checkpoint: str | None = None  # None: the shipped default (assets/checkpoints/shapes-mmca), else untrained
+    lm: str | None = None
+    vision: str | None = None
+    compare: bool = True
+    ca_checkpoint: str | None = None  # None: assets/checkpoints/shapes-ca
+    mmca_checkpoint: str | None = None  # None: assets/checkpoints/shapes-mmca
+    device: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantization: str | None = None  # 4bit | 8bit | None
+    deepspeed: str = "auto"  # auto | on | off
+    tp_allreduce: str = "gloo"  # gloo | shm
+    trust_remote_code: bool = False
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "auto"):
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment (1 rank without one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
+    return rank, world, local
+
+
+# ---------------------------------------------------------------------------------------------------
+# ZeroGPU
+
+
+def zero_gpu_active() -> bool:
+    """True on a Hugging Face ZeroGPU Space (the ``spaces`` package importable and SPACES_ZERO_GPU set),
+    or when VISUALCHAT_STATELESS=1 forces the same stateless replay path."""
+    if os.environ.get("VISUALCHAT_STATELESS", "").lower() in ("1", "true", "yes"):
+        return True
+    if os.environ.get("SPACES_ZERO_GPU", "").lower() not in ("1", "t", "true"):
+        return False
+    try:
+        import spaces  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gpu_decorator(duration: int | None = None) -> Callable[[Callable], Callable]:
+    """``spaces.GPU(duration=...)`` when the ``spaces`` package is importable, else the identity."""
+    try:
+        import spaces
+    except ImportError:
+        return lambda fn: fn
+    duration = duration or int(os.environ.get("VISUALCHAT_GPU_DURATION", "120"))
+    return spaces.GPU(duration=duration)
+
+
+_REGISTRY: dict[str, Any] = {}  # model key -> VisualChat, read by stream_conversation (also in a forked worker)
+
+
+def stream_conversation(key: str, history: list[dict], question: str, images: Sequence, gen: dict) -> Iterator[str]:
+    """Answer ``question`` (with ``images``) after ``history`` (dicts with question, images, answer) on
+    the registered model ``key``: a fresh session, nothing kept. Only plain data in and text out, so
+    ``spaces.GPU`` can run it in its forked worker."""
+    vc = _REGISTRY[key]
+    session = vc.new_session()
+    for r in history:
+        session.add_round(r["question"], r.get("images") or (), r.get("answer") or "")
+    yield from session.stream(question, images, **gen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def _disable_shm_allreduce_build() -> None:
+    """Keep DeepSpeed from JIT-building (and registering) its shared-memory all-reduce op: we reduce
+    through the process group, and the build alone takes tens of seconds on a fresh machine."""
+    try:
+        import deepspeed.ops
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    except Exception as e:  # an older/newer layout: the patch below is the guarantee
+        log.debug("could not disable the shm op build: %s", e)
+
+
+def route_inference_all_reduce_through_process_group() -> None:
+    """Make AutoTP's ``deepspeed.comm.inference_all_reduce`` a plain ``torch.distributed.all_reduce``
+    (gloo on CPU, NCCL on GPU) instead of DeepSpeed's shared-memory kernel. Idempotent."""
+    import deepspeed.comm as dscomm
+    import torch.distributed as dist
+
+    if getattr(dscomm.inference_all_reduce, "_visualchat", False):
+        return
+
+    def inference_all_reduce(tensor, op=None, group=None, async_op=False, **_):
+        if dist.get_world_size(group=group) > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor
+
+    inference_all_reduce._visualchat = True
+    dscomm.inference_all_reduce = inference_all_reduce  # layers.py calls it as deepspeed.comm.inference_all_reduce
+
+
+def init_distributed(tp_allreduce: str = "gloo", device_type: str = "cpu") -> None:
+    """Join the launcher's process group through DeepSpeed (gloo on CPU, NCCL on GPU) and set up how
+    AutoTP all-reduces (see the module docstring)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if tp_allreduce not in ("gloo", "shm"):
+        raise ValueError(f"tp_allreduce must be gloo or shm, got {tp_allreduce!r}")
+    if tp_allreduce == "gloo":
+        _disable_shm_allreduce_build()
+    elif device_type == "cpu" and "LOCAL_SIZE" not in os.environ:
+        # torchrun sets LOCAL_WORLD_SIZE; without LOCAL_SIZE the shm op never creates its workspace
+        os.environ["LOCAL_SIZE"] = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl",
+                                   timeout=datetime.timedelta(minutes=30))
+    if tp_allreduce == "gloo":
+        route_inference_all_reduce_through_process_group()
+    elif device_type == "cpu" and os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        raise RuntimeError("--tp-allreduce shm needs all ranks on one machine (LOCAL_SIZE == WORLD_SIZE); "
+                           "use --tp-allreduce gloo")
+
+
+def wrap_deepspeed(lm: torch.nn.Module, mode: str, world: int, dtype: torch.dtype,
+                   quantization: str | None = None) -> str:
+    """Wrap the frozen LM with DeepSpeed-Inference (AutoTP over ``world`` ranks, kernel injection
+    off). Returns a one-line description of the backend. With one rank, any failure (DeepSpeed not
+    installed, an unsupported model) is logged and the LM is served with plain PyTorch."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"deepspeed must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        if world > 1:
+            raise RuntimeError("several ranks need DeepSpeed AutoTP; do not pass --deepspeed off with a launcher")
+        log.info("DeepSpeed-Inference off (--deepspeed off): serving with plain PyTorch")
+        return "PyTorch (DeepSpeed-Inference off)"
+    if quantization:
+        if world > 1:
+            raise RuntimeError(f"{quantization} (bitsandbytes) layers cannot be sharded by AutoTP; use one rank")
+        log.warning("DeepSpeed-Inference is not used with %s (bitsandbytes) layers: serving with plain PyTorch",
+                    quantization)
+        return f"PyTorch ({quantization} bitsandbytes; DeepSpeed-Inference not used)"
+    try:
+        import deepspeed
+    except Exception as e:  # ImportError, or a broken install raising anything at import
+        if world > 1:
+            raise RuntimeError(f"DeepSpeed could not be imported ({e}); several ranks need it") from e
+        log.warning("DeepSpeed could not be loaded (%s: %s): serving with plain PyTorch", type(e).__name__, e)
+        return f"PyTorch (DeepSpeed unavailable: {type(e).__name__})"
+    try:
+        deepspeed.init_inference(lm, tensor_parallel={"tp_size": world}, dtype=dtype,
+                                 replace_with_kernel_inject=False)
+    except Exception as e:
+        if world > 1:
+            raise
+        log.warning("DeepSpeed-Inference could not wrap the LM (%s: %s): serving with plain PyTorch",
+                    type(e).__name__, e)
+        return f"PyTorch (DeepSpeed-Inference failed: {type(e).__name__})"
+    tp = f"AutoTP over {world} ranks" if world > 1 else "1 rank"
+    log.info("DeepSpeed-Inference %s wraps the LM (kernel injection off, %s)", deepspeed.__version__, tp)
+    return f"DeepSpeed-Inference {deepspeed.__version__} (kernel injection off, {tp})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lockstep: rank 0 announces every forward, the other ranks repeat it
+
+
+class Lockstep:
+    """Keeps the ranks' forwards in the same order. On rank 0, :meth:`lead` replaces each model's
+    ``forward`` by one that first broadcasts its inputs on a gloo control group; :meth:`follow` (the
+    other ranks) receives and runs them. KV caches are named by an id that rank 0 attaches to each
+    cache object; a cache that rank 0 drops is dropped by the followers with the next message."""
+
+    PING_S = 600.0  # rank 0 pings idle followers so their blocking receive never times out
+
+    def __init__(self, models: Sequence[torch.nn.Module], group=None):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.models = list(models)
+        self.rank = dist.get_rank()
+        self.group = group if group is not None else dist.new_group(backend="gloo",
+                                                                   timeout=datetime.timedelta(days=7))
+        self.lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._freed: collections.deque[int] = collections.deque()  # filled by finalizers (any thread)
+        self._stopped = False
+        self._ping: threading.Thread | None = None
+        self.forwards = 0
+
+    # -- transport -----------------------------------------------------------------------------
+    def _send(self, msg: dict) -> None:
+        self.dist.broadcast_object_list([msg], src=0, group=self.group)
+
+    def _recv(self) -> dict:
+        box = [None]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    # -- rank 0 --------------------------------------------------------------------------------
+    def lead(self, ping_s: float | None = PING_S) -> None:
+        if self.rank != 0:
+            raise RuntimeError("only rank 0 leads")
+        for i, m in enumerate(self.models):
+            orig = m.forward
+            sig = inspect.signature(orig)
+
+            def forward(*args, _i=i, _orig=orig, _sig=sig, **kwargs):
+                return self._lead_forward(_i, _orig, _sig, args, kwargs)
+
+            m.forward = forward
+        atexit.register(self.stop)
+        if ping_s:
+            self._ping = threading.Thread(target=self._ping_loop, args=(ping_s,), daemon=True, name="lockstep-ping")
+            self._ping.start()
+
+    def _cache_id(self, cache) -> int:
+        cid = getattr(cache, "_visualchat_lockstep_id", None)
+        if cid is None:
+            cid = next(self._ids)
+            cache._visualchat_lockstep_id = cid
+            weakref.finalize(cache, self._freed.append, cid)  # deque.append: safe without the lock
+        return cid
+
+    def _lead_forward(self, index: int, orig, sig, args, kwargs):
+        bound = sig.bind(*args, **kwargs)
+        call = dict(bound.arguments)
+        cache = call.pop("past_key_values", None)
+        with self.lock:
+            if self._stopped:
+                raise RuntimeError("the other ranks have been stopped")
+            if cache is not None:
+                cid, length = self._cache_id(cache), cache.get_seq_length()
+            else:
+                cid, length = next(self._ids), None
+            freed = []
+            while self._freed:
+                freed.append(self._freed.popleft())
+            wire = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in call.items()}
+            self._send({"op": "forward", "model": index, "cache": cid, "cache_len": length, "free": freed,
+                        "args": wire})
+            self.forwards += 1
+            out = orig(past_key_values=cache, **call)
+            if cache is None and isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "get_seq_length"):
+                out[1]._visualchat_lockstep_id = cid  # the LM made a new cache: the followers bind theirs to cid
+                weakref.finalize(out[1], self._freed.append, cid)
+            return out
+
+    def _ping_loop(self, every: float) -> None:
+        while True:
+            threading.Event().wait(every)
+            with self.lock:
+                if self._stopped:
+                    return
+                self._send({"op": "ping"})
+
+    def stop(self) -> None:
+        """Tell the followers to return from :meth:`follow` (rank 0; also at exit)."""
+        with self.lock:
+            if self._stopped or self.rank != 0:
+                return
+            self._stopped = True
+            try:
+                self._send({"op": "stop"})
+            except Exception as e:  # the group is already gone at interpreter exit
+                log.debug("lockstep stop: %s", e)
+
+    # -- ranks > 0 -----------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Run rank 0's forwards until it stops (ranks > 0)."""
+        from transformers import DynamicCache
+
+        caches: dict[int, Any] = {}
+        while True:
+            msg = self._recv()
+            for cid in msg.get("free", ()):
+                caches.pop(cid, None)
+            op = msg["op"]
+            if op == "stop":
+                return
+            if op == "ping":
+                continue
+            if op != "forward":
+                raise RuntimeError(f"unknown lockstep op {op!r}")
+            model = self.models[msg["model"]]
+            dev = next(model.parameters()).device
+            call = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in msg["args"].items()}
+            cid, length = msg["cache"], msg["cache_len"]
+            cache = None
+            if length is not None:
+                cache = caches.get(cid)
+                if cache is None:
+                    if length:
+                        raise RuntimeError(f"lockstep out of sync: rank 0 continues cache {cid} at {length} tokens, "
+                                           "this rank has none")
+                    cache = DynamicCache(config=model.lm.config)
+                have = cache.get_seq_length()
+                if have < length:
+                    raise RuntimeError(f"lockstep out of sync: cache {cid} has {have} tokens here, {length} on rank 0")
+                if have > length:
+                    cache.crop(length - have)
+                caches[cid] = cache
+            self.forwards += 1
+            with torch.no_grad():
+                out = model(past_key_values=cache, **call)
+            if isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "get_seq_length"):
+                caches[cid] = out[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The server: models, backend, ranks
+
+
+@dataclass
+class CompareInfo:
+    """The CA vs MMCA pair, or what is missing for it."""
+
+    ca: Any = None
+    mmca: Any = None
+    ca_path: str | None = None
+    mmca_path: str | None = None
+    missing: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.ca is not None and self.mmca is not None
+
+
+class Server:
+    """The loaded models and how they run. Build with :meth:`load` (from options) or
+    :meth:`from_models` (already built VisualChats, e.g. in tests)."""
+
+    def __init__(self, chat, compare: CompareInfo | None = None, backend: str = "PyTorch",
+                 stateless: bool | None = None, rank: int = 0, world_size: int = 1, lockstep: Lockstep | None = None):
+        self.chat = chat
+        self.compare = compare or CompareInfo(note="The Compare tab is off.")
+        self.backend = backend
+        self.stateless = zero_gpu_active() if stateless is None else stateless
+        self.rank, self.world_size, self.lockstep = rank, world_size, lockstep
+        self._prefix = uuid.uuid4().hex[:8]
+        self.models = {"chat": chat}
+        if self.compare.ready:
+            self.models.update(ca=self.compare.ca, mmca=self.compare.mmca)
+        for name, vc in self.models.items():
+            _REGISTRY[self.key(name)] = vc
+        self._remote = gpu_decorator()(stream_conversation) if self.stateless else stream_conversation
+        self.tmpdir = tempfile.mkdtemp(prefix="visualchat-ui-")  # display copies of images (Gradio may serve tmp)
+        atexit.register(shutil.rmtree, self.tmpdir, True)
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}:{name}"
+
+    @classmethod
+    def from_models(cls, chat, compare: tuple | None = None, **kw) -> "Server":
+        info = None
+        if compare is not None:
+            ca, mmca = compare
+            info = CompareInfo(ca=ca, mmca=mmca, ca_path=getattr(ca, "path", None), mmca_path=getattr(mmca, "path", None))
+        elif "compare_missing" in kw:
+            missing = kw.pop("compare_missing")
+            info = CompareInfo(missing=list(missing), note=_missing_note(missing))
+        return cls(chat, info, **kw)
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, opts: ServeOptions) -> "Server":
+        from .model import VisualChat
+
+        rank, world, local = dist_env()
+        device = opts.device
+        if device is None:
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and world > 1:
+            device = f"cuda:{local}"
+        dev_type = torch.device(device).type
+        if world > 1:
+            if opts.deepspeed == "off":
+                raise RuntimeError("several ranks need DeepSpeed AutoTP; do not pass --deepspeed off with a launcher")
+            init_distributed(opts.tp_allreduce, dev_type)
+            if dev_type == "cuda":
+                torch.cuda.set_device(torch.device(device))
+        dtype = parse_dtype(opts.dtype) or (torch.bfloat16 if dev_type == "cuda" else torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            chat = VisualChat.from_pretrained(opts.checkpoint, lm=opts.lm, vision=opts.vision, device=device,
+                                              dtype=dtype, quantization=opts.quantization,
+                                              trust_remote_code=opts.trust_remote_code)
+        chat.untrained = any("UNTRAINED" in str(w.message) for w in caught)
+        for w in caught:
+            log.warning("%s", w.message)
+        compare = cls._load_compare(opts, chat, device, dtype) if opts.compare else CompareInfo(
+            note="The Compare tab is off (--no-compare).")
+        stateless = zero_gpu_active()
+        if stateless and opts.deepspeed == "auto":
+            # ZeroGPU forks a worker per call and attaches the GPU only there; DeepSpeed's engine would
+            # try to place the LM on a device in the main process
+            log.warning("ZeroGPU: DeepSpeed-Inference is not used (--deepspeed on forces it); serving with PyTorch")
+            backend = "PyTorch (ZeroGPU)"
+        else:
+            backend = wrap_deepspeed(chat.model.lm, opts.deepspeed, world, dtype, opts.quantization)
+        for vc in (compare.ca, compare.mmca):
+            if vc is not None and vc.model.lm is not chat.model.lm:
+                wrap_deepspeed(vc.model.lm, opts.deepspeed, world, dtype, opts.quantization)
+        backend += f" · {device} {str(dtype).replace('torch.', '')}"
+        lockstep = None
+        if world > 1:
+            models = []
+            for vc in (chat, compare.ca, compare.mmca):
+                if vc is not None and all(vc.model is not m for m in models):
+                    models.append(vc.model)
+            lockstep = Lockstep(models)
+            if rank == 0:
+                lockstep.lead()
+        return cls(chat, compare, backend=backend, stateless=stateless, rank=rank, world_size=world,
+                   lockstep=lockstep)
+
+    @staticmethod
+    def _load_compare(opts: ServeOptions, chat, device, dtype) -> CompareInfo:
+        from .model import VisualChat
+
+        paths = {"ca": opts.ca_checkpoint or shipped_checkpoint(DEFAULT_CA_CHECKPOINT),
+                 "mmca": opts.mmca_checkpoint or shipped_checkpoint(DEFAULT_CHECKPOINT)}
+        defaults = {"ca": DEFAULT_CA_CHECKPOINT, "mmca": DEFAULT_CHECKPOINT}
+        missing = [f"assets/checkpoints/{defaults[k]}" for k, p in paths.items() if p is None]
+        if missing:
+            return CompareInfo(missing=missing, note=_missing_note(missing))
+        loaded = {}
+        for k, path in paths.items():
+            if getattr(chat, "path", None) and os.path.realpath(path) == os.path.realpath(chat.path):
+                loaded[k] = chat  # the chat model is this checkpoint already
+                continue
+            cfg = VisualChatConfig.load(path)
+            same = _same_base(cfg, chat.config, opts)
+            if not same:
+                log.warning("%s was trained on another base (%s + %s) than the chat model: it loads its own LM "
+                            "and encoder (more memory)", path, cfg.lm, cfg.vision)
+            loaded[k] = VisualChat.from_pretrained(path, lm=opts.lm, vision=opts.vision, device=device, dtype=dtype,
+                                                   quantization=opts.quantization, share_with=chat if same else None,
+                                                   trust_remote_code=opts.trust_remote_code)
+        return CompareInfo(ca=loaded["ca"], mmca=loaded["mmca"], ca_path=paths["ca"], mmca_path=paths["mmca"])
+
+    # -- ranks > 0 -----------------------------------------------------------------------------
+    def follow(self) -> None:
+        if self.lockstep is None or self.rank == 0:
+            raise RuntimeError("follow() is for ranks > 0 of a multi-rank start")
+        log.info("rank %d follows rank 0's forwards", self.rank)
+        self.lockstep.follow()
+
+    # -- stateless generation ------------------------------------------------------------------
+    def stream(self, name: str, history: list[dict], question: str, images: Sequence, gen: dict) -> Iterator[str]:
+        """Validate in this process (clear errors, no GPU time spent on bad input), then stream the
+        answer from a fresh session (on ZeroGPU in its worker)."""
+        vc = self.models[name]
+        conv = Conversation(system=vc.config.system)
+        for r in history:
+            conv.rounds.append(Round(_question(r.get("question")), [open_image(im) for im in r.get("images") or ()],
+                                     (r.get("answer") or "").strip()))
+        q = _question(question)
+        GenerationConfig(**gen)
+        conv.rounds.append(Round(q, [open_image(im) for im in images]))
+        check_fits(vc, conv)
+        hist = [{"question": r.question, "images": r.images, "answer": r.answer} for r in conv.rounds[:-1]]
+        return self._remote(self.key(name), hist, q, conv.rounds[-1].images, dict(gen))
+
+
+def _missing_note(missing: Sequence[str]) -> str:
+    what = " and ".join(f"`{m}`" for m in missing)
+    return (f"The CA vs MMCA comparison needs two trained checkpoints, and {what} "
+            f"{'is' if len(missing) == 1 else 'are'} missing. Train them with the shapes recipe (the "
+            "default-checkpoint issue ships them in `assets/checkpoints/`), or point the app at your own with "
+            "`--ca-checkpoint DIR --mmca-checkpoint DIR` (or `VISUALCHAT_CA_CHECKPOINT`/`VISUALCHAT_MMCA_CHECKPOINT`).")
+
+
+def _same_base(cfg: VisualChatConfig, chat_cfg: VisualChatConfig, opts: ServeOptions) -> bool:
+    norm = {"default": "efficientnet-lite0"}
+    lm_a, lm_b = opts.lm or cfg.lm, opts.lm or chat_cfg.lm
+    v_a, v_b = opts.vision or cfg.vision, opts.vision or chat_cfg.vision
+    return lm_a == lm_b and norm.get(v_a, v_a) == norm.get(v_b, v_b)
+
+
+def _question(q) -> str:
+    if not isinstance(q, str) or not q.strip():
+        raise ValueError("the question is empty")
+    return q.strip()
+
+
+def check_fits(vc, conv: Conversation) -> None:
+    """Raise TooManyImagesError / ContextWindowError as a session would, without running the model."""
+    n = len(conv.images)
+    if n > vc.config.max_images:
+        raise TooManyImagesError(f"this conversation would have {n} images; the model allows at most {vc.config.max_images}")
+    r = vc.template.render(conv)
+    ctx = vc.context_window
+    if len(r) >= ctx:
+        raise ContextWindowError(
+            f"the conversation needs {len(r)} tokens ({sum(r.is_image)} of them image tokens) but the context "
+            f"window is {ctx} tokens; undo or clear earlier rounds, or start a new chat")
+
+
+# ---------------------------------------------------------------------------------------------------
+# API input
+
+
+def api_image(item, upload_dir: str | None = None):
+    """One image of a ``/generate`` request: a Gradio file (a dict with a ``path`` inside Gradio's upload
+    folder, which is what ``gradio_client.handle_file`` turns into), a ``data:image/...;base64,`` URL or
+    a ``base64:`` string. Server paths outside the upload folder are refused."""
+    if isinstance(item, dict) and "path" in item:
+        from gradio.utils import get_upload_folder, is_in_or_equal
+
+        path = str(item["path"])
+        if not is_in_or_equal(path, upload_dir or get_upload_folder()):
+            raise ImageError(f"image {item.get('orig_name') or os.path.basename(path)!r} was not uploaded through "
+                             "this server; send it with gradio_client.handle_file(...) or as base64")
+        return path
+    if isinstance(item, str) and item.startswith("data:") and ";base64," in item:
+        try:
+            return base64.b64decode(item.split(";base64,", 1)[1], validate=False)
+        except (binascii.Error, ValueError) as e:
+            raise ImageError(f"the data URL could not be decoded: {e}") from None
+    if isinstance(item, str) and item.startswith("base64:"):
+        return item
+    raise ImageError("each image must be a file (gradio_client.handle_file(path)), a data:image/...;base64, URL "
+                     f"or a 'base64:...' string, got {type(item).__name__}")
+
+
+def parse_api_conversation(conversation) -> tuple[list[dict], str, list]:
+    """``[{"question": ..., "images": [...], "answer": ...}, ...]`` -> (history, question, images).
+    Every round but the last may carry its answer; the last round is the one to answer."""
+    if isinstance(conversation, dict) and "rounds" in conversation:
+        conversation = conversation["rounds"]
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError("conversation must be a non-empty list of rounds: "
+                         '[{"question": "...", "images": [...]}, ...]')
+    rounds = []
+    for i, r in enumerate(conversation, 1):
+        if isinstance(r, str):
+            r = {"question": r}
+        if not isinstance(r, dict):
+            raise ValueError(f"round {i} must be an object with a question (and optionally images, answer)")
+        unknown = set(r) - {"question", "images", "answer"}
+        if unknown:
+            raise ValueError(f"round {i} has unknown keys {sorted(unknown)}; use question, images, answer")
+        images = r.get("images") or []
+        if not isinstance(images, list):
+            images = [images]
+        if not isinstance(r.get("question"), str) or not r["question"].strip():
+            raise ValueError(f"the question of round {i} is empty")
+        rounds.append({"question": r["question"], "images": [api_image(x) for x in images],
+                       "answer": r.get("answer")})
+    if rounds[-1].get("answer"):
+        raise ValueError("the last round already has an answer; append the round to answer")
+    last = rounds.pop()
+    return rounds, last["question"], last["images"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# One conversation of one browser tab
+
+
+@dataclass
+class ChatRound:
+    """What the UI shows of a round: the question, the display copies of its images, the answer."""
+
+    question: str
+    paths: list[str]
+    answer: str | None
+    first_image: int  # the conversation-wide number of its first image (1-based)
+
+
+class ChatSession:
+    """A browser tab's conversation with one model; no UI in here. Sessions keep their KV cache
+    (or, on ZeroGPU, replay the conversation). Bad input raises before anything changes, with the
+    message for the user (:data:`INPUT_ERRORS`). Generators keep a partial answer when closed early."""
+
+    def __init__(self, server: Server, name: str = "chat"):
+        self.server, self.name = server, name
+        self.vc = server.models[name]
+        self._session = None if server.stateless else self.vc.new_session()
+        self._conv = Conversation(system=self.vc.config.system)  # the stateless path's conversation
+        self._paths: list[list[str]] = []
+        self._busy = threading.Lock()
+        self.status = "idle"  # idle | generating | done | stopped | failed
+        self.error: str | None = None
+        self.partial = ""  # the answer so far while generating
+        self.last_stats: dict = {}
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def conversation(self) -> Conversation:
+        return self._conv if self._session is None else self._session.conversation
+
+    @property
+    def rounds(self) -> list[ChatRound]:
+        out, n = [], 1
+        for rnd, paths in zip(self.conversation.rounds, self._paths):
+            out.append(ChatRound(rnd.question, list(paths), rnd.answer, n))
+            n += len(rnd.images)
+        if out and out[-1].answer is None and self.status == "generating":
+            out[-1].answer = self.partial if self.partial.strip() else None  # None: nothing to show yet
+        return out
+
+    @property
+    def image_paths(self) -> list[str]:
+        return [p for ps in self._paths for p in ps]
+
+    def prompt_text(self) -> str:
+        if self._session is not None:
+            return self._session.prompt_text()
+        return self.vc.template.render_text(self._conv)
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no answer is being generated (e.g. after a cancelled request's cleanup)."""
+        if self._busy.acquire(timeout=timeout):
+            self._busy.release()
+            return True
+        return False
+
+    # -- changes -------------------------------------------------------------------------------
+    def send(self, question: str, images: Sequence = (), **gen) -> Iterator[str]:
+        """Add a round and return its answer's generator. Raises on bad input, changing nothing."""
+        with self._exclusive():
+            if self._session is not None:
+                stream = self._session.stream(question, images, **gen)
+            else:
+                q = _question(question)
+                GenerationConfig(**gen)
+                opened = [open_image(im) for im in images]
+                self._close_open_round()
+                self._conv.rounds.append(Round(q, opened))
+                try:
+                    check_fits(self.vc, self._conv)
+                except BaseException:
+                    self._conv.rounds.pop()
+                    raise
+                stream = self._replay(gen, new_round=True)
+            self._paths.append([self._save(im) for im in self.conversation.rounds[-1].images])
+        return self._run(stream)
+
+    def regenerate(self, **gen) -> Iterator[str]:
+        with self._exclusive():
+            if not self.conversation.rounds:
+                raise ValueError("there is no answer to regenerate yet")
+            if self._session is not None:
+                stream = self._session.regenerate(**gen)
+            else:
+                GenerationConfig(**gen)
+                self._conv.rounds[-1].answer = None
+                stream = self._replay(gen, new_round=False)
+        return self._run(stream)
+
+    def undo(self) -> ChatRound | None:
+        with self._exclusive():
+            rounds = self.rounds
+            if not rounds:
+                return None
+            if self._session is not None:
+                self._session.undo()
+            else:
+                self._conv.rounds.pop()
+            for p in self._paths.pop():
+                _remove(p)
+            self.status, self.error = "idle", None
+            return rounds[-1]
+
+    def reset(self) -> None:
+        with self._exclusive():
+            if self._session is not None:
+                self._session.reset()
+            self._conv = Conversation(system=self.vc.config.system)
+            for p in self.image_paths:
+                _remove(p)
+            self._paths = []
+            self.status, self.error, self.last_stats = "idle", None, {}
+
+    def close(self) -> None:
+        """Free the KV cache and the display copies (the tab is gone)."""
+        with contextlib.suppress(Exception):
+            self.reset()
+        self._session = None
+
+    # -- internals -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _exclusive(self, timeout: float = 60.0):
+        if not self._busy.acquire(timeout=timeout):
+            raise RuntimeError("this chat is still busy with the previous answer; press Stop first")
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    def _close_open_round(self) -> None:
+        if self._conv.rounds and self._conv.rounds[-1].answer is None:
+            self._conv.rounds[-1].answer = ""
+
+    def _replay(self, gen: dict, new_round: bool) -> Iterator[str]:
+        rounds = self._conv.rounds
+        rnd = rounds[-1]
+        hist = [{"question": r.question, "images": r.images, "answer": r.answer or ""} for r in rounds[:-1]]
+        stream = self.server._remote(self.server.key(self.name), hist, rnd.question, rnd.images, dict(gen))
+
+        def pieces():
+            text = []
+            try:
+                for piece in stream:
+                    text.append(piece)
+                    rnd.answer = "".join(text) if "".join(text).strip() else None
+                    yield piece
+            except Exception:
+                if new_round and not text and rounds and rounds[-1] is rnd:  # failed before its first token: drop the round,
+                    rounds.pop()                               # as a stateful session does
+                raise
+            finally:
+                rnd.answer = "".join(text).strip()
+                close = getattr(stream, "close", None)
+                if close:
+                    close()
+        return pieces()
+
+    def _run(self, stream: Iterator[str]) -> Iterator[str]:
+        """Wrap an answer generator: hold the busy lock while it runs, record status and stats, keep
+        the conversation and the display copies in step when the model fails."""
+        def run():
+            self._busy.acquire()
+            self.status, self.error, self.partial = "generating", None, ""
+            finished = False
+            try:
+                for piece in stream:
+                    self.partial += piece
+                    yield piece
+                finished = True
+            except GeneratorExit:
+                self.status = "stopped"
+                raise
+            except Exception as e:
+                self.status, self.error = "failed", f"{type(e).__name__}: {e}"
+                log.exception("generation failed")
+                if self._session is not None:
+                    self._session.drop_cache()  # a forward that failed half-way may have left it inconsistent
+                raise
+            finally:
+                if hasattr(stream, "close"):
+                    stream.close()  # a stopped answer keeps its partial text
+                if finished:
+                    self.status = "done"
+                elif self.status == "generating":
+                    self.status = "stopped"
+                if self._session is not None:
+                    self.last_stats = dict(self._session.last_stats)
+                n = len(self.conversation.rounds)
+                for ps in self._paths[n:]:  # the model failed before the round was kept
+                    for p in ps:
+                        _remove(p)
+                del self._paths[n:]
+                self._busy.release()
+        return run()
+
+    def _save(self, im) -> str:
+        """A display copy of an image in the server's temp folder (which Gradio may serve)."""
+        from PIL import Image
+
+        im = im.copy()
+        if max(im.size) > DISPLAY_MAX_SIDE:
+            im.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
+        path = os.path.join(self.server.tmpdir, f"{uuid.uuid4().hex}.png")
+        im.save(path, format="PNG", compress_level=1)
+        return path
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+class TabState:
+    """What ``gr.State`` holds for one browser tab: its chat and its comparison, created on first
+    use. Gradio deep-copies the initial value for every new tab; that copy is a fresh empty state."""
+
+    def __init__(self):
+        self.chat: ChatSession | None = None
+        self.compare: tuple[ChatSession, ChatSession] | None = None
+
+    def __deepcopy__(self, memo):
+        return TabState()
+
+    def get_chat(self, server: Server) -> ChatSession:
+        if self.chat is None:
+            self.chat = ChatSession(server, "chat")
+        return self.chat
+
+    def get_compare(self, server: Server) -> tuple[ChatSession, ChatSession]:
+        if self.compare is None:
+            self.compare = (ChatSession(server, "ca"), ChatSession(server, "mmca"))
+        return self.compare
+
+    def close(self) -> None:
+        for c in [self.chat, *(self.compare or ())]:
+            if c is not None:
+                c.close()
+        self.chat = self.compare = None
