@@ -237,3 +237,14 @@ def test_failed_forward_mid_answer_keeps_session_usable(tiny_vc, monkeypatch):
     monkeypatch.undo()
     assert len(s.conversation.rounds) == 2  # the partial answer was kept
     assert isinstance(s.ask("Three?", max_new_tokens=3), str)  # and the session still works
+
+
+def test_sparse_store_ignores_rounding_of_a_lower_precision_base():
+    from visualchat.checkpoint import embedding_tensors
+
+    base32 = torch.randn(50, 8)
+    trained = base32.clone()
+    trained[[3, 7]] += 0.5
+    t = embedding_tensors(trained, base32.to(torch.bfloat16))  # the LM was cast to bf16 for training
+    assert t["embed_tokens.index"].tolist() == [3, 7]
+    torch.testing.assert_close(t["embed_tokens.rows"], trained[[3, 7]])

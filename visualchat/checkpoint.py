@@ -32,8 +32,11 @@ class CheckpointMismatch(ValueError):
 def embedding_tensors(weight: torch.Tensor, base: torch.Tensor) -> dict[str, torch.Tensor]:
     """The sparse (changed rows + indices) or dense store of a trained embedding."""
     weight = weight.detach().cpu()
-    base = base.detach().cpu().to(weight.dtype)
-    changed = (weight != base).any(dim=1).nonzero().flatten()
+    base = base.detach().cpu()
+    # compare at the lower of the two precisions: a float32 copy of a base that now runs in bf16
+    # differs from it in every row by rounding alone, not by training
+    low = base.dtype if torch.finfo(base.dtype).bits < torch.finfo(weight.dtype).bits else weight.dtype
+    changed = (weight.to(low) != base.to(low)).any(dim=1).nonzero().flatten()
     if changed.numel() > DENSE_FRACTION * weight.shape[0]:
         return {"embed_tokens.weight": weight.contiguous()}
     return {"embed_tokens.rows": weight[changed].contiguous(), "embed_tokens.index": changed.to(torch.int64)}
