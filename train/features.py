@@ -1,0 +1,138 @@
+"""Opening images and caching the frozen encoder's features on disk.
+
+The encoder is frozen (unless ``--vision_lora_rank``), so its output for an image never changes
+during a run: it is computed once per image and stored as
+``<root>/<encoder key>/<image key>.safetensors``. The encoder key hashes the encoder's spec and its
+weights; the image key is ``shapes-v<SHAPES_VERSION>-<scene id>-<size>`` for a shapes scene, a hash
+of path + size + mtime for a file, a hash of the data for a base64 image.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from typing import Any, Iterable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from visualchat.images import ImageError, open_image
+
+log = logging.getLogger("train.features")
+
+
+def is_lazy(ref: Any) -> bool:
+    return hasattr(ref, "load") and hasattr(ref, "scene")
+
+
+def open_ref(ref: Any):
+    """An image reference (path, ``base64:`` string, shapes LazyImage, PIL image) as an RGB PIL image;
+    raises :class:`visualchat.images.ImageError` when it cannot be opened."""
+    if is_lazy(ref):
+        return ref.load().convert("RGB")
+    return open_image(ref)
+
+
+def image_key(ref: Any) -> str | None:
+    """A stable cache key for ``ref``, or None if it cannot be cached (e.g. an in-memory image)."""
+    if is_lazy(ref):
+        from train.data.shapes import SHAPES_VERSION
+
+        return f"shapes-v{SHAPES_VERSION}-{ref.scene.id}-{ref.size}"
+    if isinstance(ref, str):
+        if ref.startswith("base64:"):
+            return "b64-" + hashlib.sha1(ref.encode()).hexdigest()
+        try:
+            st = os.stat(ref)
+        except OSError:
+            return None
+        h = hashlib.sha1(f"{os.path.abspath(ref)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        return "file-" + h
+    return None
+
+
+def encoder_key(encoder) -> str:
+    """Hash of the encoder's spec and weights (so a changed encoder never reads stale features)."""
+    h = hashlib.sha256()
+    try:
+        h.update(encoder.spec().encode())
+    except Exception:  # an encoder built from a config has no spec
+        h.update(type(encoder).__name__.encode())
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return f"{encoder.name}-{h.hexdigest()[:16]}"
+
+
+class FeatureCache:
+    """Features ``[K, d_vis]`` per image key, stored as float16 (or float32) safetensors files."""
+
+    def __init__(self, root: str, encoder, dtype: torch.dtype = torch.float16):
+        self.dir = os.path.join(root, encoder_key(encoder))
+        self.dtype = dtype
+        os.makedirs(self.dir, exist_ok=True)
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.dir, key + ".safetensors")
+
+    def has(self, key: str) -> bool:
+        return os.path.isfile(self.path(key))
+
+    def get(self, key: str) -> torch.Tensor:
+        return load_file(self.path(key))["f"].float()
+
+    def put(self, key: str, feats: torch.Tensor) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"f": feats.detach().cpu().to(self.dtype).contiguous()}, tmp)
+            os.replace(tmp, self.path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def fill(self, encoder, refs: Iterable[Any], batch_size: int = 16, rank: int = 0, world: int = 1,
+             progress: bool = True) -> dict[str, str]:
+        """Compute the features of every ``ref`` not cached yet (this rank's share of them).
+        Returns ``{image key: error}`` for the images that could not be opened."""
+        todo, seen = [], set()
+        for ref in refs:
+            k = image_key(ref)
+            if k is None or k in seen:
+                continue
+            seen.add(k)
+            if not self.has(k):
+                todo.append((k, ref))
+        todo = todo[rank::world]
+        bad: dict[str, str] = {}
+        if not todo:
+            return bad
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="caching image features", unit="img", dynamic_ncols=True)
+        for i in range(0, len(todo), batch_size):
+            chunk, ims = [], []
+            for k, ref in todo[i:i + batch_size]:
+                try:
+                    ims.append(open_ref(ref))
+                    chunk.append(k)
+                except ImageError as e:
+                    bad[k] = str(e)
+            if ims:
+                feats = encode(encoder, ims)
+                for k, f in zip(chunk, feats):
+                    self.put(k, f)
+            if bar is not None:
+                bar.update(len(todo[i:i + batch_size]))
+        if bar is not None:
+            bar.close()
+        return bad
+
+
+@torch.no_grad()
+def encode(encoder, images: Sequence) -> torch.Tensor:
+    """PIL images -> ``[n, K, d_vis]`` float32 on the CPU."""
+    return encoder.encode(list(images)).float().cpu()
