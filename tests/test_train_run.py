@@ -211,9 +211,9 @@ def test_lora_smoke_trains_and_export_holds_only_adapters(tmp_path):
     assert lora and all("lora_A" in k or "lora_B" in k for k in lora)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at 0: it trained
     assert not any(k.startswith("lora.") and "lora_" not in k for k in t)  # no base weights stored
-    from train.lora import from_pretrained
+    from visualchat import VisualChat
 
-    vc = from_pretrained(str(tmp_path / "final"), device="cpu")
+    vc = VisualChat.from_pretrained(str(tmp_path / "final"), device="cpu")  # applies the adapters
     names = {n for n, _ in vc.model.named_parameters() if "lora_" in n}
     assert names == {k[len("lora."):] for k in lora}
     s = summary(tmp_path)

@@ -10,7 +10,7 @@ import torch
 from visualchat.checkpoint import save_checkpoint
 
 from . import dist as D
-from .lora import lora_parameters
+from visualchat.lora import lora_parameters
 
 
 def _full_fp32(p: torch.Tensor) -> torch.Tensor:

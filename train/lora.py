@@ -3,17 +3,16 @@ its own classes and ``VisualChatModel`` runs unchanged.
 
 A checkpoint stores only the adapter weights, as ``lora.<parameter name>`` in
 ``trainable.safetensors``, and ``config.lora = {"lm": LoraConfig kwargs, "vision": LoraConfig kwargs}``
-(either may be missing). :func:`load_lora` applies them to a loaded model, and
-:func:`from_pretrained` is ``VisualChat.from_pretrained`` plus that.
+(either may be missing). :func:`visualchat.lora.load_lora` applies them when ``VisualChat.from_pretrained`` loads such a
+checkpoint.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from torch import nn
 
-PREFIX = "lora."
+from visualchat.lora import inject
 
 
 def lora_kwargs(rank: int, alpha: float | None, targets: str | list[str], dropout: float = 0.0) -> dict[str, Any]:
@@ -21,21 +20,6 @@ def lora_kwargs(rank: int, alpha: float | None, targets: str | list[str], dropou
         targets = "all-linear" if targets.strip() == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     return {"r": int(rank), "lora_alpha": float(alpha if alpha is not None else 2 * rank),
             "target_modules": targets, "lora_dropout": float(dropout), "bias": "none"}
-
-
-def inject(module: nn.Module, kwargs: dict[str, Any]) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    kw = dict(kwargs)
-    if kw.get("target_modules") == "all-linear":
-        kw["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules()
-                                       if isinstance(m, nn.Linear) and not n.endswith("lm_head")})
-    try:
-        inject_adapter_in_model(LoraConfig(**kw), module)
-    except ValueError as e:
-        raise ValueError(f"LoRA target modules {kw['target_modules']} not found in {type(module).__name__}: {e}") from None
-    for n, p in module.named_parameters():  # only the adapters train
-        p.requires_grad_("lora_" in n)
 
 
 def apply_lora(vcm, args) -> dict[str, Any]:
@@ -49,44 +33,6 @@ def apply_lora(vcm, args) -> dict[str, Any]:
                                     args.lora_dropout)
         inject(vcm.encoder, cfg["vision"])
     return cfg
-
-
-def lora_parameters(vcm) -> dict[str, nn.Parameter]:
-    """name (relative to the VisualChatModel) -> LoRA parameter."""
-    return {n: p for n, p in vcm.named_parameters() if "lora_" in n}
-
-
-@torch.no_grad()
-def load_lora(vcm, lora_config: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> int:
-    """Inject the adapters of ``lora_config`` and load their weights from ``tensors`` (keys with the
-    ``lora.`` prefix; others are ignored). Returns how many tensors were loaded."""
-    if not lora_config:
-        return 0
-    if "lm" in lora_config:
-        inject(vcm.lm, lora_config["lm"])
-    if "vision" in lora_config:
-        inject(vcm.encoder, lora_config["vision"])
-    params = lora_parameters(vcm)
-    got = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
-    missing = sorted(set(params) - set(got))
-    unexpected = sorted(set(got) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"LoRA weights do not match the model: missing {missing[:3]}..., unexpected {unexpected[:3]}...")
-    for k, p in params.items():
-        p.copy_(got[k].to(p.device, p.dtype))
-        p.requires_grad_(False)
-    return len(params)
-
-
-def from_pretrained(path: str | None = None, **kw):
-    """``VisualChat.from_pretrained`` that also applies the checkpoint's LoRA adapters, if any."""
-    from visualchat.checkpoint import load_tensors
-    from visualchat.model import VisualChat
-
-    vc = VisualChat.from_pretrained(path, **kw)
-    if path is not None and vc.config.lora:
-        load_lora(vc.model, vc.config.lora, load_tensors(path))
-    return vc
 
 
 def qlora_unsupported_reason() -> str | None:

@@ -189,7 +189,14 @@ class VisualChat:
         model.projection.to(device=device, dtype=dtype)
         model.embed_tokens.to(device=device, dtype=dtype)
         if path is not None:
-            load_trainable(model, path, config)
+            rest = load_trainable(model, path, config)
+            if config.lora:
+                if share_with is not None:
+                    raise ValueError(f"{path} holds LoRA adapters, which change the LM itself: it cannot share "
+                                     "another model's LM; load it on its own")
+                from .lora import load_lora
+
+                load_lora(model, config.lora, rest)
         else:
             emb = model.base_embedding
             config = VisualChatConfig(lm=lm or "default", vision=enc.spec(), image_tokens=enc.num_tokens, vision_hidden_size=enc.hidden_size,

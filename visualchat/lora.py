@@ -1,0 +1,54 @@
+"""Applies the LoRA adapters a checkpoint stores (``lora.<parameter>`` tensors, ``config.lora``)
+through peft, injected in place so the model keeps its own classes."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+PREFIX = "lora."
+
+
+def inject(module: nn.Module, kwargs: dict[str, Any]) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    kw = dict(kwargs)
+    if kw.get("target_modules") == "all-linear":
+        kw["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules()
+                                       if isinstance(m, nn.Linear) and not n.endswith("lm_head")})
+    try:
+        inject_adapter_in_model(LoraConfig(**kw), module)
+    except ValueError as e:
+        raise ValueError(f"LoRA target modules {kw['target_modules']} not found in {type(module).__name__}: {e}") from None
+    for n, p in module.named_parameters():  # only the adapters train
+        p.requires_grad_("lora_" in n)
+
+
+def lora_parameters(vcm) -> dict[str, nn.Parameter]:
+    """name (relative to the VisualChatModel) -> LoRA parameter."""
+    return {n: p for n, p in vcm.named_parameters() if "lora_" in n}
+
+
+@torch.no_grad()
+def load_lora(vcm, lora_config: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> int:
+    """Inject the adapters of ``lora_config`` and load their weights from ``tensors`` (keys with the
+    ``lora.`` prefix; others are ignored). Returns how many tensors were loaded."""
+    if not lora_config:
+        return 0
+    if "lm" in lora_config:
+        inject(vcm.lm, lora_config["lm"])
+    if "vision" in lora_config:
+        inject(vcm.encoder, lora_config["vision"])
+    params = lora_parameters(vcm)
+    got = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
+    missing = sorted(set(params) - set(got))
+    unexpected = sorted(set(got) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"LoRA weights do not match the model: missing {missing[:3]}..., unexpected {unexpected[:3]}...")
+    for k, p in params.items():
+        p.copy_(got[k].to(p.device, p.dtype))
+        p.requires_grad_(False)
+    return len(params)
+
+
