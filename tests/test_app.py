@@ -299,7 +299,8 @@ def test_compare_tab_says_what_is_missing(tiny_models):
     assert "shapes-ca" in out[-1][4] and "shapes-mmca" in out[-1][4] and "missing" in out[-1][4]
 
 
-def test_server_load_shares_lm_and_encoder_and_reports_missing(tmp_path, tiny_tokenizer, tiny_clip_dir, caplog):
+def test_server_load_shares_lm_and_encoder_and_reports_missing(tmp_path, tiny_tokenizer, tiny_clip_dir, caplog,
+                                                               monkeypatch):
     """Server.load (what app.py runs): the compare models reuse the chat model's LM and encoder, so the
     tab costs about one model's memory; without checkpoints it says which are missing."""
     from tests.test_app_tp import make_tiny_checkpoints
@@ -321,7 +322,8 @@ def test_server_load_shares_lm_and_encoder_and_reports_missing(tmp_path, tiny_to
     s2 = Server.load(ServeOptions(checkpoint=paths["chat"], ca_checkpoint=paths["ca"], mmca_checkpoint=paths["chat"],
                                   device="cpu", deepspeed="off"))
     assert s2.compare.mmca is s2.chat
-    # no compare checkpoints for this base: the note names both defaults
+    # no compare checkpoints shipped: the note names both defaults
+    monkeypatch.setattr("visualchat.serving.shipped_checkpoint", lambda name: None)
     s3 = Server.load(ServeOptions(checkpoint=paths["chat"], device="cpu", deepspeed="off"))
     assert not s3.compare.ready
     assert "shapes-ca" in s3.compare.note and "shapes-mmca" in s3.compare.note and "--ca-checkpoint" in s3.compare.note

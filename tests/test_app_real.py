@@ -62,9 +62,10 @@ def test_python_app_py_serves_the_default_model(tmp_path):
         answer = c.predict(conversation=[{"question": "What color is the star in Image 1?",
                                           "images": [handle_file(os.path.join(EXAMPLES, "shapes_1.png"))]}],
                            max_new_tokens=8, api_name="/generate")
-        assert isinstance(answer, str)  # (until a trained checkpoint ships, image questions get blank answers)
+        # the shipped checkpoint is served: the answer is a colour word (it was trained on such questions)
+        assert answer.strip().lower() in {"red", "green", "blue", "yellow", "purple", "orange"}, answer
         hello = c.predict(conversation=[{"question": "Hello! Who are you?"}], max_new_tokens=12, api_name="/generate")
-        assert "assistant" in hello.lower(), hello  # the real SmolLM2 writes real text through the app
+        assert len(hello.split()) >= 2 and any(ch.isalpha() for ch in hello), hello  # real text through the app
         chatbot, gallery, prompt, _, status = c.predict(
             {"text": "What word is written in Image 1?", "files": [handle_file(os.path.join(EXAMPLES, "shapes_1.png"))]},
             8, 0.0, 1.0, 1.0, api_name="/chat")

@@ -44,3 +44,13 @@ def test_default_lm_answers_text_sensibly(default_vc):
         out = lm.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
     assert s.ask("Hi?", max_new_tokens=2) is not None
+
+
+def test_shipped_checkpoint_answers_about_two_images(default_vc):
+    """The shipped MMCA checkpoint (trained by train/, see train/recipes/) answers correctly about two
+    assets/ images: shapes_4 has 2 triangles and no square, shapes_5 has 1 triangle."""
+    assert default_vc.path and default_vc.path.endswith("shapes-mmca")
+    ims = [Image.open(os.path.join(EXAMPLES, f"shapes_{i}.png")) for i in (4, 5)]
+    s = default_vc.new_session()
+    assert s.ask("Which image has more triangles, Image 1 or Image 2?", images=ims, max_new_tokens=8) == "Image 1"
+    assert default_vc.new_session().ask("How many squares are in Image 1?", images=ims, max_new_tokens=8) == "0"
