@@ -58,7 +58,8 @@ from .assets import DEFAULT_CA_CHECKPOINT, DEFAULT_CHECKPOINT, shipped_checkpoin
 from .config import VisualChatConfig
 from .generation import GenerationConfig
 from .images import ImageError, open_image
-from .session import ContextWindowError, TooManyImagesError
+from .session import (ContextWindowError, TooManyImagesError, check_context, check_image_count,
+                      check_question)
 from .template import Conversation, Round
 
 log = logging.getLogger("visualchat.serving")
@@ -543,9 +544,9 @@ class Server:
         vc = self.models[name]
         conv = Conversation(system=vc.config.system)
         for r in history:
-            conv.rounds.append(Round(_question(r.get("question")), [open_image(im) for im in r.get("images") or ()],
+            conv.rounds.append(Round(check_question(r.get("question")), [open_image(im) for im in r.get("images") or ()],
                                      (r.get("answer") or "").strip()))
-        q = _question(question)
+        q = check_question(question)
         GenerationConfig(**gen)
         conv.rounds.append(Round(q, [open_image(im) for im in images]))
         check_fits(vc, conv)
@@ -568,23 +569,10 @@ def _same_base(cfg: VisualChatConfig, chat_cfg: VisualChatConfig, opts: ServeOpt
     return lm_a == lm_b and norm.get(v_a, v_a) == norm.get(v_b, v_b)
 
 
-def _question(q) -> str:
-    if not isinstance(q, str) or not q.strip():
-        raise ValueError("the question is empty")
-    return q.strip()
-
-
 def check_fits(vc, conv: Conversation) -> None:
     """Raise TooManyImagesError / ContextWindowError as a session would, without running the model."""
-    n = len(conv.images)
-    if n > vc.config.max_images:
-        raise TooManyImagesError(f"this conversation would have {n} images; the model allows at most {vc.config.max_images}")
-    r = vc.template.render(conv)
-    ctx = vc.context_window
-    if len(r) >= ctx:
-        raise ContextWindowError(
-            f"the conversation needs {len(r)} tokens ({sum(r.is_image)} of them image tokens) but the context "
-            f"window is {ctx} tokens; undo or clear earlier rounds, or start a new chat")
+    check_image_count(len(conv.images), vc.config.max_images)
+    check_context(vc.template.render(conv), vc.context_window)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -713,7 +701,7 @@ class ChatSession:
             if self._session is not None:
                 stream = self._session.stream(question, images, **gen)
             else:
-                q = _question(question)
+                q = check_question(question)
                 GenerationConfig(**gen)
                 opened = [open_image(im) for im in images]
                 self._close_open_round()

@@ -27,6 +27,26 @@ class TooManyImagesError(ValueError):
     """More images than the model is configured for."""
 
 
+def check_question(question) -> str:
+    """The stripped question, or ValueError when it is empty."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty")
+    return question.strip()
+
+
+def check_image_count(total: int, limit: int) -> None:
+    if total > limit:
+        raise TooManyImagesError(f"this conversation would have {total} images; the model allows at most {limit}")
+
+
+def check_context(r: Rendered, ctx: int) -> None:
+    """ContextWindowError, naming the numbers, when rendered tokens leave no room to generate."""
+    if len(r) >= ctx:
+        raise ContextWindowError(
+            f"the conversation needs {len(r)} tokens ({sum(r.is_image)} of them image tokens) but the "
+            f"context window is {ctx} tokens; undo or clear earlier rounds, or start a new chat")
+
+
 _uids = itertools.count()
 #: Generation stops when the answer starts a new template section (``\n### ``), which an
 #: undertrained model does instead of ending with EOS; the marker is not part of the answer.
@@ -172,18 +192,14 @@ class Session:
 
     def _append_round(self, question, images, answer_ids: list[int] | None, answer: str | None = None) -> Round:
         """Check the input (raising before anything changes), encode the new images once, append."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question is empty")
+        question = check_question(question)
         opened = [open_image(im) for im in images]
-        limit = self.vc.config.max_images
-        total = len(self.images) + len(opened)
-        if total > limit:
-            raise TooManyImagesError(f"this conversation would have {total} images; the model allows at most {limit}")
+        check_image_count(len(self.images) + len(opened), self.vc.config.max_images)
         if self.conversation.rounds and self._answer_ids[-1] is None:  # stopped before its first token
             self.conversation.rounds[-1].answer = ""
             self._answer_ids[-1] = [self.vc.template.eos_id]
         feats = list(self.vc.model.encode_images(opened).cpu()) if opened else []
-        rnd = Round(question.strip(), images=opened, answer=answer)
+        rnd = Round(question, images=opened, answer=answer)
         self.conversation.rounds.append(rnd)
         self._answer_ids.append(answer_ids)
         self._features += feats
@@ -205,10 +221,7 @@ class Session:
         """Checks the context window now (eagerly), then returns the token generator."""
         r = self._render()
         ctx = self.vc.context_window
-        if len(r) >= ctx:
-            raise ContextWindowError(
-                f"the conversation needs {len(r)} tokens ({sum(r.is_image)} of them image tokens) but the "
-                f"context window is {ctx} tokens; undo or clear earlier rounds, or start a new chat")
+        check_context(r, ctx)
         return self._run(r, cfg, min(cfg.max_new_tokens, ctx - len(r)), new_round)
 
     def _run(self, r: Rendered, cfg: GenerationConfig, max_tokens: int, new_round: bool) -> Iterator[str]:
