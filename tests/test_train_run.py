@@ -271,3 +271,13 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
         assert s["steps"] == 4
         outs.append(out / "final")
     assert_same(weights(outs[0]), weights(outs[1]), atol=1e-6)
+
+
+def test_init_from_starts_from_a_checkpoint(smoke_run, tmp_path):
+    """--init_from loads projection and embedding before training: with lr 0 the export equals it."""
+    src = smoke_run[0] / "final"
+    run_train(tmp_path / "out", "--init_from", str(src), "--lr", "0", "--max_steps", "1", "--engine", "torch",
+              "--eval_every", "0")
+    assert_same(weights(src), weights(tmp_path / "out" / "final"), atol=0)
+    bad = run_train(tmp_path / "bad", "--init_from", str(tmp_path / "nowhere"), "--max_steps", "1", check=False)
+    assert bad.returncode != 0 and "--init_from" in bad.stderr and "nowhere" in bad.stderr, bad.stderr[-2000:]

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", choices=("mmca", "causal"), default="mmca", help="multi-modal causal attention or plain causal")
     g.add_argument("--max_seq_len", type=int, default=4096, help="longest training sample in tokens; longer ones lose trailing rounds")
     g.add_argument("--max_images_per_sample", type=int, default=8, help="most images in one training sample")
+    g.add_argument("--init_from", default=None, help="start the projection and embedding from this checkpoint directory "
+                   "(e.g. one written by python -m train.align) instead of a random projection")
     g.add_argument("--trust_remote_code", action="store_true", help="allow the LM's own code from the hub")
 
     g = p.add_argument_group("data")

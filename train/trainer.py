@@ -225,6 +225,13 @@ def build_model(args, plan: Plan):
         raise TrainError(f"could not load --vision {args.vision!r}: {e}") from None
     torch.manual_seed(args.seed)  # the projection's initialisation
     vcm = VisualChatModel(lm, enc, args.attention)
+    if getattr(args, "init_from", None):
+        from visualchat.checkpoint import CheckpointMismatch, load_trainable
+
+        try:
+            load_trainable(vcm, args.init_from)
+        except (OSError, ValueError, CheckpointMismatch) as e:
+            raise TrainError(f"could not start from --init_from {args.init_from!r}: {e}") from None
     if args.precision == "bf16" and plan.engine == "torch":
         # Mixed precision for the plain engine: the frozen LM in bf16 and the embedding output cast to
         # bf16, so the whole residual stream runs in bf16 (about 2-3x faster than fp32 on a CPU with

@@ -1,0 +1,154 @@
+"""Data efficiency, CA vs MMCA: six training runs of the embedded default (SmolLM2-135M + EfficientNet-Lite0)
+on 10%, 30% and 100% of a shapes training set, all with the same steps, seed and hardware, each scored on
+the shapes test split.
+
+    python bench/data_efficiency.py                           # the recorded run (2-core CPU, about an hour)
+    python bench/data_efficiency.py --full 120 --steps 10 --eval_n 4 --out runs/de-smoke   # a quick check
+
+Every run is ``python -m train --preset shapes-<attention>`` with ``--dataset_samples`` set to the budget
+and ``--max_steps`` fixed, so a smaller budget means more passes over fewer conversations (the same
+compute, less data). The validation split is the same 38 conversations for every run. Each run's
+final checkpoint is scored with ``python -m train.eval``. Runs that already have a score are skipped,
+so an interrupted study resumes. Writes into ``--out``: ``results.json``, ``table.md``,
+``accuracy.png`` (accuracy against budget per question category) and ``val_loss.png`` (validation
+loss curves of all six runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CATEGORIES = ("all", "single", "cross", "refer_back")
+ATTENTIONS = {"mmca": "shapes-mmca", "causal": "shapes-ca"}
+LABELS = {"mmca": "MMCA", "causal": "CA"}
+
+
+def run_name(attention: str, pct: int) -> str:
+    return f"{LABELS[attention].lower()}-{pct}pct"
+
+
+def run(cmd: list[str], log_path: str) -> float:
+    t = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log_path}")
+    return time.time() - t
+
+
+def val_curve(metrics_path: str) -> list[tuple[int, float]]:
+    from train.plots import read_metrics
+
+    _, _, vs, vl = read_metrics(metrics_path)
+    return list(zip(vs, vl))
+
+
+def plots(results: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["budget_pct"] for r in results["runs"]})
+    fig, axes = plt.subplots(1, len(CATEGORIES), figsize=(4 * len(CATEGORIES), 3.6), dpi=110, sharey=True)
+    for ax, cat in zip(axes, CATEGORIES):
+        for att, style in (("causal", "s--"), ("mmca", "o-")):
+            pts = sorted((r["budget_pct"], 100 * r["accuracy"][cat]["accuracy"]) for r in results["runs"]
+                         if r["attention"] == att and cat in r["accuracy"])
+            if pts:
+                ax.plot(*zip(*pts), style, label=LABELS[att])
+        ax.set_title(cat)
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{b}%" for b in budgets])
+        ax.set_xlabel(f"data budget (of {results['full']} conversations)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact-match accuracy (%)")
+    axes[0].legend()
+    fig.suptitle(f"Shapes test accuracy vs data budget ({results['steps']} steps each)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    colors = {p: c for p, c in zip(budgets, ("tab:red", "tab:orange", "tab:blue"))}
+    for r in results["runs"]:
+        steps, losses = zip(*r["val_curve"])
+        ax.plot(steps, losses, "o-" if r["attention"] == "mmca" else "s--", ms=3, color=colors.get(r["budget_pct"]),
+                label=f"{LABELS[r['attention']]} {r['budget_pct']}%")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (answer tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "val_loss.png"))
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    lines = ["| attention | budget | conversations | " + " | ".join(CATEGORIES) + " | final val loss | train min |",
+             "|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|"]
+    for r in sorted(results["runs"], key=lambda r: (r["budget_pct"], r["attention"])):
+        acc = " | ".join(f"{100 * r['accuracy'][c]['accuracy']:.1f}% ({r['accuracy'][c]['n']})" if c in r["accuracy"]
+                         else "-" for c in CATEGORIES)
+        lines.append(f"| {LABELS[r['attention']]} | {r['budget_pct']}% | {r['conversations']} | {acc} | "
+                     f"{r['val_curve'][-1][1]:.3f} | {r['train_s'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", type=int, default=400, help="conversations in the 100%% budget")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[100, 10, 30], help="budgets in %% of --full (run in this order)")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps of every run (4 conversations each)")
+    ap.add_argument("--eval_every", type=int, default=20, help="validation loss every N steps")
+    ap.add_argument("--val_n", type=int, default=38, help="validation conversations (the same for every run)")
+    ap.add_argument("--eval_n", type=int, default=40, help="test conversations scored per run")
+    ap.add_argument("--out", default="runs/data-efficiency")
+    args = ap.parse_args(argv)
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    results.update(full=args.full, steps=args.steps, eval_n=args.eval_n, command=" ".join(["python", "bench/data_efficiency.py"] + (argv or sys.argv[1:])))
+    done = {(r["attention"], r["budget_pct"]) for r in results.get("runs", [])}
+    results.setdefault("runs", [])
+    for pct in args.budgets:
+        for att in ATTENTIONS:
+            if (att, pct) in done:
+                continue
+            n = max(1, round(args.full * pct / 100))
+            name = run_name(att, pct)
+            run_dir = os.path.join(args.out, "runs", name)
+            print(f"[{time.strftime('%H:%M:%S')}] train {name}: {n} conversations, {args.steps} steps", flush=True)
+            cmd = [sys.executable, "-m", "train", "--preset", ATTENTIONS[att], "--dataset_samples", str(n),
+                   "--val_ratio", f"{min(0.99, args.val_n / n):.6f}", "--max_steps", str(args.steps),
+                   "--eval_every", str(args.eval_every), "--save_every", "0", "--resume", "none",
+                   "--no_progress", "--output_dir", run_dir]
+            train_s = run(cmd, run_dir + ".train.log")
+            eval_json = os.path.join(run_dir, "eval.json")
+            print(f"[{time.strftime('%H:%M:%S')}] eval {name} ({train_s / 60:.1f} min training)", flush=True)
+            run([sys.executable, "-m", "train.eval", "--checkpoint", os.path.join(run_dir, "final"),
+                 "--n", str(args.eval_n), "--out", eval_json], run_dir + ".eval.log")
+            with open(eval_json) as f:
+                acc = json.load(f)["accuracy"]
+            results["runs"].append({"attention": att, "budget_pct": pct, "conversations": n, "train_s": train_s,
+                                    "train_command": " ".join(cmd[1:]), "accuracy": acc,
+                                    "val_curve": val_curve(os.path.join(run_dir, "metrics.jsonl"))})
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
+            plots(results, args.out)
+            with open(os.path.join(args.out, "table.md"), "w") as f:
+                f.write(table(results) + "\n")
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

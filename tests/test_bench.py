@@ -1,0 +1,124 @@
+"""Smoke tests of the benchmark scripts (bench/attention.py, bench/prefix_cache.py,
+bench/train_throughput.py) at tiny sizes on the CPU: they run, their tables and JSON have the expected
+rows with positive finite numbers, the prefix cache is really reused, and the FLOP count matches the
+documented formula."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_attention_bench_table_and_json(tmp_path, capsys):
+    from bench import attention
+
+    out = tmp_path / "att.json"
+    res = attention.main(["--sizes", "64", "128", "--heads", "2", "--dim", "8", "--repeats", "1",
+                          "--eager_max", "64", "--device", "cpu", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("device: CPU") and "torch " in printed and "date " in printed
+    data = json.loads(out.read_text())
+    assert data["variants"] == ["sdpa", "eager", "ours"]  # no Triton column without CUDA
+    assert [(r["n"], r["pass"]) for r in data["rows"]] == [(64, "fwd"), (64, "fwd+bwd"), (128, "fwd"), (128, "fwd+bwd")]
+    for r in data["rows"]:
+        assert positive(r["ms"]["sdpa"]) and positive(r["ms"]["ours"])
+        if r["n"] <= 64:
+            assert positive(r["ms"]["eager"])
+        else:  # above --eager_max the eager reference is skipped, and the table says so
+            assert r["ms"]["eager"] is None and "skipped" in r["note"]["eager"]
+        assert all(v is None for v in r["peak_mb"].values())  # not measured on CPU
+    assert data["errors"] == [] and res["rows"] == data["rows"]
+    table = [ln for ln in printed.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + 4 and "ours / SDPA" in table[0]
+    assert sum("skipped" in ln for ln in table[1:]) == 2
+
+
+def test_prefix_cache_bench_reuses_the_cache(tmp_path, capsys):
+    from bench import prefix_cache
+
+    out = tmp_path / "pc.json"
+    prefix_cache.main(["--model", "tiny", "--device", "cpu", "--repeats", "1", "--new_tokens", "3",
+                       "--json", str(out)])
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [r["round"] for r in rows] == list(range(1, 9))
+    for r in rows:
+        for key in ("ttft_cached_s", "ttft_full_s", "ttft_drop_cache_s", "full_over_cached"):
+            assert positive(r[key]), (r["round"], key, r[key])
+        assert r["same_history"], r  # both modes ran exactly the same conversation
+        assert r["ttft_full_s"] >= r["ttft_drop_cache_s"]  # full recompute also re-encodes the images
+        assert r["full_tokens_fed"] == r["context_tokens"]  # recompute feeds the whole conversation
+    ctx = [r["context_tokens"] for r in rows]
+    assert all(b > a for a, b in zip(ctx, ctx[1:]))  # the conversation grows every round
+    assert rows[0]["cached_tokens_fed"] == rows[0]["full_tokens_fed"]  # nothing to reuse in round 1
+    k = 16  # the tiny encoder's image tokens
+    for r in rows[1:]:  # later rounds feed only the new image, the question and the last answer token
+        assert k < r["cached_tokens_fed"] < r["full_tokens_fed"] // 2
+    assert rows[-1]["cached_tokens_fed"] * 4 < rows[-1]["full_tokens_fed"]
+    table = [ln for ln in printed.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + 8 and "TTFT cached" in table[0]
+    assert printed.startswith("device: CPU") and "round 8: cached" in printed
+
+
+def test_train_throughput_flop_formula():
+    from bench.prefix_cache import TINY, random_llama
+    from bench.train_throughput import flops, make_batch
+
+    lm = random_llama(dict(TINY, vocab_size=100, num_key_value_heads=4), None, "meta", torch.float32)
+    h, i, nl, v, n, d_vis = 64, 128, 2, 100, 64, 24
+    batch, n_ans, n_img = make_batch(2, n, 2, 8, d_vis, v, 0.5, "cpu")
+    assert n_img == 16 and n_ans == int(batch["labels"][0].ne(-100).sum()) == 2 * 12  # 2 chunks of 24 text tokens
+    f = flops(lm, 2, n, n_ans, n_img, d_vis)
+    p_mm = nl * (4 * h * h + 3 * h * i)
+    assert f["p_mm"] == p_mm
+    expected = 2 * (4 * p_mm * n + 6 * nl * n * n * h + 4 * v * h * n_ans + 4 * d_vis * h * n_img)
+    assert f["model_flops"] == expected
+    assert f["recompute_flops"] == 2 * (2 * p_mm * n + 2 * nl * n * n * h)
+
+
+def test_train_throughput_deepspeed_smoke(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "tt.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_throughput.py"), "--model", "tiny",
+                        "--device", "cpu", "--seq_len", "128", "--images", "4", "--warmup", "1", "--steps", "2",
+                        "--precision", "fp32", "--peak_tflops", "1", "--json", str(out)],
+                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["zero_stage"] == 2 and data["seq_len"] == 128
+    rows = data["rows"]
+    assert [r["gradient_checkpointing"] for r in rows] == [False, True]
+    assert [r["checkpointed_layers"] for r in rows] == [0, 2]  # the trainer's wrapper, on every decoder layer
+    for r in rows:
+        assert r["deepspeed_config"]["zero_optimization"]["stage"] == 2
+        for key in ("step_s", "tokens_per_s", "model_tflops_per_step", "achieved_model_tflops_per_s", "mfu", "hfu"):
+            assert positive(r[key]), (key, r[key])
+        assert r["tokens_per_step"] == 128
+        assert math.isclose(r["tokens_per_s"], 128 / r["step_s"])
+        assert r["peak_gpu_gb"] is None  # CPU
+        # trainable: embedding copy (V x h) + projection (d_vis x h + h); the LM is frozen
+        assert r["trainable_params"] == 512 * 64 + 24 * 64 + 64
+        assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == 3
+    off, on = rows
+    assert on["hardware_tflops_per_step"] > on["model_tflops_per_step"] == off["model_tflops_per_step"]
+    assert math.isclose(off["hfu"], off["mfu"]) and on["hfu"] > on["mfu"]
+    # checkpointing recomputes, it does not change the maths: same losses step by step
+    assert off["losses"] == pytest.approx(on["losses"], rel=1e-4)
+    assert off["losses"][-1] < off["losses"][0]  # the optimiser steps move the trainable weights
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("| ")]
+    assert len(lines) == 3 and lines[1].startswith("| off") and lines[2].startswith("| on")
+    assert "FLOPs: model FLOPs/step" in p.stdout and "device: CPU" in p.stdout
