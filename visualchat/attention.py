@@ -11,8 +11,13 @@ travel down to every attention layer through transformers' ``**kwargs``):
 - ``vc_key_is_image``: ``[B, Lk]`` bool for every key, the cached ones included;
 - ``vc_key_padding_mask``: ``[B, Lk]`` bool, True for real tokens (optional);
 - ``vc_attention_mode``: ``"mmca"`` (default) or ``"causal"``.
+
+On CUDA, ``mode="mmca"`` runs the fused Triton kernel of :mod:`visualchat.attention_triton` when
+triton is installed (``VISUALCHAT_MMCA_KERNEL=torch`` keeps the torch path below).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +102,11 @@ def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         raise ValueError(f"key_is_image has shape {tuple(key_is_image.shape)}, expected {(b, lk)}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
         raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected {(b, lk)}")
+    if mode == "mmca" and query.is_cuda and os.environ.get("VISUALCHAT_MMCA_KERNEL", "").lower() != "torch":
+        from . import attention_triton  # the fused kernel; imports triton only if installed
+
+        if attention_triton.available(query.device) and attention_triton.supports(query):
+            return attention_triton.mmca_attention_triton(query, key, value, key_is_image, key_padding_mask, scale)
     if mode == "causal" and key_padding_mask is None and lq == lk:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                               enable_gqa=hq != hkv)
