@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import write_json  # noqa: E402
 from bench.prefill_cpu import layout  # noqa: E402
 from visualchat.attention import build_masks, mmca_attention  # noqa: E402
 
@@ -202,11 +202,7 @@ def main(argv=None) -> dict:
     print(table(result))
     for e in result["errors"]:
         print(f"- {e}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    write_json(args.json, result)
     return result
 
 

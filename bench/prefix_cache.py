@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -50,6 +49,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import write_json  # noqa: E402
 
 #: LLaMA-2-7B shapes (Touvron et al. 2023 / meta-llama/Llama-2-7b-hf config.json)
 LLAMA7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -301,11 +301,7 @@ def main(argv=None) -> dict:
     last = res["rows"][-1]
     print(f"\nround {last['round']}: cached {1000 * last['ttft_cached_s']:.1f} ms vs full recompute "
           f"{1000 * last['ttft_full_s']:.1f} ms ({last['full_over_cached']:.1f}x)")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-            f.write("\n")
+    write_json(args.json, res)
     return res
 
 

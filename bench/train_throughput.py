@@ -56,7 +56,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import json
 import logging
 import math
 import os
@@ -69,6 +68,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import write_json  # noqa: E402
 
 PEAKS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0)]
 
@@ -328,11 +328,7 @@ def main(argv=None) -> dict:
           f"image tokens per sample; trainable parameters {r0['trainable_params']:,}")
     print("FLOPs: " + FORMULA)
     print(table(res))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-            f.write("\n")
+    write_json(args.json, res)
     return res
 
 

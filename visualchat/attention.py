@@ -84,13 +84,10 @@ def _mmca_prefill(q, k, v, is_img, scale):
     return out
 
 
-def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_is_image: torch.Tensor,
-                   key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
-                   mode: str = "mmca") -> torch.Tensor:
-    """query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (Hq a multiple of Hkv), the queries being
-    the last Lq of the Lk positions; key_is_image and key_padding_mask ``[B, Lk]`` bool.
-    Returns ``[B, Hq, Lq, D]``. ``mode="causal"`` is standard causal attention over all tokens."""
-    b, hq, lq, d = query.shape
+def check_shapes(query, key, value, key_is_image, key_padding_mask=None) -> None:
+    """Raise ValueError unless q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (Hq a multiple of Hkv,
+    Lq <= Lk), key_is_image and key_padding_mask ``[B, Lk]`` fit together."""
+    b, hq, lq, _ = query.shape
     bk, hkv, lk, _ = key.shape
     if bk != b or value.shape[:3] != key.shape[:3]:
         raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} disagree")
@@ -102,6 +99,17 @@ def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         raise ValueError(f"key_is_image has shape {tuple(key_is_image.shape)}, expected {(b, lk)}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
         raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected {(b, lk)}")
+
+
+def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_is_image: torch.Tensor,
+                   key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                   mode: str = "mmca") -> torch.Tensor:
+    """query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (Hq a multiple of Hkv), the queries being
+    the last Lq of the Lk positions; key_is_image and key_padding_mask ``[B, Lk]`` bool.
+    Returns ``[B, Hq, Lq, D]``. ``mode="causal"`` is standard causal attention over all tokens."""
+    check_shapes(query, key, value, key_is_image, key_padding_mask)
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
     if mode == "mmca" and query.is_cuda and os.environ.get("VISUALCHAT_MMCA_KERNEL", "").lower() != "torch":
         from . import attention_triton  # the fused kernel; imports triton only if installed
 

@@ -395,18 +395,12 @@ def mmca_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.T
     Differentiable in query, key and value. ``block_m``/``block_n`` override the tile sizes."""
     if triton is None:
         raise RuntimeError("mmca_attention_triton needs triton (pip install triton)")
+    from .attention import check_shapes
+
+    check_shapes(query, key, value, key_is_image, key_padding_mask)
     b, hq, lq, d = query.shape
-    bk, hkv, lk, _ = key.shape
-    if bk != b or value.shape != key.shape or key.shape[-1] != d:
+    if value.shape != key.shape or key.shape[-1] != d:
         raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} disagree")
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if lq > lk:
-        raise ValueError(f"more queries ({lq}) than keys ({lk})")
-    if tuple(key_is_image.shape) != (b, lk):
-        raise ValueError(f"key_is_image has shape {tuple(key_is_image.shape)}, expected {(b, lk)}")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
-        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected {(b, lk)}")
     if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         raise ValueError(f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: expected one of {DTYPES}, all equal")
     if d > MAX_HEAD_DIM:
