@@ -719,10 +719,16 @@ def main(argv=None) -> int:
     log.info("starting the web server on http://%s:%d", args.host, args.port)
     try:
         launch(demo, host=args.host, port=args.port, queue_size=args.queue_size, max_file_size=args.max_file_size,
-               share=args.share)
+               share=args.share, prevent_thread_lock=True)
+        while demo.is_running:
+            time.sleep(0.1)
     except KeyboardInterrupt:
         pass
     finally:
+        # our own Ctrl-C handling: Blocks.close() ends the queue and the clients' heartbeat streams before it
+        # stops the HTTP server, so the process exits at once even with browsers or clients connected
+        # (gradio's own handler stops only the server, which then waits seconds for those streams)
+        demo.close(verbose=False)
         if server.lockstep is not None:
             server.lockstep.stop()  # let the other ranks return
     return 0
