@@ -281,3 +281,22 @@ def test_init_from_starts_from_a_checkpoint(smoke_run, tmp_path):
     assert_same(weights(src), weights(tmp_path / "out" / "final"), atol=0)
     bad = run_train(tmp_path / "bad", "--init_from", str(tmp_path / "nowhere"), "--max_steps", "1", check=False)
     assert bad.returncode != 0 and "--init_from" in bad.stderr and "nowhere" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_projection_init_scale_scales_the_initial_projection(tmp_path):
+    for name, scale in (("one", "1"), ("small", "0.001")):
+        run_train(tmp_path / name, "--projection_init_scale", scale, "--lr", "0", "--max_steps", "1", "--engine",
+                  "torch", "--eval_every", "0")
+    one, small = weights(tmp_path / "one" / "final"), weights(tmp_path / "small" / "final")
+    for k in ("projection.weight", "projection.bias"):
+        assert one[k].abs().max() > 0
+        torch.testing.assert_close(small[k], one[k] * 0.001)
+    bad = run_train(tmp_path / "bad", "--projection_init_scale", "0", "--max_steps", "1", check=False)
+    assert bad.returncode != 0 and "--projection_init_scale must be a positive number" in bad.stderr
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
+    # a projection scaled past float32's range turns the image tokens into inf, the loss into NaN
+    p = run_train(tmp_path, "--projection_init_scale", "1e38", "--max_steps", "6", "--engine", "torch",
+                  "--eval_every", "0", check=False)
+    assert p.returncode != 0 and "training diverged" in p.stderr, p.stderr[-3000:]

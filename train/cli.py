@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_images_per_sample", type=int, default=8, help="most images in one training sample")
     g.add_argument("--init_from", default=None, help="start the projection and embedding from this checkpoint directory "
                    "(e.g. one written by python -m train.align) instead of a random projection")
+    g.add_argument("--projection_init_scale", type=float, default=1.0,
+                   help="multiply the projection's random initialisation by this (e.g. 0.001: image tokens start "
+                   "near zero, below the LM's RMSNorm epsilon, so they barely disturb the frozen LM at first)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow the LM's own code from the hub")
 
     g = p.add_argument_group("data")

@@ -147,6 +147,9 @@ def preflight(args) -> Plan:
         raise TrainError("--max_seq_len must be >= 8")
     if args.eval_every < 0 or args.save_every < 0:
         raise TrainError("--eval_every and --save_every must be >= 0")
+    if not (math.isfinite(args.projection_init_scale) and args.projection_init_scale > 0):
+        raise TrainError("--projection_init_scale must be a positive number (0, every image token exactly zero, "
+                         f"made bf16 training diverge), got {args.projection_init_scale}")
     if not 0 <= args.val_ratio < 1:
         raise TrainError("--val_ratio must be in [0, 1)")
     betas = parse_betas(args.adam_betas)
@@ -225,6 +228,11 @@ def build_model(args, plan: Plan):
         raise TrainError(f"could not load --vision {args.vision!r}: {e}") from None
     torch.manual_seed(args.seed)  # the projection's initialisation
     vcm = VisualChatModel(lm, enc, args.attention)
+    scale = getattr(args, "projection_init_scale", 1.0)
+    if scale != 1.0:
+        with torch.no_grad():
+            vcm.projection.weight.mul_(scale)
+            vcm.projection.bias.mul_(scale)
     if getattr(args, "init_from", None):
         from visualchat.checkpoint import CheckpointMismatch, load_trainable
 
@@ -576,6 +584,10 @@ def train(args) -> dict:
         if args.sleep_per_step:
             time.sleep(args.sleep_per_step)
         loss_sum, n_sum, tok = D.all_reduce_sum([loss_sum, n_sum, tok])
+        if not math.isfinite(loss_sum):  # the same all-reduced value on every rank: all stop together
+            raise TrainError(f"training diverged: the loss is {loss_sum} at step {step} (lr {args.lr:g}); the run stops "
+                             "here and its checkpoints so far are kept. Lower --lr, keep --grad_clip on, or check the "
+                             "data and the projection's initialisation (--projection_init_scale)")
         tokens_seen += tok
         dt = time.time() - t0
         lr = sched.get_last_lr()[0] if hasattr(sched, "get_last_lr") else args.lr
