@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. one written by python -m train.align) instead of a random projection")
     g.add_argument("--projection_init_scale", type=float, default=1.0,
                    help="multiply the projection's random initialisation by this (e.g. 0.001: image tokens start "
-                   "near zero, below the LM's RMSNorm epsilon, so they barely disturb the frozen LM at first)")
+                   "near zero; see bench/RESULTS.md for what that did to MMCA's start)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow the LM's own code from the hub")
 
     g = p.add_argument_group("data")
