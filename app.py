@@ -20,6 +20,7 @@ except ImportError:
 import argparse
 import html
 import logging
+import signal
 import sys
 import time
 from typing import Any, Iterator
@@ -700,7 +701,15 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, queue_size: int = 16
                        footer_links=["api", "gradio", "settings"], **kw)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    # SIGINT (Ctrl-C, kill -INT) and SIGTERM (docker stop, Spaces restarts) both shut down cleanly, also
+    # when the app was started in the background of a script, where SIGINT arrives ignored
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     args = parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -74,3 +74,16 @@ def test_python_app_py_serves_the_default_model(tmp_path):
         assert stop_app(proc) == 0
     log = (tmp_path / "app.log").read_text()
     assert "DeepSpeed-Inference" in log and "kernel injection off" in log
+
+
+def test_sigterm_stops_the_app_cleanly(tmp_path):
+    """docker stop / a Space restart send SIGTERM: the app closes and exits 0 (a bare SIGTERM would kill it
+    with -15); SIGINT works the same even where the shell started the app with SIGINT ignored."""
+    port = free_port()
+    proc, _ = start_app(["--no-compare"], port, tmp_path / "app.log")
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
