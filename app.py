@@ -740,29 +740,7 @@ def main(argv=None) -> int:
         demo.close(verbose=False)
         if server.lockstep is not None:
             server.lockstep.stop()  # let the other ranks return
-        _exit_watchdog(SHUTDOWN_GRACE_S)
     return 0
-
-
-SHUTDOWN_GRACE_S = 10.0
-
-
-def _exit_watchdog(seconds: float) -> None:
-    """Ctrl-C must stop the app even if a worker thread (a generation a client abandoned, a stream nobody
-    reads) would keep the interpreter waiting at exit: after ``seconds`` log every thread's stack, so the
-    cause can be found, and leave with status 0. A daemon timer, so a normal exit never waits for it."""
-    import faulthandler
-    import threading
-
-    def force_exit():
-        log.warning("still not exited %.0f s after Ctrl-C; thread stacks follow, then a forced exit", seconds)
-        faulthandler.dump_traceback(all_threads=True)
-        logging.shutdown()
-        os._exit(0)
-
-    t = threading.Timer(seconds, force_exit)
-    t.daemon = True
-    t.start()
 
 
 if __name__ == "__main__":

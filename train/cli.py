@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_seq_len", type=int, default=4096, help="longest training sample in tokens; longer ones lose trailing rounds")
     g.add_argument("--max_images_per_sample", type=int, default=8, help="most images in one training sample")
     g.add_argument("--init_from", default=None, help="start the projection and embedding from this checkpoint directory "
-                   "(e.g. one written by python -m train.align) instead of a random projection")
+                   "(e.g. a first-stage run's final/) instead of a random projection")
     g.add_argument("--projection_init_scale", type=float, default=1.0,
                    help="multiply the projection's random initialisation by this (e.g. 0.001: image tokens start "
                    "near zero; see bench/RESULTS.md for what that did to MMCA's start)")

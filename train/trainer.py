@@ -228,12 +228,11 @@ def build_model(args, plan: Plan):
         raise TrainError(f"could not load --vision {args.vision!r}: {e}") from None
     torch.manual_seed(args.seed)  # the projection's initialisation
     vcm = VisualChatModel(lm, enc, args.attention)
-    scale = getattr(args, "projection_init_scale", 1.0)
-    if scale != 1.0:
+    if args.projection_init_scale != 1.0:
         with torch.no_grad():
-            vcm.projection.weight.mul_(scale)
-            vcm.projection.bias.mul_(scale)
-    if getattr(args, "init_from", None):
+            vcm.projection.weight.mul_(args.projection_init_scale)
+            vcm.projection.bias.mul_(args.projection_init_scale)
+    if args.init_from:
         from visualchat.checkpoint import CheckpointMismatch, load_trainable
 
         try:
