@@ -9,7 +9,9 @@ Every run is ``python -m train --preset shapes-<attention>`` with ``--dataset_sa
 and ``--max_steps`` fixed, so a smaller budget means more passes over fewer conversations (the same
 compute, less data). The validation split is the same 38 conversations for every run. Each run's
 final checkpoint is scored with ``python -m train.eval``. Runs that already have a score are skipped,
-so an interrupted study resumes. Writes into ``--out``: ``results.json``, ``table.md``,
+and a run whose ``final`` checkpoint exists and records the same training flags is only scored, so an
+interrupted study resumes. ``--parallel`` trains the CA and MMCA run of a budget at the same time, one
+thread each (on the 2-core machine that finished a pair in 10 min instead of 2 x 6.4 min). Writes into ``--out``: ``results.json``, ``table.md``,
 ``accuracy.png`` (accuracy against budget per question category) and ``val_loss.png`` (validation
 loss curves of all six runs).
 """
@@ -35,12 +37,59 @@ def run_name(attention: str, pct: int) -> str:
 
 
 def run(cmd: list[str], log_path: str) -> float:
+    return run_all([(cmd, log_path)])[0]
+
+
+def run_all(jobs: list[tuple[list[str], str]], env: dict | None = None) -> list[float]:
+    """Run the commands at the same time (each logging to its file); wall seconds of each."""
     t = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log_path}")
-    return time.time() - t
+    procs, walls = [], []
+    for cmd, log_path in jobs:
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env),
+                      cmd, log_path))
+    for proc, cmd, log_path in procs:
+        if proc.wait():
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log_path}")
+        walls.append(time.time() - t)
+    return walls
+
+
+def preset_lr() -> float:
+    with open(os.path.join(ROOT, "train", "recipes", "shapes-mmca.json")) as f:
+        return float(json.load(f)["args"]["lr"])
+
+
+def checkpoint_info(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, "final", "config.json")) as f:
+            return json.load(f).get("info", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def trained_before(run_dir: str, cmd: list[str]) -> float | None:
+    """Training wall seconds of a finished run in ``run_dir`` made with these flags (``--output_dir``
+    aside), or None."""
+    info = checkpoint_info(run_dir)
+    if not info.get("command"):
+        return None
+    if _flags(info["command"].split()[1:]) != _flags(cmd):
+        return None
+    return float(info.get("wall_time_s", 0.0))
+
+
+def _flags(cmd: list[str]) -> list:
+    """Command tokens without --output_dir, numbers as floats (so 1e-2 == 0.01)."""
+    out, skip = [], False
+    for tok in cmd:
+        if skip or tok == "--output_dir":
+            skip = not skip
+            continue
+        try:
+            out.append(float(tok))
+        except ValueError:
+            out.append(tok)
+    return out
 
 
 def val_curve(metrics_path: str) -> list[tuple[int, float]]:
@@ -111,6 +160,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval_every", type=int, default=20, help="validation loss every N steps")
     ap.add_argument("--val_n", type=int, default=38, help="validation conversations (the same for every run)")
     ap.add_argument("--eval_n", type=int, default=40, help="test conversations scored per run")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate of every run (default: the presets')")
+    ap.add_argument("--parallel", action="store_true", help="train CA and MMCA of a budget at once, 1 thread each")
     ap.add_argument("--out", default="runs/data-efficiency")
     args = ap.parse_args(argv)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
@@ -119,27 +170,40 @@ def main(argv=None) -> dict:
     results.update(full=args.full, steps=args.steps, eval_n=args.eval_n, command=" ".join(["python", "bench/data_efficiency.py"] + (argv or sys.argv[1:])))
     done = {(r["attention"], r["budget_pct"]) for r in results.get("runs", [])}
     results.setdefault("runs", [])
+    lr = args.lr if args.lr is not None else preset_lr()
     for pct in args.budgets:
-        for att in ATTENTIONS:
-            if (att, pct) in done:
-                continue
-            n = max(1, round(args.full * pct / 100))
+        todo = [att for att in ATTENTIONS if (att, pct) not in done]
+        n = max(1, round(args.full * pct / 100))
+        jobs = {}
+        for att in todo:
             name = run_name(att, pct)
             run_dir = os.path.join(args.out, "runs", name)
-            print(f"[{time.strftime('%H:%M:%S')}] train {name}: {n} conversations, {args.steps} steps", flush=True)
-            cmd = [sys.executable, "-m", "train", "--preset", ATTENTIONS[att], "--dataset_samples", str(n),
+            cmd = ["-m", "train", "--preset", ATTENTIONS[att], "--dataset_samples", str(n),
                    "--val_ratio", f"{min(0.99, args.val_n / n):.6f}", "--max_steps", str(args.steps),
                    "--eval_every", str(args.eval_every), "--save_every", "0", "--resume", "none",
-                   "--no_progress", "--output_dir", run_dir]
-            train_s = run(cmd, run_dir + ".train.log")
+                   "--no_progress", "--lr", f"{lr:g}", "--output_dir", run_dir]
+            jobs[att] = (name, run_dir, cmd)
+        trained = {att: trained_before(run_dir, cmd) for att, (name, run_dir, cmd) in jobs.items()}
+        to_train = [att for att in todo if trained[att] is None]
+        for group in ([to_train] if args.parallel else [[att] for att in to_train]):
+            if not group:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] train {', '.join(jobs[a][0] for a in group)}: {n} conversations, "
+                  f"{args.steps} steps, lr {lr:g}", flush=True)
+            env = dict(os.environ, OMP_NUM_THREADS="1") if len(group) > 1 else None
+            walls = run_all([([sys.executable] + jobs[a][2], jobs[a][1] + ".train.log") for a in group], env)
+            trained.update(zip(group, walls))
+        for att in todo:
+            name, run_dir, cmd = jobs[att]
             eval_json = os.path.join(run_dir, "eval.json")
-            print(f"[{time.strftime('%H:%M:%S')}] eval {name} ({train_s / 60:.1f} min training)", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] eval {name} ({trained[att] / 60:.1f} min training)", flush=True)
             run([sys.executable, "-m", "train.eval", "--checkpoint", os.path.join(run_dir, "final"),
                  "--n", str(args.eval_n), "--out", eval_json], run_dir + ".eval.log")
             with open(eval_json) as f:
                 acc = json.load(f)["accuracy"]
-            results["runs"].append({"attention": att, "budget_pct": pct, "conversations": n, "train_s": train_s,
-                                    "train_command": " ".join(cmd[1:]), "accuracy": acc,
+            results["runs"].append({"attention": att, "budget_pct": pct, "conversations": n, "train_s": trained[att],
+                                    "train_command": " ".join(cmd), "lr": lr, "accuracy": acc,
+                                    "hardware": checkpoint_info(run_dir).get("hardware"),
                                     "val_curve": val_curve(os.path.join(run_dir, "metrics.jsonl"))})
             with open(path, "w") as f:
                 json.dump(results, f, indent=1)

@@ -122,3 +122,20 @@ def test_train_throughput_deepspeed_smoke(tmp_path):
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("| ")]
     assert len(lines) == 3 and lines[1].startswith("| off") and lines[2].startswith("| on")
     assert "FLOPs: model FLOPs/step" in p.stdout and "device: CPU" in p.stdout
+
+
+def test_data_efficiency_reuses_only_a_run_with_the_same_flags(tmp_path):
+    """An interrupted data-efficiency study scores a finished run instead of training it again, but only
+    when the run's recorded command has the same training flags (numbers compared as numbers)."""
+    from bench import data_efficiency as de
+
+    run_dir = tmp_path / "ca-100pct"
+    (run_dir / "final").mkdir(parents=True)
+    recorded = ("python -m train --preset shapes-ca --dataset_samples 400 --max_steps 100 --lr 1e-2 "
+                "--output_dir /elsewhere/ca")
+    (run_dir / "final" / "config.json").write_text(json.dumps({"info": {"command": recorded, "wall_time_s": 586.0}}))
+    cmd = "-m train --preset shapes-ca --dataset_samples 400 --max_steps 100 --lr 0.01 --output_dir X".split()
+    assert de.trained_before(str(run_dir), cmd) == 586.0
+    assert de.trained_before(str(run_dir), [t if t != "0.01" else "0.001" for t in cmd]) is None
+    assert de.trained_before(str(run_dir), [t if t != "400" else "40" for t in cmd]) is None
+    assert de.trained_before(str(tmp_path / "missing"), cmd) is None
