@@ -2,7 +2,7 @@
 on 10%, 30% and 100% of a shapes training set, all with the same steps, seed and hardware, each scored on
 the shapes test split.
 
-    python bench/data_efficiency.py                           # the recorded run (2-core CPU, about an hour)
+    python bench/data_efficiency.py --parallel                # the recorded study (2-core CPU, about 40 min)
     python bench/data_efficiency.py --full 120 --steps 10 --eval_n 4 --out runs/de-smoke   # a quick check
 
 Every run is ``python -m train --preset shapes-<attention>`` with ``--dataset_samples`` set to the budget
