@@ -38,7 +38,7 @@ def test_presets_load_and_flags_override():
     b = cli.parse_args(["--preset", "smoke", "--max_steps", "3", "--lr", "0.5"])
     assert b.max_steps == 3 and b.lr == 0.5
     mm, ca = cli.load_recipe("shapes-mmca"), cli.load_recipe("shapes-ca")
-    assert mm["attention"] == "mmca" and ca["attention"] == "causal" and mm["lr"] == 1e-3
+    assert mm["attention"] == "mmca" and ca["attention"] == "causal" and mm["lr"] == 1e-2
     assert {k: v for k, v in mm.items() if k not in ("attention", "output_dir")} == \
            {k: v for k, v in ca.items() if k not in ("attention", "output_dir")}
     for name in ("shapes-mmca", "shapes-ca"):
