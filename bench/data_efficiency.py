@@ -41,22 +41,29 @@ def run(cmd: list[str], log_path: str) -> float:
 
 
 def run_all(jobs: list[tuple[list[str], str]], env: dict | None = None) -> list[float]:
-    """Run the commands at the same time (each logging to its file); wall seconds of each."""
+    """Run the commands at the same time (each logging to its file); wall seconds of each, from the
+    common start to its own end."""
     t = time.time()
-    procs, walls = [], []
+    procs = []
     for cmd, log_path in jobs:
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env),
-                      cmd, log_path))
-    for proc, cmd, log_path in procs:
-        if proc.wait():
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
+    walls: list[float | None] = [None] * len(procs)
+    while None in walls:
+        for i, proc in enumerate(procs):
+            if walls[i] is None and proc.poll() is not None:
+                walls[i] = time.time() - t
+        time.sleep(0.5)
+    for proc, (cmd, log_path) in zip(procs, jobs):
+        if proc.returncode:
             raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log_path}")
-        walls.append(time.time() - t)
     return walls
 
 
 def preset_lr() -> float:
-    with open(os.path.join(ROOT, "train", "recipes", "shapes-mmca.json")) as f:
-        return float(json.load(f)["args"]["lr"])
+    from train.cli import load_recipe
+
+    return float(load_recipe(ATTENTIONS["mmca"])["lr"])
 
 
 def checkpoint_info(run_dir: str) -> dict:
