@@ -41,11 +41,18 @@ def test_presets_load_and_flags_override():
     assert mm["attention"] == "mmca" and ca["attention"] == "causal" and mm["lr"] == 1e-2
     assert {k: v for k, v in mm.items() if k not in ("attention", "output_dir")} == \
            {k: v for k, v in ca.items() if k not in ("attention", "output_dir")}
+    assert cli.load_recipe("shapes") == mm  # an alias, not a copy
     for name in ("shapes-mmca", "shapes-ca"):
         with open(os.path.join(cli.RECIPES_DIR, name + ".json")) as f:
             assert "python -m train --preset " + name in json.load(f)["command"]
     with pytest.raises(SystemExit):
         cli.parse_args(["--preset", "no-such-recipe"])
+
+
+def test_recipe_alias_of_an_alias_is_refused(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"alias": "shapes"}))  # shapes is itself an alias
+    with pytest.raises(ValueError, match="not an alias itself"):
+        cli.load_recipe(str(tmp_path / "a.json"))
 
 
 def test_errors_before_compute(tmp_path, monkeypatch):

@@ -15,13 +15,18 @@ def recipe_names() -> list[str]:
     return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(RECIPES_DIR, "*.json")))
 
 
-def load_recipe(name: str) -> dict:
-    """The flag set of recipe ``name`` (a name in train/recipes/ or a path to a .json)."""
+def load_recipe(name: str, _follow_alias: bool = True) -> dict:
+    """The flag set of recipe ``name`` (a name in train/recipes/ or a path to a .json). A recipe
+    ``{"alias": "other"}`` is another name for recipe ``other`` (which may not be an alias itself)."""
     path = name if name.endswith(".json") and os.path.isfile(name) else os.path.join(RECIPES_DIR, name + ".json")
     if not os.path.isfile(path):
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(recipe_names()) or 'none'}")
     with open(path) as f:
         recipe = json.load(f)
+    if "alias" in recipe:
+        if not _follow_alias:
+            raise ValueError(f"{path}: an alias must name a recipe that is not an alias itself")
+        return load_recipe(str(recipe["alias"]), _follow_alias=False)
     args = recipe.get("args", recipe)
     if not isinstance(args, dict):
         raise ValueError(f"{path}: 'args' must be an object of flag -> value")
