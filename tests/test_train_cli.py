@@ -78,6 +78,8 @@ def test_errors_before_compute(tmp_path, monkeypatch):
         T.preflight(args_for("--qlora", tmp_path=tmp_path))
     with pytest.raises(T.TrainError, match="betas"):
         T.preflight(args_for("--adam_betas", "0.9", tmp_path=tmp_path))
+    with pytest.raises(T.TrainError, match="--embedding_lr must be a number >= 0"):
+        T.preflight(args_for("--embedding_lr", "-0.1", tmp_path=tmp_path))
 
 
 def test_resume_errors(tmp_path):

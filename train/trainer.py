@@ -150,6 +150,8 @@ def preflight(args) -> Plan:
     if not (math.isfinite(args.projection_init_scale) and args.projection_init_scale > 0):
         raise TrainError("--projection_init_scale must be a positive number (0, every image token exactly zero, "
                          f"made bf16 training diverge), got {args.projection_init_scale}")
+    if args.embedding_lr is not None and not (math.isfinite(args.embedding_lr) and args.embedding_lr >= 0):
+        raise TrainError(f"--embedding_lr must be a number >= 0 (0 freezes the embedding), got {args.embedding_lr}")
     if not 0 <= args.val_ratio < 1:
         raise TrainError("--val_ratio must be in [0, 1)")
     betas = parse_betas(args.adam_betas)

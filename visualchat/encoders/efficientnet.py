@@ -167,8 +167,6 @@ class EfficientNetLite0(VisionEncoder):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, 224, 224] -> [n, 49, hidden_size]: the taps' 7x7 maps, concatenated per token."""
-        if self.taps == ("head",):
-            return self.feature_map(pixel_values).flatten(2).transpose(1, 2)
         want = {TAPS[t][0] for t in self.taps if t not in ("head", "pos")}
         x = F.relu6(self._bn0(self._conv_stem(pixel_values)))
         maps = {}
