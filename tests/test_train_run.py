@@ -257,29 +257,25 @@ def test_missing_and_corrupt_images_skip_their_samples(tmp_path):
         assert sum(name in line for line in p.stderr.splitlines()) == 1, p.stderr[-3000:]
 
 
-def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
-    """In-process runs of the plain engine: recomputing the LM layers in backward changes nothing."""
-    from train import cli
-    from train.trainer import train
-
-    outs = []
-    for i, extra in enumerate([[], ["--gradient_checkpointing"]]):
-        out = tmp_path / f"r{i}"
-        args = cli.parse_args(["--preset", "smoke", "--engine", "torch", "--max_steps", "4", "--eval_every", "0",
-                               "--output_dir", str(out), "--no_progress", *extra])
-        s = train(args)
-        assert s["steps"] == 4
-        outs.append(out / "final")
-    assert_same(weights(outs[0]), weights(outs[1]), atol=1e-6)
-
-
 def _train_in_process(out, *flags):
+    """One run of the smoke preset on the plain engine, in this process; returns its summary."""
     from train import cli
     from train.trainer import train
 
     args = cli.parse_args(["--preset", "smoke", "--engine", "torch", "--eval_every", "0", "--output_dir", str(out),
                            "--no_progress", *flags])
     return train(args)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
+    """In-process runs of the plain engine: recomputing the LM layers in backward changes nothing."""
+    outs = []
+    for i, extra in enumerate([[], ["--gradient_checkpointing"]]):
+        out = tmp_path / f"r{i}"
+        s = _train_in_process(out, "--max_steps", "4", *extra)
+        assert s["steps"] == 4
+        outs.append(out / "final")
+    assert_same(weights(outs[0]), weights(outs[1]), atol=1e-6)
 
 
 def test_embedding_lr_zero_freezes_the_embedding(tmp_path):

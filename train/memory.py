@@ -96,9 +96,9 @@ def vision_shape(spec: str) -> tuple[int, int]:
     if key in KNOWN_VISION:
         return KNOWN_VISION[key]
     if spec.startswith("efficientnet-lite0:"):
-        from visualchat.encoders.efficientnet import TAPS, parse_taps
+        from visualchat.encoders.efficientnet import parse_taps, taps_width
 
-        return KNOWN_VISION["efficientnet-lite0"][0], sum(TAPS[t][1] for t in parse_taps(spec.split(":", 1)[1]))
+        return KNOWN_VISION["efficientnet-lite0"][0], taps_width(parse_taps(spec.split(":", 1)[1]))
     if spec.startswith("clip:"):
         try:
             from transformers import CLIPVisionConfig

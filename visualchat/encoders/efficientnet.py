@@ -121,6 +121,11 @@ def parse_taps(arg: str) -> tuple[str, ...]:
     return taps
 
 
+def taps_width(taps: tuple[str, ...]) -> int:
+    """Channels per token of a tap set (the encoder's ``hidden_size``)."""
+    return sum(TAPS[t][1] for t in taps)
+
+
 class EfficientNetLite0(VisionEncoder):
     """Frozen EfficientNet-Lite0: 224 px image -> 49 tokens (its 7x7 grid). The plain spec gives the
     1280-ch head feature map, ``[n, 49, 1280]``; ``taps`` (see :data:`TAPS`) concatenates other
@@ -136,7 +141,7 @@ class EfficientNetLite0(VisionEncoder):
                  taps: tuple[str, ...] = ("head",)):
         super().__init__()
         self.taps = parse_taps("+".join(taps))
-        self.hidden_size = sum(TAPS[t][1] for t in self.taps)
+        self.hidden_size = taps_width(self.taps)
         self._conv_stem = SameConv2d(3, 32, 3, 2, tf_same=tf_same)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks = []
@@ -158,26 +163,31 @@ class EfficientNetLite0(VisionEncoder):
     def spec(self) -> str:
         return "efficientnet-lite0" if self.taps == ("head",) else "efficientnet-lite0:" + "+".join(self.taps)
 
+    def _trunk(self, pixel_values: torch.Tensor, keep=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Stem and blocks: the last block's output [n, 320, 7, 7], and the outputs of the blocks in
+        ``keep`` (by index), pooled to 7x7."""
+        x = F.relu6(self._bn0(self._conv_stem(pixel_values)))  # [n, 32, 112, 112]
+        kept = {}
+        for i, block in enumerate(self._blocks):
+            x = block(x)  # ... -> [n, 320, 7, 7]
+            if i in keep:
+                kept[i] = F.adaptive_avg_pool2d(x, GRID) if x.shape[-1] != GRID else x
+        return x, kept
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn1(self._conv_head(x)))  # [n, 1280, 7, 7]
+
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, 224, 224] -> [n, 1280, 7, 7]"""
-        x = F.relu6(self._bn0(self._conv_stem(pixel_values)))  # [n, 32, 112, 112]
-        for block in self._blocks:
-            x = block(x)  # ... -> [n, 320, 7, 7]
-        return F.relu6(self._bn1(self._conv_head(x)))  # [n, 1280, 7, 7]
+        return self._head(self._trunk(pixel_values)[0])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, 224, 224] -> [n, 49, hidden_size]: the taps' 7x7 maps, concatenated per token."""
-        want = {TAPS[t][0] for t in self.taps if t not in ("head", "pos")}
-        x = F.relu6(self._bn0(self._conv_stem(pixel_values)))
-        maps = {}
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in want:
-                maps[i] = F.adaptive_avg_pool2d(x, GRID) if x.shape[-1] != GRID else x
+        x, maps = self._trunk(pixel_values, {TAPS[t][0] for t in self.taps if t not in ("head", "pos")})
         parts = []
         for t in self.taps:
             if t == "head":
-                parts.append(F.relu6(self._bn1(self._conv_head(x))))
+                parts.append(self._head(x))
             elif t == "pos":
                 parts.append(position_code(x.shape[0], x.dtype, x.device))
             else:
