@@ -5,7 +5,8 @@ the shapes test split.
     python bench/data_efficiency.py --parallel                # the recorded study (2-core CPU, about 40 min)
     python bench/data_efficiency.py --full 120 --steps 10 --eval_n 4 --out runs/de-smoke   # a quick check
 
-Every run is ``python -m train --preset shapes-<attention>`` with ``--dataset_samples`` set to the budget
+Every run is ``python -m train --preset shapes-<attention> --dataset_names shapes`` (the shapes set
+alone, without the recipes' text-only chat rounds) with ``--dataset_samples`` set to the budget
 and ``--max_steps`` fixed, so a smaller budget means more passes over fewer conversations (the same
 compute, less data). The validation split is the same 38 conversations for every run. Each run's
 final checkpoint is scored with ``python -m train.eval``. Runs that already have a score are skipped,
@@ -185,7 +186,7 @@ def main(argv=None) -> dict:
         for att in todo:
             name = run_name(att, pct)
             run_dir = os.path.join(args.out, "runs", name)
-            cmd = ["-m", "train", "--preset", ATTENTIONS[att], "--dataset_samples", str(n),
+            cmd = ["-m", "train", "--preset", ATTENTIONS[att], "--dataset_names", "shapes", "--dataset_samples", str(n),
                    "--val_ratio", f"{min(0.99, args.val_n / n):.6f}", "--max_steps", str(args.steps),
                    "--eval_every", str(args.eval_every), "--save_every", "0", "--resume", "none",
                    "--no_progress", "--lr", f"{lr:g}", "--output_dir", run_dir]

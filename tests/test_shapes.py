@@ -238,3 +238,33 @@ def test_save_jsonl(tmp_path):
         for f, sc in zip(files, s.scenes):
             assert not f.startswith("/")
             assert np.array_equal(np.asarray(Image.open(tmp_path / f).convert("RGB")), np.asarray(S.draw(sc)))
+
+
+# -- the dense style ------------------------------------------------------------------------------
+
+def test_dense_style():
+    dense = S.generate("train", 200, style="dense")
+    assert _text(S.generate("train", 20, style="dense")) == _text(dense[:20])
+    assert S.fingerprint(S.generate("test", 100)) == PINNED[S.SHAPES_VERSION]  # the default is untouched
+    assert {sc.key for s in dense for sc in s.scenes} != {sc.key for s in S.generate("train", 200) for sc in s.scenes}
+    for s in dense:
+        assert 5 <= len(s.conversation.rounds) <= 8 and 1 <= len(s.scenes) <= 3
+        assert all(S.split_of(sc) == "train" for sc in s.scenes)
+        shown = []
+        for r in s.conversation.rounds:
+            shown += [im.scene for im in r.images]
+            _check(r.question, r.answer, s.scenes, len(shown))
+    mixed = S.generate("train", 200)
+    per_conv = lambda ss: sum(len(s.conversation.rounds) for s in ss) / sum(len(s.scenes) for s in ss)
+    assert per_conv(dense) > 2.5 * per_conv(mixed)  # many more questions per image
+    with pytest.raises(ValueError, match="style"):
+        S.make_sample("train", 0, style="sparse")
+
+
+def test_dense_is_a_data_set():
+    from train.data import load_dataset
+
+    st = {}
+    convs = load_dataset("shapes_dense", None, split="validation", n=12, seed=3, stats=st)
+    assert st["loaded"] == 12 and all(len(c.rounds) >= 5 for c in convs)
+    assert [r.question for r in convs[0].rounds] == [r.question for r in S.generate("validation", 1, 3, "dense")[0].conversation.rounds]

@@ -22,8 +22,8 @@ from .features import is_lazy, open_ref
 log = logging.getLogger("train.samples")
 
 #: Data sets that need no ``--data_path`` (generated).
-GENERATED = ("shapes",)
-#: Conversations drawn from ``shapes`` when ``--dataset_samples all``.
+GENERATED = ("shapes", "shapes_dense")
+#: Conversations drawn from a generated set when ``--dataset_samples all``.
 SHAPES_DEFAULT_N = 2000
 
 
@@ -127,17 +127,17 @@ def _split_conversations(convs: list[Conversation], val_ratio: float, seed: int)
 
 def load_splits(names: list[str], data_path: str | None, counts: dict[str, int | None], val_ratio: float,
                 seed: int, max_images: int, stats: DataStats) -> tuple[dict[str, list], dict[str, list]]:
-    """name -> conversations, for train and validation. ``shapes`` uses its own validation split
+    """name -> conversations, for train and validation. Generated sets use their own validation split
     (scenes disjoint from train); other sets hold out ``val_ratio`` of their conversations."""
     train, val = {}, {}
     for i, name in enumerate(names):
         n = counts.get(name)
-        if name == "shapes":
+        if name in GENERATED:
             n = n or SHAPES_DEFAULT_N
             st: dict = {}
-            train[name] = load_dataset("shapes", data_path, split="train", n=n, seed=seed, max_images=max_images, stats=st)
+            train[name] = load_dataset(name, data_path, split="train", n=n, seed=seed, max_images=max_images, stats=st)
             n_val = max(1, round(n * val_ratio)) if val_ratio > 0 else 0
-            val[name] = load_dataset("shapes", data_path, split="validation", n=n_val, seed=seed,
+            val[name] = load_dataset(name, data_path, split="validation", n=n_val, seed=seed,
                                      max_images=max_images) if n_val else []
         else:
             st = {}

@@ -19,7 +19,8 @@ Expected layout under ``data_path`` (the DeepSpeed-VisualChat README's)::
     SparklesDialogue{CC,VG}/images/<image_id>.jpg
 
 ``jsonl`` reads our own format (see :mod:`train.data.jsonl`); ``shapes`` is the synthetic set of
-:mod:`train.data.shapes` (``data_path`` unused; options ``split``, ``n``, ``seed``).
+:mod:`train.data.shapes` (``data_path`` unused; options ``split``, ``n``, ``seed``, ``style``);
+``shapes_dense`` is the same world with 5-8 rounds about 1-3 images per conversation.
 
 Common options: ``max_images`` (default 8; trailing rounds are dropped to stay within it) and
 ``stats`` (a dict the loader fills with its counts of loaded and skipped samples).
@@ -40,8 +41,9 @@ from .sparkles import load_sparkles_dialogue
 
 
 def load_shapes(data_path: str | None = None, *, split: str = "train", n: int = 1000, seed: int = 0,
-                max_images: int | None = DEFAULT_MAX_IMAGES, stats: dict | None = None) -> list[Conversation]:
-    """The synthetic shapes set (``train.data.shapes.generate(split, n, seed)``), imported on use."""
+                style: str = "mixed", max_images: int | None = DEFAULT_MAX_IMAGES,
+                stats: dict | None = None) -> list[Conversation]:
+    """The synthetic shapes set (``train.data.shapes.generate(split, n, seed, style)``), imported on use."""
     try:
         from . import shapes  # noqa: PLC0415 - written separately; imported only when asked for
     except ModuleNotFoundError as e:
@@ -49,15 +51,20 @@ def load_shapes(data_path: str | None = None, *, split: str = "train", n: int = 
             raise
         raise ImportError("data set 'shapes' needs train/data/shapes.py (generate(split, n, seed)), "
                           "which is not there yet") from None
-    st = LoadStats("shapes")
+    st = LoadStats("shapes" if style == "mixed" else f"shapes_{style}")
     out = []
-    for s in shapes.generate(split, n, seed):
+    for s in shapes.generate(split, n, seed, style):
         conv = limit_images(s.conversation, max_images)
         if conv is None:
             st.skip("too_many_images")
         else:
             out.append(conv)
     return st.finish(out, stats)
+
+
+def load_shapes_dense(data_path: str | None = None, **opts) -> list[Conversation]:
+    """``shapes`` in its dense style: 5-8 rounds about 1-3 images (more answers per training token)."""
+    return load_shapes(data_path, style="dense", **opts)
 
 
 DATASETS: dict[str, Callable[..., list[Conversation]]] = {
@@ -72,6 +79,7 @@ DATASETS: dict[str, Callable[..., list[Conversation]]] = {
     "llava_otter_blend": load_llava_otter_blend,
     "jsonl": load_jsonl,
     "shapes": load_shapes,
+    "shapes_dense": load_shapes_dense,
 }
 
 

@@ -1,0 +1,79 @@
+"""Does a checkpoint still chat like its base LM when there is no image?
+
+    python bench/chat_retention.py --checkpoint assets/checkpoints/shapes-mmca assets/checkpoints/shapes-ca
+
+Training on image questions moves the embedding rows of the template's markers, which can teach the
+model to answer *every* question like the training data. This measures that on the prompts of
+``train.data.chat.HELDOUT`` (in no training file): the base LM answers each one under its own chat
+template (the teacher), and every model is scored by the mean per-token negative log-likelihood of
+those answers in our Figure-3 template with no image (lower = closer to the base model's own
+chatting). "base" is the untrained embedding (the frozen LM itself, in our template). It also prints
+each model's greedy answer to a few prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import write_json  # noqa: E402
+
+SHOWN = ("Hello! Who are you?", "What is the capital of Austria?", "Write a haiku about a forest.",
+         "What color is a cherry?")
+
+
+@torch.no_grad()
+def teacher_nll(vc, pairs: list[tuple[str, str]]) -> float:
+    """Mean negative log-likelihood per answer token (and EOS) of ``pairs`` under ``vc``, no images."""
+    from visualchat.template import Conversation, Round
+
+    total, count = 0.0, 0
+    for q, a in pairs:
+        r = vc.template.render(Conversation([Round(q, [], a)]))
+        ids = torch.tensor([r.input_ids], device=vc.device)
+        loss, n = vc.model(ids, torch.zeros_like(ids, dtype=torch.bool), labels=torch.tensor([r.labels], device=vc.device))
+        total += float(loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", nargs="+", default=["assets/checkpoints/shapes-mmca", "assets/checkpoints/shapes-ca"])
+    ap.add_argument("--max_new_tokens", type=int, default=96, help="teacher answers longer than this are left out")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    a = ap.parse_args(argv)
+
+    from train.data.chat import HELDOUT, distill
+    from visualchat.model import VisualChat, load_lm
+
+    first = VisualChat.from_pretrained(a.checkpoint[0], device="cpu")
+    teacher, tok = load_lm(first.config.lm, torch.float32, "cpu")
+    pairs = [(q, t) for q, t in distill(teacher, tok, list(HELDOUT), max_new_tokens=a.max_new_tokens) if t]
+    del teacher
+    base = VisualChat.from_pretrained(a.checkpoint[0], device="cpu", share_with=first)
+    with torch.no_grad():
+        base.model.embed_tokens.weight.copy_(base.model.base_embedding)
+    models = {"base (untrained embedding)": base, a.checkpoint[0]: first}
+    for ck in a.checkpoint[1:]:
+        models[ck] = VisualChat.from_pretrained(ck, device="cpu", share_with=first)
+    results = {"prompts": len(HELDOUT), "teacher_answers": len(pairs), "models": {}}
+    print(f"{len(pairs)} of {len(HELDOUT)} held-out prompts have a finished teacher answer\n")
+    print("| model | NLL of the base model's own answers (per token) | " + " | ".join(f"\"{q}\"" for q in SHOWN)
+          + " |\n|---|---|" + "---|" * len(SHOWN))
+    for name, vc in models.items():
+        nll = teacher_nll(vc, pairs)
+        answers = {q: vc.new_session().ask(q, max_new_tokens=40) for q in SHOWN}
+        results["models"][name] = {"teacher_nll": nll, "answers": answers}
+        cells = " | ".join(answers[q].replace("\n", " ").replace("|", "/")[:120] for q in SHOWN)
+        print(f"| {name} | {nll:.3f} | {cells} |", flush=True)
+    write_json(a.out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
