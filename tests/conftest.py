@@ -50,6 +50,18 @@ def tiny_qwen2(tokenizer, seed=0):
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def tiny_mistral(tokenizer, seed=0, sliding_window=8):
+    """A tiny Mistral: LLaMA-like, but its attention layers have a sliding window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        sliding_window=sliding_window, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return MistralForCausalLM(cfg).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random CLIP vision tower saved to disk, so it has a path (checkpoints name it)."""

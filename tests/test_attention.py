@@ -8,7 +8,7 @@ import torch
 from visualchat.attention import build_masks, mmca_attention
 
 
-def reference(q, k, v, is_img, pad, scale, mode):
+def reference(q, k, v, is_img, pad, scale, mode, window=None):
     """Loop over every (batch, head, query) in float64, straight from the definition."""
     q, k, v = q.double(), k.double(), v.double()
     b, hq, lq, d = q.shape
@@ -21,7 +21,7 @@ def reference(q, k, v, is_img, pad, scale, mode):
                 i = lk - lq + qi  # absolute position of this query
 
                 def term(keys):
-                    keys = [j for j in keys if pad is None or pad[bi, j]]
+                    keys = [j for j in keys if (pad is None or pad[bi, j]) and (window is None or i - j < window)]
                     if not keys:
                         return torch.zeros(d, dtype=torch.float64)
                     s = torch.stack([q[bi, h, qi] @ k[bi, kh, j] * scale for j in keys])
@@ -93,6 +93,32 @@ def test_matches_float64_reference(mode, name, heads, lq):
         assert torch.isfinite(a.grad).all()
         # gradients sum over many queries: float32 rounding grows with the sum, hence rtol 1e-5
         torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["mmca", "causal"])
+@pytest.mark.parametrize("name", ["interleaved", "padding"])
+@pytest.mark.parametrize("lq", ["prefill", "decode", "chunk"])
+@pytest.mark.parametrize("window", [1, 3, 6, 14])
+def test_sliding_window_matches_float64_reference(mode, name, lq, window):
+    torch.manual_seed(zlib.crc32(repr((mode, name, lq, window)).encode()))
+    img, pad = layout(name)
+    b, n = img.shape
+    lq = {"prefill": n, "decode": 1, "chunk": 5}[lq]
+    q = torch.randn(b, 4, lq, 8, requires_grad=True)
+    k, v = (torch.randn(b, 2, n, 8, requires_grad=True) for _ in range(2))
+    out = mmca_attention(q, k, v, img, pad, mode=mode, window=window)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference(q64, k64, v64, img, pad, 1 / math.sqrt(8), mode, window)
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    for a, r in ((q, q64), (k, k64), (v, v64)):  # small windows leave one-key softmaxes, whose exact
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=5e-6, rtol=1e-5)  # zero gradient float32 misses by ~1e-6
+    if window >= n:  # a window as long as the sequence changes nothing
+        torch.testing.assert_close(out, mmca_attention(q, k, v, img, pad, mode=mode), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="window"):
+        mmca_attention(q, k, v, img, pad, mode=mode, window=0)
 
 
 def test_image_query_returns_its_own_value():

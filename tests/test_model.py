@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from tests.conftest import color_image, tiny_llama, tiny_qwen2
+from tests.conftest import color_image, tiny_llama, tiny_mistral, tiny_qwen2
 from visualchat.checkpoint import WEIGHTS_NAME, CheckpointMismatch
 from visualchat.images import ImageError
 from visualchat.model import VisualChat
@@ -14,7 +14,7 @@ import visualchat.attention  # noqa: F401  (registers "visualchat")
 
 
 # -- the registered attention inside real HF architectures ------------------------------------
-@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral-sliding"])
 def test_registered_attention_runs_in_hf_models(build, tiny_tokenizer):
     lm = build(tiny_tokenizer)
     ids = torch.randint(3, len(tiny_tokenizer), (2, 20))
@@ -77,6 +77,34 @@ def test_prefix_cache_matches_full_recompute(tiny_vc):
     fresh = s._prefill(s._render())
     assert s.last_stats["prefill_tokens"] == full_len
     torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_model_chats_past_its_window(tiny_tokenizer, tiny_clip_dir):
+    """A Mistral-style LM with an 8-token window: the prefix cache, undo and regenerate stay exact once
+    the conversation is far longer than the window (each image alone is 16 tokens)."""
+    from visualchat.encoders import build_encoder
+
+    vc = VisualChat.from_components(tiny_mistral(tiny_tokenizer), tiny_tokenizer, build_encoder("clip:" + tiny_clip_dir))
+    s = vc.new_session()
+    a1 = s.ask("First?", images=[color_image((10, 200, 30))], max_new_tokens=6)
+    s.ask("Second, Image 2?", images=[color_image((200, 10, 30))], max_new_tokens=6)
+    s.stream("Third?").close()
+    cached = s._prefill(s._render())
+    s._cache, s._cache_keys = None, []
+    torch.testing.assert_close(cached, s._prefill(s._render()), atol=1e-5, rtol=1e-5)
+    s.undo()
+    s.undo()
+    assert "".join(s.regenerate(max_new_tokens=6)) == a1  # cropped back past the window, then decoded
+
+
+def test_unsupported_attention_features_are_refused():
+    from visualchat.attention import hf_attention_forward
+
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="soft-capping"):
+        hf_attention_forward(None, q, q, q, softcap=30.0)
+    with pytest.raises(ValueError, match="sinks"):
+        hf_attention_forward(None, q, q, q, s_aux=torch.zeros(2))
 
 
 def test_round_two_encodes_only_its_own_tokens(tiny_vc):

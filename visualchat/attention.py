@@ -12,6 +12,11 @@ travel down to every attention layer through transformers' ``**kwargs``):
 - ``vc_key_padding_mask``: ``[B, Lk]`` bool, True for real tokens (optional);
 - ``vc_attention_mode``: ``"mmca"`` (default) or ``"causal"``.
 
+Layers with a sliding window (transformers passes ``sliding_window``, e.g. Mistral) get it in both
+modes: a query at position i sees keys at positions > i - window, in each of MMCA's two terms.
+Attention-logit soft-capping (Gemma-2) and attention sinks (gpt-oss) are refused with a clear error
+rather than silently ignored.
+
 On CUDA, ``mode="mmca"`` runs the fused Triton kernel of :mod:`visualchat.attention_triton` when
 triton is installed (``VISUALCHAT_MMCA_KERNEL=torch`` keeps the torch path below).
 """
@@ -38,14 +43,17 @@ def _masked_sdpa(q, k, v, mask, scale):
 
 
 def build_masks(key_is_image: torch.Tensor, lq: int, key_padding_mask: torch.Tensor | None = None,
-                mode: str = "mmca") -> list[torch.Tensor]:
+                mode: str = "mmca", window: int | None = None) -> list[torch.Tensor]:
     """The boolean masks ``[B, Lq, Lk]`` (True = attend) whose softmax terms are summed: one mask for
-    ``causal``, two (text term, image term) for ``mmca``. Vectorised; no loop over tokens."""
+    ``causal``, two (text term, image term) for ``mmca``. ``window``: keys at distance >= window from
+    the query are left out (sliding-window layers). Vectorised; no loop over tokens."""
     b, lk = key_is_image.shape
     dev = key_is_image.device
     kpos = torch.arange(lk, device=dev)
     qpos = kpos[lk - lq:]  # the queries are the last Lq positions
     causal = kpos[None, :] <= qpos[:, None]  # [Lq, Lk]
+    if window is not None:
+        causal = causal & (qpos[:, None] - kpos[None, :] < window)
     valid = key_padding_mask[:, None, :].bool() if key_padding_mask is not None else torch.ones(
         b, 1, lk, dtype=torch.bool, device=dev)
     if mode == "causal":
@@ -55,7 +63,7 @@ def build_masks(key_is_image: torch.Tensor, lq: int, key_padding_mask: torch.Ten
     k_img = key_is_image.bool()[:, None, :]  # [B, 1, Lk]
     q_img = key_is_image.bool()[:, lk - lq:, None]  # [B, Lq, 1]
     is_self = (kpos[None, :] == qpos[:, None])[None]  # [1, Lq, Lk]
-    earlier = (kpos[None, :] < qpos[:, None])[None]
+    earlier = (causal & ~is_self[0])[None]
     text_term = torch.where(q_img, is_self, causal[None] & ~k_img) & valid
     image_term = ~q_img & earlier & k_img & valid
     return [text_term, image_term]
@@ -103,13 +111,19 @@ def check_shapes(query, key, value, key_is_image, key_padding_mask=None) -> None
 
 def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_is_image: torch.Tensor,
                    key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
-                   mode: str = "mmca") -> torch.Tensor:
+                   mode: str = "mmca", window: int | None = None) -> torch.Tensor:
     """query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (Hq a multiple of Hkv), the queries being
     the last Lq of the Lk positions; key_is_image and key_padding_mask ``[B, Lk]`` bool.
-    Returns ``[B, Hq, Lq, D]``. ``mode="causal"`` is standard causal attention over all tokens."""
+    Returns ``[B, Hq, Lq, D]``. ``mode="causal"`` is standard causal attention over all tokens.
+    ``window``: a sliding window (keys at distance >= window are left out), or None."""
     check_shapes(query, key, value, key_is_image, key_padding_mask)
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window must be >= 1, got {window}")
+    if window is not None and lk > window:  # some key is out of some query's window: the masked path
+        masks = build_masks(key_is_image, lq, key_padding_mask, mode, window)
+        return _sum_of_terms(query, key, value, masks, scale)
     if mode == "mmca" and query.is_cuda and os.environ.get("VISUALCHAT_MMCA_KERNEL", "").lower() != "torch":
         from . import attention_triton  # the fused kernel; imports triton only if installed
 
@@ -121,7 +135,11 @@ def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if mode == "mmca" and lq == lk and (key_padding_mask is None or bool(key_padding_mask.all())):
         return torch.cat([_mmca_prefill(query[i:i + 1], key[i:i + 1], value[i:i + 1], key_is_image[i].bool(), scale)
                           for i in range(b)])
-    masks = build_masks(key_is_image, lq, key_padding_mask, mode)
+    return _sum_of_terms(query, key, value, build_masks(key_is_image, lq, key_padding_mask, mode), scale)
+
+
+def _sum_of_terms(query, key, value, masks: list[torch.Tensor], scale) -> torch.Tensor:
+    """One masked softmax per mask of :func:`build_masks`, added."""
     out = _masked_sdpa(query, key, value, masks[0], scale)
     for m in masks[1:]:
         if m.any():  # no earlier image anywhere: the image term is exactly 0, skip its work
@@ -132,17 +150,26 @@ def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 def hf_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """The function registered with transformers' ``AttentionInterface`` as ``"visualchat"``.
     Returns ``([B, Lq, Hq, D], None)`` as transformers expects."""
+    for name, what in (("softcap", "attention-logit soft-capping"), ("s_aux", "attention sinks")):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"this model's attention uses {what} ({name}), which the visualchat (MMCA) attention "
+                             "does not implement")
     key_is_image = kwargs.get("vc_key_is_image")
+    padding = kwargs.get("vc_key_padding_mask")
     mode = kwargs.get("vc_attention_mode", "mmca")
+    window = kwargs.get("sliding_window")
     b, lk = key.shape[0], key.shape[2]
     if key_is_image is None:  # plain text: MMCA and causal agree
         key_is_image = torch.zeros(b, lk, dtype=torch.bool, device=key.device)
+    elif key_is_image.shape[-1] > lk and window is not None:
+        # a sliding-window cache layer keeps only the latest keys (contiguous, ending at the queries)
+        key_is_image = key_is_image[:, -lk:]
+        padding = padding[:, -lk:] if padding is not None else None
     elif key_is_image.shape[-1] != lk:
         raise ValueError(
             f"vc_key_is_image covers {key_is_image.shape[-1]} keys but this layer has {lk} "
             "(it must cover the cached keys too)")
-    out = mmca_attention(query, key, value, key_is_image.to(key.device),
-                         kwargs.get("vc_key_padding_mask"), scaling, mode)
+    out = mmca_attention(query, key, value, key_is_image.to(key.device), padding, scaling, mode, window)
     return out.transpose(1, 2).contiguous(), None
 
 

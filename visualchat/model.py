@@ -106,6 +106,15 @@ class VisualChatModel(nn.Module):
         h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         return head(h).float(), out.past_key_values
 
+    @staticmethod
+    def new_cache():
+        """An empty KV cache that keeps every key on every layer, sliding-window layers included: the
+        visualchat attention applies windows itself, and a chat's prefix cache must be able to crop
+        back to any earlier point (transformers' sliding-window layers cannot, once full)."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {"projection.weight": self.projection.weight, "projection.bias": self.projection.bias,
                 "embed_tokens.weight": self.embed_tokens.weight}

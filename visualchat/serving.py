@@ -358,8 +358,6 @@ class Lockstep:
     # -- ranks > 0 -----------------------------------------------------------------------------
     def follow(self) -> None:
         """Run rank 0's forwards until it stops (ranks > 0)."""
-        from transformers import DynamicCache
-
         caches: dict[int, Any] = {}
         while True:
             msg = self._recv()
@@ -383,7 +381,7 @@ class Lockstep:
                     if length:
                         raise RuntimeError(f"lockstep out of sync: rank 0 continues cache {cid} at {length} tokens, "
                                            "this rank has none")
-                    cache = DynamicCache(config=model.lm.config)
+                    cache = model.new_cache()
                 have = cache.get_seq_length()
                 if have < length:
                     raise RuntimeError(f"lockstep out of sync: cache {cid} has {have} tokens here, {length} on rank 0")

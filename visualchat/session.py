@@ -146,9 +146,7 @@ class Session:
         is_img = torch.tensor([r.is_image[p:]], device=dev)
         kis = torch.tensor([r.is_image], device=dev)
         if self._cache is None:
-            from transformers import DynamicCache
-
-            self._cache = DynamicCache(config=self.vc.model.lm.config)
+            self._cache = self.vc.model.new_cache()
         logits, self._cache = self.vc.model(ids, is_img, image_rows, past_key_values=self._cache,
                                             key_is_image=kis, use_cache=True, logits_to_keep=1)
         self._cache_keys = keys
