@@ -8,6 +8,7 @@ of path + size + mtime for a file, a hash of the data for a base64 image.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -108,6 +109,35 @@ class FeatureCache:
         bad: dict[str, str] = {}
         if not todo:
             return bad
+        # ranks of one run fill disjoint shares; separate runs (CA and MMCA side by side) take turns,
+        # and the second computes only what the first did not
+        with self._fill_lock() if world == 1 else contextlib.nullcontext():
+            todo = [(k, ref) for k, ref in todo if not self.has(k)]
+            if todo:
+                self._compute(encoder, todo, bad, batch_size, progress)
+        return bad
+
+    @contextlib.contextmanager
+    def _fill_lock(self):
+        """An exclusive lock on this cache folder for as long as one process fills it (POSIX only;
+        elsewhere no lock, and two runs may compute the same features, which is only wasted time)."""
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        with open(os.path.join(self.dir, ".fill.lock"), "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another run is filling the feature cache %s; waiting for it", self.dir)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _compute(self, encoder, todo: list, bad: dict[str, str], batch_size: int, progress: bool) -> None:
         bar = None
         if progress:
             from tqdm import tqdm
@@ -129,7 +159,6 @@ class FeatureCache:
                 bar.update(len(todo[i:i + batch_size]))
         if bar is not None:
             bar.close()
-        return bad
 
 
 @torch.no_grad()
