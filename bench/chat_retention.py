@@ -44,7 +44,7 @@ def teacher_nll(vc, pairs: list[tuple[str, str]]) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", nargs="+", default=["assets/checkpoints/shapes-mmca", "assets/checkpoints/shapes-ca"])
-    ap.add_argument("--max_new_tokens", type=int, default=96, help="teacher answers longer than this are left out")
+    ap.add_argument("--max_new_tokens", type=int, default=96, help="teacher answers longer than this are cut after their last whole sentence")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
 

@@ -48,25 +48,40 @@ def test_default_lm_answers_text_sensibly(default_vc):
 
 def test_shipped_checkpoint_answers_about_two_images(default_vc):
     """The shipped MMCA checkpoint (trained by train/, see train/recipes/) answers correctly about two
-    assets/ images: shapes_4 has 2 triangles, shapes_5 has a yellow circle and a green triangle (the
-    generator's ground truth, ``train.data.shapes.save_examples``). The shipped model is far from
-    perfect (README: about 25% exact match on the test split), so these are two questions it is
-    measured to get right; a checkpoint that ignores the images passes both by chance about 1 time in 12."""
+    assets/ images: shapes_4 has two triangles, shapes_5 a yellow circle and a green triangle (the
+    generator's ground truth, ``train.data.shapes.example_samples``). The shipped model is far from
+    perfect (README: about 31% exact match on the test split), so this is a question it is measured
+    to get right; it must get it right with the images in either order (the circle is in Image 2,
+    then in Image 1), which a model answering from the question alone does 1 time in 36."""
     assert default_vc.path and default_vc.path.endswith("shapes-mmca")
     ims = [Image.open(os.path.join(EXAMPLES, f"shapes_{i}.png")) for i in (4, 5)]
-    s = default_vc.new_session()
-    assert s.ask("Which image has more triangles, Image 1 or Image 2?", images=ims, max_new_tokens=8) == "Image 1"
-    assert default_vc.new_session().ask("What color is the triangle in Image 2?", images=ims, max_new_tokens=8) == "green"
+    assert default_vc.new_session().ask("What color is the circle in Image 2?", images=ims, max_new_tokens=8) == "yellow"
+    assert default_vc.new_session().ask("What color is the circle in Image 1?", images=ims[::-1], max_new_tokens=8) == "yellow"
 
 
-def test_shipped_ca_reads_an_objects_colour(default_vc):
-    """bench/color_readout.py on the shipped CA checkpoint: with the true image it names a lone
-    object's colour far more often than with another scene's image (the control) or by chance."""
+@pytest.mark.parametrize("name", ["shapes-ca", "shapes-mmca"])
+def test_shipped_checkpoints_read_an_objects_colour(default_vc, name):
+    """bench/color_readout.py on each shipped checkpoint: with the true image it names a lone
+    object's colour far more often than with another scene's image (the control) or by chance (1/6)."""
     from bench.color_readout import one_object_scenes, readout
     from train.data.shapes import COLORS
     from visualchat.model import VisualChat
 
-    ca = VisualChat.from_pretrained(os.path.join(ASSETS_DIR, "checkpoints", "shapes-ca"), share_with=default_vc)
-    r = readout(ca, one_object_scenes(20), list(COLORS))
+    vc = VisualChat.from_pretrained(os.path.join(ASSETS_DIR, "checkpoints", name), share_with=default_vc)
+    r = readout(vc, one_object_scenes(20), list(COLORS))
     assert r["scenes"] == 20 and sum(r["answers"].values()) == 20
     assert r["accuracy"] >= 0.4 and r["accuracy"] > r["control_accuracy"] + 0.2, r
+
+
+def test_shipped_checkpoint_still_chats_without_images(default_vc):
+    """The recipes mix in text-only rounds distilled from the base LM (train/data/chat.py), so with no
+    image the default still answers like a chat model. Trained on shapes questions alone, the previous
+    checkpoint answered "Hello! Who are you?" with "The answer is 1". These prompts are in no
+    training file (``HELDOUT``)."""
+    from train.data.chat import HELDOUT
+
+    for q in ("Hey! Who am I talking to?", "What is the capital of Austria?", "What does a dentist do?"):
+        assert q in HELDOUT
+        a = default_vc.new_session().ask(q, max_new_tokens=40)
+        assert len(a.split()) >= 4 and "answer is" not in a, (q, a)
+    assert "Vienna" in default_vc.new_session().ask("What is the capital of Austria?", max_new_tokens=20)

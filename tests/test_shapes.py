@@ -268,3 +268,16 @@ def test_dense_is_a_data_set():
     convs = load_dataset("shapes_dense", None, split="validation", n=12, seed=3, stats=st)
     assert st["loaded"] == 12 and all(len(c.rounds) >= 5 for c in convs)
     assert [r.question for r in convs[0].rounds] == [r.question for r in S.generate("validation", 1, 3, "dense")[0].conversation.rounds]
+
+
+def test_all_questions_are_right_and_complete(train):
+    for s in train[:60]:
+        qs = S.all_questions(s.scenes)
+        for tag, q, a in qs:
+            assert tag in S.ROUND_TYPES
+            _check(q, a, s.scenes, len(s.scenes))
+        if len(s.conversation.rounds[0].images) == len(s.scenes):  # all shown at once, as all_questions assumes
+            asked = {(r.question, r.answer) for r in s.conversation.rounds}
+            assert asked <= {(q, a) for _, q, a in qs}  # whatever the generator asks is among them
+    ex = S.example_samples()
+    assert [len(e.scenes) for e in ex] == [1, 2, 2]

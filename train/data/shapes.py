@@ -442,11 +442,39 @@ def save_jsonl(samples: list[ShapesSample], out_dir: str, name: str = "conversat
     return path
 
 
-def save_examples(out_dir: str) -> list[tuple[list[str], list[tuple[str, str]]]]:
-    """Save the images of three test conversations as ``shapes_1.png`` ... ``shapes_5.png`` for the
-    app's examples: one image with a word; two images with a "what differs" round; two images, the
-    second arriving in round 2, with a cross-image round. Returns (file names, [(question, answer)])
-    per conversation."""
+def all_questions(scenes: list[Scene]) -> list[tuple[str, str, str]]:
+    """Every question the generator can ask about ``scenes`` shown as Image 1, 2, ... (all of them
+    already shown), as ``(type tag, question, answer)``: per image describe, count (all shapes and each
+    shape), colour of each unique shape, place of each unique colour+shape, word; per pair "more" for
+    each shape with different counts and "diff" where it applies; "total" for all shapes and each shape."""
+    out = []
+    for k, sc in enumerate(scenes, 1):
+        out.append(("single/describe", *q_describe(None, sc, k)))
+        out += [("single/count", f"How many {x or 'shape'}s are in Image {k}?", str(sc.count(x))) for x in (None,) + SHAPES]
+        out += [("single/color", f"What color is the {o.shape} in Image {k}?", o.color)
+                for o in sc.objects if sc.count(o.shape) == 1]
+        out += [("single/where", f"Where is the {o.color} {o.shape} in Image {k}?", o.position) for o in _unique_by_name(sc)]
+        out.append(("single/word", f"What word is written in Image {k}?", sc.word or "none"))
+    for a in range(len(scenes)):
+        for b in range(a + 1, len(scenes)):
+            for x in (None,) + SHAPES:
+                ca, cb = scenes[a].count(x), scenes[b].count(x)
+                if ca != cb:
+                    out.append(("cross/more", f"Which image has more {x or 'shape'}s, Image {a + 1} or Image {b + 1}?",
+                                f"Image {a + 1 if ca > cb else b + 1}"))
+            d = difference(scenes[a], scenes[b], a + 1, b + 1)
+            if d:
+                out.append(("cross/diff", f"What is different between Image {a + 1} and Image {b + 1}?", d))
+    if len(scenes) >= 2:
+        out += [("cross/total", f"How many {x or 'shape'}s are there in all the images?",
+                 str(sum(sc.count(x) for sc in scenes))) for x in (None,) + SHAPES]
+    return out
+
+
+def example_samples() -> list[ShapesSample]:
+    """The three test conversations whose images are ``assets/examples/shapes_1.png`` ... ``shapes_5.png``:
+    one image with a word; two images with a "what differs" round; two images, the second arriving in
+    round 2, with a cross-image round."""
     wants = [
         lambda s: len(s.scenes) == 1 and s.scenes[0].word and len(s.round_types) >= 2,
         lambda s: len(s.scenes) == 2 and "cross/diff" in s.round_types,
@@ -454,10 +482,15 @@ def save_examples(out_dir: str) -> list[tuple[list[str], list[tuple[str, str]]]]
                   and "cross/more" in s.round_types,
     ]
     samples = generate("test", 1000)
+    return [next(s for s in samples if want(s)) for want in wants]
+
+
+def save_examples(out_dir: str) -> list[tuple[list[str], list[tuple[str, str]]]]:
+    """Save the images of :func:`example_samples` as ``shapes_1.png`` ... ``shapes_5.png`` (the app's
+    examples). Returns (file names, [(question, answer)]) per conversation."""
     os.makedirs(out_dir, exist_ok=True)
     out, k = [], 1
-    for want in wants:
-        s = next(s for s in samples if want(s))
+    for s in example_samples():
         names = []
         for scene in s.scenes:
             names.append(f"shapes_{k}.png")
