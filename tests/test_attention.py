@@ -90,9 +90,12 @@ def test_matches_float64_reference(mode, name, heads, lq):
     out.backward(g.float())
     ref.backward(g)
     for a, r in ((q, q64), (k, k64), (v, v64)):
-        assert torch.isfinite(a.grad).all()
+        # no gradient at all (None) where the output does not depend on it: an image query only
+        # copies its value row, so its q gets none; the reference's is then exactly zero
+        grad = a.grad if a.grad is not None else torch.zeros_like(a)
+        assert torch.isfinite(grad).all()
         # gradients sum over many queries: float32 rounding grows with the sum, hence rtol 1e-5
-        torch.testing.assert_close(a.grad.double(), r.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grad.double(), r.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["mmca", "causal"])

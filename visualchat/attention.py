@@ -70,25 +70,33 @@ def build_masks(key_is_image: torch.Tensor, lq: int, key_padding_mask: torch.Ten
 
 
 def _mmca_prefill(q, k, v, is_img, scale):
-    """MMCA prefill of one unpadded sequence (q ``[1, Hq, L, D]``, k/v ``[1, Hkv, L, D]``, is_img ``[L]``)
-    with less work than causal attention: image queries just copy their value row; text queries run
-    plain causal SDPA over the text tokens alone (compacted, so the fast causal kernel applies) plus
-    one rectangular masked SDPA over the earlier image keys."""
-    t_idx = (~is_img).nonzero().flatten()
-    i_idx = is_img.nonzero().flatten()
+    """MMCA for one unpadded sequence: q ``[1, Hq, Lq, D]`` (the last Lq positions: a whole prefill, a
+    chunk after a cache, or one decode step), k/v ``[1, Hkv, Lk, D]``, is_img ``[Lk]``. Less work than
+    causal attention: image queries just copy their value row; text queries attend to the text keys
+    alone (compacted: plain causal SDPA when Lq == Lk) plus, separately, to the earlier image keys, so
+    each key is scored once instead of once per term."""
+    lq, lk = q.shape[2], k.shape[2]
+    off = lk - lq  # position of the first query
+    q_img = is_img[off:]
+    tq, iq = (~q_img).nonzero().flatten(), q_img.nonzero().flatten()  # query rows
+    tk, ik = (~is_img).nonzero().flatten(), is_img.nonzero().flatten()  # key positions
     groups = q.shape[1] // k.shape[1]
     out = q.new_zeros(q.shape)
-    if i_idx.numel():
-        own = v.index_select(2, i_idx).repeat_interleave(groups, dim=1)  # [1, Hq, Ni, D]
-        out = out.index_copy(2, i_idx, own)
-    if t_idx.numel():
-        qt, kt, vt = (x.index_select(2, t_idx) for x in (q, k, v))
-        text = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=groups > 1)
-        if i_idx.numel():
-            earlier = (i_idx[None, :] < t_idx[:, None])[None]  # [1, Nt, Ni]
+    if iq.numel():
+        own = v.index_select(2, iq + off).repeat_interleave(groups, dim=1)  # [1, Hq, Ni, D]
+        out = out.index_copy(2, iq, own)
+    if tq.numel():
+        qt = q.index_select(2, tq)
+        kt, vt = k.index_select(2, tk), v.index_select(2, tk)
+        if lq == lk:  # the text queries are the text keys
+            text = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=groups > 1)
+        else:
+            text = _masked_sdpa(qt, kt, vt, (tk[None, :] <= (tq + off)[:, None])[None], scale)
+        if ik.numel():
+            earlier = (ik[None, :] < (tq + off)[:, None])[None]  # [1, Nt, Ni]
             if earlier.any():
-                text = text + _masked_sdpa(qt, k.index_select(2, i_idx), v.index_select(2, i_idx), earlier, scale)
-        out = out.index_copy(2, t_idx, text)
+                text = text + _masked_sdpa(qt, k.index_select(2, ik), v.index_select(2, ik), earlier, scale)
+        out = out.index_copy(2, tq, text)
     return out
 
 
@@ -132,7 +140,7 @@ def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if mode == "causal" and key_padding_mask is None and lq == lk:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                               enable_gqa=hq != hkv)
-    if mode == "mmca" and lq == lk and (key_padding_mask is None or bool(key_padding_mask.all())):
+    if mode == "mmca" and (key_padding_mask is None or bool(key_padding_mask.all())):
         return torch.cat([_mmca_prefill(query[i:i + 1], key[i:i + 1], value[i:i + 1], key_is_image[i].bool(), scale)
                           for i in range(b)])
     return _sum_of_terms(query, key, value, build_masks(key_is_image, lq, key_padding_mask, mode), scale)
