@@ -2,7 +2,7 @@
 
 Training only on the shapes set teaches the (trainable) embedding rows of the template's markers to
 answer every question the way shapes answers look: asked "Hello! Who are you?" with no image, the
-first shipped MMCA model said "The answer is 1". This module writes text-only conversations whose
+previously shipped MMCA model said "The answer is 1". This module writes text-only conversations whose
 answers come from the frozen LM itself, prompted with its *own* chat template (for SmolLM2 the
 ChatML ``<|im_start|>`` markers), so mixing them into training (data set ``jsonl``) asks the model to
 answer text questions in our Figure-3 template the way the base model answers them natively.
@@ -14,7 +14,7 @@ answer text questions in our Figure-3 template the way the base model answers th
   loop (or are empty) are dropped.
 - CLI: ``python -m train.data.chat --out train/data/chat_smollm2.jsonl`` (the default LM, every prompt),
   one conversation a line in the ``jsonl`` format (no images). That file is what the shipped
-  recipes mix in; it took 7 minutes on one CPU thread.
+  recipes mix in; it took 5.6 minutes on one CPU thread (446 prompts, 379 answers kept).
 """
 from __future__ import annotations
 
