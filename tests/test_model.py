@@ -97,6 +97,24 @@ def test_sliding_window_model_chats_past_its_window(tiny_tokenizer, tiny_clip_di
     assert "".join(s.regenerate(max_new_tokens=6)) == a1  # cropped back past the window, then decoded
 
 
+def test_hf_sliding_window_cache_decodes_like_a_full_forward(tiny_tokenizer):
+    """transformers' own cache for a sliding-window layer keeps only the latest keys; the attention
+    then reads the matching tail of vc_key_is_image (lm.generate and other HF callers use that cache)."""
+    from transformers import DynamicCache
+
+    lm = tiny_mistral(tiny_tokenizer, sliding_window=6)
+    lm.config._attn_implementation = "visualchat"
+    ids = torch.randint(3, len(tiny_tokenizer), (1, 16))
+    is_img = torch.zeros(1, 16, dtype=torch.bool)
+    is_img[0, 3:7] = True
+    full = lm(input_ids=ids, vc_key_is_image=is_img).logits[:, -1]
+    cache = DynamicCache(config=lm.config)
+    lm(input_ids=ids[:, :15], past_key_values=cache, use_cache=True, vc_key_is_image=is_img[:, :15])
+    assert cache.layers[0].keys.shape[2] < 15  # the window dropped the oldest keys
+    step = lm(input_ids=ids[:, 15:], past_key_values=cache, use_cache=True, vc_key_is_image=is_img).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
 def test_unsupported_attention_features_are_refused():
     from visualchat.attention import hf_attention_forward
 

@@ -234,19 +234,53 @@ def q_describe(rng, sc: Scene, n: int):
     return f"Describe Image {n}.", describe(sc)
 
 
+# The phrasing of each question, written once: the generator's random choices (q_*) and the
+# exhaustive list (all_questions) both build their questions here.
+def count_qa(sc: Scene, shape: str | None, n: int) -> tuple[str, str]:
+    return f"How many {shape or 'shape'}s are in Image {n}?", str(sc.count(shape))
+
+
+def color_qa(o: Obj, n: int) -> tuple[str, str]:
+    return f"What color is the {o.shape} in Image {n}?", o.color
+
+
+def where_qa(o: Obj, n: int) -> tuple[str, str]:
+    return f"Where is the {o.color} {o.shape} in Image {n}?", o.position
+
+
+def word_qa(sc: Scene, n: int) -> tuple[str, str]:
+    return f"What word is written in Image {n}?", sc.word or "none"
+
+
+def more_qa(scenes: list[Scene], a: int, b: int, shape: str | None) -> tuple[str, str]:
+    """Images a and b (0-based), whose counts of ``shape`` differ."""
+    winner = a if scenes[a].count(shape) > scenes[b].count(shape) else b
+    return f"Which image has more {shape or 'shape'}s, Image {a + 1} or Image {b + 1}?", f"Image {winner + 1}"
+
+
+def diff_qa(i: int, j: int, answer: str) -> tuple[str, str]:
+    return f"What is different between Image {i} and Image {j}?", answer
+
+
+def total_qa(scenes: list[Scene], seen: list[int], shape: str | None) -> tuple[str, str]:
+    return f"How many {shape or 'shape'}s are there in all the images?", str(sum(scenes[k].count(shape) for k in seen))
+
+
 def q_count(rng, sc: Scene, n: int):
     if rng.random() < 0.5:
-        return f"How many shapes are in Image {n}?", str(sc.count())
-    shape = rng.choice(SHAPES)
-    return f"How many {shape}s are in Image {n}?", str(sc.count(shape))
+        return count_qa(sc, None, n)
+    return count_qa(sc, rng.choice(SHAPES), n)
+
+
+def _unique_by_shape(sc: Scene) -> list[Obj]:
+    return [o for o in sc.objects if sc.count(o.shape) == 1]
 
 
 def q_color(rng, sc: Scene, n: int):
-    unique = [o for o in sc.objects if sc.count(o.shape) == 1]
+    unique = _unique_by_shape(sc)
     if not unique:
         return None
-    o = rng.choice(unique)
-    return f"What color is the {o.shape} in Image {n}?", o.color
+    return color_qa(rng.choice(unique), n)
 
 
 def _unique_by_name(sc: Scene) -> list[Obj]:
@@ -257,14 +291,13 @@ def q_where(rng, sc: Scene, n: int):
     unique = _unique_by_name(sc)
     if not unique:
         return None
-    o = rng.choice(unique)
-    return f"Where is the {o.color} {o.shape} in Image {n}?", o.position
+    return where_qa(rng.choice(unique), n)
 
 
 def q_word(rng, sc: Scene, n: int):
     if sc.word is None and rng.random() < 0.7:  # ask "none" questions less often
         return None
-    return f"What word is written in Image {n}?", sc.word or "none"
+    return word_qa(sc, n)
 
 
 def difference(a: Scene, b: Scene, i: int, j: int) -> str | None:
@@ -296,9 +329,7 @@ def q_more(rng, scenes: list[Scene], seen: list[int]):
     options = [x for x in (None,) + SHAPES if scenes[a].count(x) != scenes[b].count(x)]
     if not options:
         return None
-    x = rng.choice(options)
-    winner = a if scenes[a].count(x) > scenes[b].count(x) else b
-    return f"Which image has more {x or 'shape'}s, Image {a + 1} or Image {b + 1}?", f"Image {winner + 1}"
+    return more_qa(scenes, a, b, rng.choice(options))
 
 
 def q_diff(rng, scenes: list[Scene], seen: list[int]):
@@ -306,13 +337,11 @@ def q_diff(rng, scenes: list[Scene], seen: list[int]):
              for d in [difference(scenes[a], scenes[b], a + 1, b + 1)] if d]
     if not found:
         return None
-    i, j, answer = rng.choice(found)
-    return f"What is different between Image {i} and Image {j}?", answer
+    return diff_qa(*rng.choice(found))
 
 
 def q_total(rng, scenes: list[Scene], seen: list[int]):
-    x = rng.choice((None,) + SHAPES)
-    return f"How many {x or 'shape'}s are there in all the images?", str(sum(scenes[k].count(x) for k in seen))
+    return total_qa(scenes, seen, rng.choice((None,) + SHAPES))
 
 
 SINGLE = {"describe": q_describe, "count": q_count, "color": q_color, "where": q_where, "word": q_word}
@@ -450,24 +479,19 @@ def all_questions(scenes: list[Scene]) -> list[tuple[str, str, str]]:
     out = []
     for k, sc in enumerate(scenes, 1):
         out.append(("single/describe", *q_describe(None, sc, k)))
-        out += [("single/count", f"How many {x or 'shape'}s are in Image {k}?", str(sc.count(x))) for x in (None,) + SHAPES]
-        out += [("single/color", f"What color is the {o.shape} in Image {k}?", o.color)
-                for o in sc.objects if sc.count(o.shape) == 1]
-        out += [("single/where", f"Where is the {o.color} {o.shape} in Image {k}?", o.position) for o in _unique_by_name(sc)]
-        out.append(("single/word", f"What word is written in Image {k}?", sc.word or "none"))
+        out += [("single/count", *count_qa(sc, x, k)) for x in (None,) + SHAPES]
+        out += [("single/color", *color_qa(o, k)) for o in _unique_by_shape(sc)]
+        out += [("single/where", *where_qa(o, k)) for o in _unique_by_name(sc)]
+        out.append(("single/word", *word_qa(sc, k)))
     for a in range(len(scenes)):
         for b in range(a + 1, len(scenes)):
-            for x in (None,) + SHAPES:
-                ca, cb = scenes[a].count(x), scenes[b].count(x)
-                if ca != cb:
-                    out.append(("cross/more", f"Which image has more {x or 'shape'}s, Image {a + 1} or Image {b + 1}?",
-                                f"Image {a + 1 if ca > cb else b + 1}"))
+            out += [("cross/more", *more_qa(scenes, a, b, x)) for x in (None,) + SHAPES
+                    if scenes[a].count(x) != scenes[b].count(x)]
             d = difference(scenes[a], scenes[b], a + 1, b + 1)
             if d:
-                out.append(("cross/diff", f"What is different between Image {a + 1} and Image {b + 1}?", d))
+                out.append(("cross/diff", *diff_qa(a + 1, b + 1, d)))
     if len(scenes) >= 2:
-        out += [("cross/total", f"How many {x or 'shape'}s are there in all the images?",
-                 str(sum(sc.count(x) for sc in scenes))) for x in (None,) + SHAPES]
+        out += [("cross/total", *total_qa(scenes, list(range(len(scenes))), x)) for x in (None,) + SHAPES]
     return out
 
 
