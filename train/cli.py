@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--projection_init_scale", type=float, default=1.0,
                    help="multiply the projection's random initialisation by this (e.g. 0.001: image tokens start "
                    "near zero; see bench/RESULTS.md for what that did to MMCA's start)")
+    g.add_argument("--projection_init", choices=("random", "grounded"), default="random",
+                   help="'grounded': before training, fit the projection by least squares so each image token of a "
+                   "shapes scene lands near the LM's embedding of the words it shows (train/grounding.py; needs shapes "
+                   "scenes in the training data)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow the LM's own code from the hub")
 
     g = p.add_argument_group("data")
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--embedding_lr", type=float, default=None, help="peak learning rate of the input embedding "
                    "(default: --lr; 0 keeps the embedding frozen and trains the projection alone)")
+    g.add_argument("--projection_lr", type=float, default=None, help="peak learning rate of the projection "
+                   "(default: --lr; a grounded projection keeps its start only with a small one, e.g. 3e-4)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--adam_betas", default="0.0,0.95", help="AdamW betas as b1,b2 (the paper's; the reference code used 0.9,0.95)")
     g.add_argument("--epochs", type=float, default=1, help="passes over the training samples (ignored with --max_steps)")

@@ -152,6 +152,8 @@ def preflight(args) -> Plan:
                          f"made bf16 training diverge), got {args.projection_init_scale}")
     if args.embedding_lr is not None and not (math.isfinite(args.embedding_lr) and args.embedding_lr >= 0):
         raise TrainError(f"--embedding_lr must be a number >= 0 (0 freezes the embedding), got {args.embedding_lr}")
+    if args.projection_lr is not None and not (math.isfinite(args.projection_lr) and args.projection_lr >= 0):
+        raise TrainError(f"--projection_lr must be a number >= 0, got {args.projection_lr}")
     if not 0 <= args.val_ratio < 1:
         raise TrainError("--val_ratio must be in [0, 1)")
     betas = parse_betas(args.adam_betas)
@@ -451,6 +453,14 @@ def train(args) -> dict:
             train_s, val_s = [s for s in train_s if keep(s)], [s for s in val_s if keep(s)]
             stats.add("skipped_bad_image", n0 - len(train_s) - len(val_s))
         log.info("feature cache %s ready in %.1f s", cache.dir, time.time() - t0)
+    grounding = None
+    if args.projection_init == "grounded" and not (args.init_from or plan.resume_dir):
+        from .grounding import ground_projection
+
+        try:
+            grounding = ground_projection(vcm, tok, train_s, cache)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
 
     # adapters
     lora_cfg = L.apply_lora(vcm, args) if (args.lora_rank or args.vision_lora_rank) else None
@@ -473,7 +483,11 @@ def train(args) -> dict:
     n_train = len(train_s)
     total = args.max_steps or max(1, math.ceil(args.epochs * n_train / plan.global_batch))
     warmup = int(round(args.warmup_ratio * total))
-    groups = [{"params": [p for p in params if p is not vcm.embed_tokens.weight]}]
+    proj = [p for p in vcm.projection.parameters() if p.requires_grad]
+    groups = [{"params": proj, "lr": args.lr if args.projection_lr is None else args.projection_lr}]
+    rest = [p for p in params if p is not vcm.embed_tokens.weight and all(p is not q for q in proj)]
+    if rest:  # LoRA adapters
+        groups.append({"params": rest})
     if vcm.embed_tokens.weight.requires_grad:
         emb_lr = args.lr if args.embedding_lr is None else args.embedding_lr
         groups.append({"params": [vcm.embed_tokens.weight], "lr": emb_lr})
@@ -546,6 +560,7 @@ def train(args) -> dict:
                 "qlora": bool(args.qlora), "lora_rank": args.lora_rank, "vision_lora_rank": args.vision_lora_rank,
                 "datasets": plan.names, "train_samples": n_train, "val_samples": len(val_s),
                 "global_batch": plan.global_batch, "lr": args.lr, "seed": args.seed,
+                "projection_init": args.projection_init, "grounding": grounding,
                 "command": " ".join(["python -m train"] + list(getattr(args, "argv", [])))}
 
     best = client.get("best_val", float("inf"))
@@ -623,7 +638,7 @@ def train(args) -> dict:
                "val_loss_best": best if best < float("inf") else None, "best_step": best_step,
                "tokens_seen": tokens_seen, "train_wall_time_s": round(wall, 1),
                "tokens_per_s": round(tokens_seen / max(wall, 1e-9), 1), "total_time_s": round(time.time() - t_start, 1),
-               "data": stats.as_dict()}
+               "data": stats.as_dict(), "grounding": grounding}
     export(os.path.join(args.output_dir, "final"), {"steps": step, "val_loss": last_val, "val_loss_first": val_first,
                                                     "wall_time_s": round(wall, 1), "tokens_seen": int(tokens_seen)})
     if is_main:
