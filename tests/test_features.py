@@ -104,3 +104,24 @@ def test_another_encoder_gets_another_folder(tmp_path, encoder, tiny_clip_dir):
         next(other.parameters()).add_(1.0)
     assert encoder_key(other) != encoder_key(encoder)
     assert os.path.basename(FeatureCache(str(tmp_path), other).dir) == encoder_key(other)
+
+
+def test_a_pool_of_workers_fills_the_same_features(tmp_path, encoder, monkeypatch):
+    """Images opened (shapes scenes drawn) in worker processes give the same cache as opening them here;
+    a bad image is still reported, and every image is encoded once, in order."""
+    import train.features as F
+
+    monkeypatch.setattr(F, "MIN_PER_WORKER", 2)  # start the pool for a short list
+    refs = [img for smp in S.generate("train", 4, seed=3) for r in smp.conversation.rounds for img in r.images]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    refs = refs + [str(bad)]
+    one = FeatureCache(str(tmp_path / "one"), encoder)
+    err1 = one.fill(encoder, refs, batch_size=3, progress=False, workers=1)
+    n1 = len(encoder.seen)
+    pooled = FeatureCache(str(tmp_path / "pool"), encoder)
+    err2 = pooled.fill(encoder, refs, batch_size=3, progress=False, workers=2)
+    assert err1.keys() == err2.keys() == {image_key(str(bad))}
+    assert encoder.seen[n1:] == encoder.seen[:n1]  # same images, same order
+    for r in refs[:-1]:
+        assert torch.equal(one.get(image_key(r)), pooled.get(image_key(r)))

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234, help="seed for data order, splits and initialisation")
     g.add_argument("--feature_cache", default="auto", help="cache the frozen encoder's features on disk: 'auto' (on for shapes), "
                    "'on' (all data sets, in ~/.cache/visualchat/features), 'off', or a directory")
+    g.add_argument("--feature_workers", type=int, default=0, help="processes that open (or draw) images while the "
+                   "feature cache fills (0: one per CPU core but one, at most 8; a pool starts only for "
+                   "64+ images per worker)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")

@@ -22,6 +22,9 @@ from visualchat.images import ImageError, open_image
 
 log = logging.getLogger("train.features")
 
+#: fewest images per worker process for ``FeatureCache.fill`` to start a pool
+MIN_PER_WORKER = 64
+
 
 def is_lazy(ref: Any) -> bool:
     return hasattr(ref, "load") and hasattr(ref, "scene")
@@ -94,9 +97,10 @@ class FeatureCache:
                 os.remove(tmp)
 
     def fill(self, encoder, refs: Iterable[Any], batch_size: int = 16, rank: int = 0, world: int = 1,
-             progress: bool = True) -> dict[str, str]:
-        """Compute the features of every ``ref`` not cached yet (this rank's share of them).
-        Returns ``{image key: error}`` for the images that could not be opened."""
+             progress: bool = True, workers: int = 1) -> dict[str, str]:
+        """Compute the features of every ``ref`` not cached yet (this rank's share of them), opening
+        (or drawing) the images in ``workers`` processes when there are many to do; the encoder runs
+        in this process. Returns ``{image key: error}`` for the images that could not be opened."""
         todo, seen = [], set()
         for ref in refs:
             k = image_key(ref)
@@ -114,7 +118,7 @@ class FeatureCache:
         with self._fill_lock() if world == 1 else contextlib.nullcontext():
             todo = [(k, ref) for k, ref in todo if not self.has(k)]
             if todo:
-                self._compute(encoder, todo, bad, batch_size, progress)
+                self._compute(encoder, todo, bad, batch_size, progress, workers)
         return bad
 
     @contextlib.contextmanager
@@ -137,28 +141,51 @@ class FeatureCache:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _compute(self, encoder, todo: list, bad: dict[str, str], batch_size: int, progress: bool) -> None:
+    def _compute(self, encoder, todo: list, bad: dict[str, str], batch_size: int, progress: bool,
+                 workers: int = 1) -> None:
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc="caching image features", unit="img", dynamic_ncols=True)
-        for i in range(0, len(todo), batch_size):
+        # a pool costs each worker a fresh interpreter (spawn: safe beside CUDA and threads), so it only
+        # pays for itself on a long list
+        pool = None
+        if workers > 1 and len(todo) >= MIN_PER_WORKER * workers:
+            import multiprocessing
+
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+            opened = pool.imap(_try_open, (ref for _, ref in todo), chunksize=8)
+        else:
+            opened = map(_try_open, (ref for _, ref in todo))
+        try:
             chunk, ims = [], []
-            for k, ref in todo[i:i + batch_size]:
-                try:
-                    ims.append(open_ref(ref))
+            for i, (k, (im, err)) in enumerate(zip((k for k, _ in todo), opened)):
+                if err is not None:
+                    bad[k] = err
+                else:
                     chunk.append(k)
-                except ImageError as e:
-                    bad[k] = str(e)
-            if ims:
-                feats = encode(encoder, ims)
-                for k, f in zip(chunk, feats):
-                    self.put(k, f)
+                    ims.append(im)
+                if len(ims) == batch_size or i == len(todo) - 1:
+                    if ims:
+                        for key, f in zip(chunk, encode(encoder, ims)):
+                            self.put(key, f)
+                    if bar is not None:
+                        bar.update(i + 1 - bar.n)
+                    chunk, ims = [], []
+        finally:
+            if pool is not None:
+                pool.terminate()
             if bar is not None:
-                bar.update(len(todo[i:i + batch_size]))
-        if bar is not None:
-            bar.close()
+                bar.close()
+
+
+def _try_open(ref: Any):
+    """(RGB image, None), or (None, error text) for an image that cannot be opened (picklable, for a pool)."""
+    try:
+        return open_ref(ref), None
+    except ImageError as e:
+        return None, str(e)
 
 
 @torch.no_grad()

@@ -152,6 +152,8 @@ def preflight(args) -> Plan:
                          f"made bf16 training diverge), got {args.projection_init_scale}")
     if args.embedding_lr is not None and not (math.isfinite(args.embedding_lr) and args.embedding_lr >= 0):
         raise TrainError(f"--embedding_lr must be a number >= 0 (0 freezes the embedding), got {args.embedding_lr}")
+    if args.feature_workers < 0:
+        raise TrainError(f"--feature_workers must be >= 0 (0: automatic), got {args.feature_workers}")
     if args.projection_lr is not None and not (math.isfinite(args.projection_lr) and args.projection_lr >= 0):
         raise TrainError(f"--projection_lr must be a number >= 0, got {args.projection_lr}")
     if not 0 <= args.val_ratio < 1:
@@ -439,8 +441,9 @@ def train(args) -> dict:
         refs = [r for s in train_s + val_s for r in s.images]
         t0 = time.time()
         # each node fills its own cache (its local ranks share the work), so no shared disk is needed
+        workers = args.feature_workers or min(8, max(1, (os.cpu_count() or 1) - 1))
         bad = cache.fill(vcm.encoder, refs, rank=D.local_rank(), world=D.local_world_size(),
-                         progress=is_main and not args.no_progress)
+                         progress=is_main and not args.no_progress, workers=workers)
         D.barrier()
         bad = {k: v for part in D.all_gather_object(bad) for k, v in part.items()}
         if bad:
