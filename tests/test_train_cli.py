@@ -42,6 +42,12 @@ def test_presets_load_and_flags_override():
     assert {k: v for k, v in mm.items() if k not in ("attention", "output_dir")} == \
            {k: v for k, v in ca.items() if k not in ("attention", "output_dir")}
     assert cli.load_recipe("shapes") == mm  # an alias, not a copy
+    # the GPU pair: same data, steps and seed for both attentions, and every flag one the CLI knows
+    gm, gc = cli.load_recipe("shapes-gpu-mmca"), cli.load_recipe("shapes-gpu-ca")
+    assert gm["attention"] == "mmca" and gc["attention"] == "causal"
+    assert {k: v for k, v in gm.items() if k not in ("attention", "output_dir")} == \
+           {k: v for k, v in gc.items() if k not in ("attention", "output_dir")}
+    assert cli.parse_args(["--preset", "shapes-gpu-mmca"]).per_device_batch_size == 16
     for name in ("shapes-mmca", "shapes-ca"):
         with open(os.path.join(cli.RECIPES_DIR, name + ".json")) as f:
             assert "python -m train --preset " + name in json.load(f)["command"]
