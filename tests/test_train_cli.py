@@ -145,3 +145,22 @@ def test_memory_planner(capsys):
     assert memory.estimate(lm, vis, 3, 16)["frozen"] == pytest.approx((lm.params() + vis[0]) * 2 / 16)
     assert memory.estimate(lm, vis, 2, 16, qlora=True)["frozen"] < memory.estimate(lm, vis, 2, 16)["frozen"] / 2
     assert memory.lm_shape("default").params() == pytest.approx(134.5e6, rel=0.01)
+
+
+def test_a_count_above_a_sets_size_repeats_its_training_share(tmp_path):
+    """jsonl:25 of a 10-conversation file: 1 held out (val_ratio 0.1) and never trained on, the other
+    9 repeated to 24 (each twice, 6 of them a third time); a count below the size still subsamples."""
+    from train.samples import DataStats, load_splits
+
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps({"rounds": [{"question": f"q{i}", "answer": f"a{i}"}]}) + "\n" for i in range(10)))
+    stats = DataStats()
+    train, val = load_splits(["jsonl"], str(f), {"jsonl": 25}, 0.1, 0, 8, stats)
+    qs = [c.rounds[0].question for c in train["jsonl"]]
+    held = {c.rounds[0].question for c in val["jsonl"]}
+    assert len(qs) == 24 and len(held) == 1 and not held & set(qs)
+    counts = sorted(qs.count(q) for q in set(qs))
+    assert len(counts) == 9 and counts == [2] * 3 + [3] * 6
+    assert stats.as_dict()["jsonl/repeated"] == 24
+    train, val = load_splits(["jsonl"], str(f), {"jsonl": 5}, 0.2, 0, 8, DataStats())
+    assert len(train["jsonl"]) + len(val["jsonl"]) == 5

@@ -146,11 +146,23 @@ def load_splits(names: list[str], data_path: str | None, counts: dict[str, int |
                 keep = sorted(random.Random(seed + 7919 * i).sample(range(len(convs)), n))
                 convs = [convs[j] for j in keep]
             train[name], val[name] = _split_conversations(convs, val_ratio, seed + i)
+            if n is not None and n > len(convs) and train[name]:
+                # more than the set holds: its training share repeats (whole passes, then a seeded
+                # sample of the rest); the validation share never does, and never joins training
+                train[name] = _repeat(train[name], n - len(val[name]), seed + 7919 * i)
+                stats.add(f"{name}/repeated", len(train[name]))
         for k, v in st.items():
             if k.startswith("skipped_"):
                 stats.add(f"{name}/{k}", v)
         log.info("%s: %d train, %d validation conversations", name, len(train[name]), len(val[name]))
     return train, val
+
+
+def _repeat(convs: list, n: int, seed: int) -> list:
+    """``n`` conversations from ``convs``: every one ``n // len`` times, plus a seeded sample of the rest."""
+    whole, rest = divmod(n, len(convs))
+    extra = sorted(random.Random(seed).sample(range(len(convs)), rest))
+    return convs * whole + [convs[j] for j in extra]
 
 
 def check_images(split: dict[str, list[Conversation]], stats: DataStats, cache: dict) -> dict[str, list]:
