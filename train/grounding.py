@@ -54,17 +54,22 @@ def word_targets(texts: Sequence[str], tok, embedding: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
-def fit_projection(feats: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_projection(feats: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-2,
+                   chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge regression ``targets ~ feats @ W.T + b``: feats ``[n, D]``, targets ``[n, H]``.
     Returns (W ``[H, D]``, b ``[H]``). ``ridge`` is relative to the mean diagonal of the centred
-    Gram matrix, so it does not depend on the features' scale."""
-    x = feats.double()
-    y = targets.double()
-    mx, my = x.mean(0), y.mean(0)
-    xc, yc = x - mx, y - my
-    gram = xc.T @ xc
+    Gram matrix, so it does not depend on the features' scale. The sums are taken in float64,
+    ``chunk`` rows at a time (no float64 copy of all features)."""
+    mx, my = feats.mean(0, dtype=torch.float64), targets.mean(0, dtype=torch.float64)
+    d, h = feats.shape[1], targets.shape[1]
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    xty = torch.zeros(d, h, dtype=torch.float64)
+    for i in range(0, feats.shape[0], chunk):
+        xc = feats[i:i + chunk].double() - mx
+        gram += xc.T @ xc
+        xty += xc.T @ (targets[i:i + chunk].double() - my)
     lam = ridge * gram.diagonal().mean()
-    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc).T  # [H, D]
+    w = torch.linalg.solve(gram + lam * torch.eye(d, dtype=gram.dtype), xty).T  # [H, D]
     b = my - w @ mx
     return w.float(), b.float()
 
