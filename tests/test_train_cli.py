@@ -149,18 +149,19 @@ def test_memory_planner(capsys):
 
 def test_a_count_above_a_sets_size_repeats_its_training_share(tmp_path):
     """jsonl:25 of a 10-conversation file: 1 held out (val_ratio 0.1) and never trained on, the other
-    9 repeated to 24 (each twice, 6 of them a third time); a count below the size still subsamples."""
-    from train.samples import DataStats, load_splits
+    9 repeated to 24 (each twice, 6 of them a third time); only a count given by name repeats."""
+    from train.samples import DataStats, load_splits, named_counts, oversample
 
     f = tmp_path / "chat.jsonl"
     f.write_text("".join(json.dumps({"rounds": [{"question": f"q{i}", "answer": f"a{i}"}]}) + "\n" for i in range(10)))
+    assert named_counts("shapes:2400,jsonl:25") == {"shapes", "jsonl"} and named_counts("160") == set()
     stats = DataStats()
     train, val = load_splits(["jsonl"], str(f), {"jsonl": 25}, 0.1, 0, 8, stats)
+    train = oversample(train, val, {"jsonl": 25}, 0, stats)
     qs = [c.rounds[0].question for c in train["jsonl"]]
     held = {c.rounds[0].question for c in val["jsonl"]}
     assert len(qs) == 24 and len(held) == 1 and not held & set(qs)
     counts = sorted(qs.count(q) for q in set(qs))
     assert len(counts) == 9 and counts == [2] * 3 + [3] * 6
     assert stats.as_dict()["jsonl/repeated"] == 24
-    train, val = load_splits(["jsonl"], str(f), {"jsonl": 5}, 0.2, 0, 8, DataStats())
-    assert len(train["jsonl"]) + len(val["jsonl"]) == 5
+    assert oversample(train, val, {"jsonl": 10}, 0, DataStats()) == train  # not above the size: unchanged

@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", default=None, help="root of the data sets (see train/data/__init__.py); not needed for shapes")
     g.add_argument("--dataset_names", nargs="+", default=["shapes"], help="data sets to blend (space or comma separated)")
     g.add_argument("--dataset_samples", default="all", help="'all', a count for every set, or name:count,... "
-                   "(for shapes: how many conversations to generate; 'all' = 2000; for another set, a count above its "
-                   "size repeats its training share)")
+                   "(for shapes: how many conversations to generate; 'all' = 2000; another set given a count of its own "
+                   "above its size, e.g. jsonl:3000, repeats its training share)")
     g.add_argument("--dataset_concatenate_samples", default="paper", help="conversations packed into one training sample: "
                    "'paper' (llava 3, llava_dial 2, others 1), a number, or name:count,...")
     g.add_argument("--val_ratio", type=float, default=0.1, help="share held out for validation (shapes: size of its validation split)")

@@ -146,11 +146,6 @@ def load_splits(names: list[str], data_path: str | None, counts: dict[str, int |
                 keep = sorted(random.Random(seed + 7919 * i).sample(range(len(convs)), n))
                 convs = [convs[j] for j in keep]
             train[name], val[name] = _split_conversations(convs, val_ratio, seed + i)
-            if n is not None and n > len(convs) and train[name]:
-                # more than the set holds: its training share repeats (whole passes, then a seeded
-                # sample of the rest); the validation share never does, and never joins training
-                train[name] = _repeat(train[name], n - len(val[name]), seed + 7919 * i)
-                stats.add(f"{name}/repeated", len(train[name]))
         for k, v in st.items():
             if k.startswith("skipped_"):
                 stats.add(f"{name}/{k}", v)
@@ -158,11 +153,27 @@ def load_splits(names: list[str], data_path: str | None, counts: dict[str, int |
     return train, val
 
 
-def _repeat(convs: list, n: int, seed: int) -> list:
-    """``n`` conversations from ``convs``: every one ``n // len`` times, plus a seeded sample of the rest."""
-    whole, rest = divmod(n, len(convs))
-    extra = sorted(random.Random(seed).sample(range(len(convs)), rest))
-    return convs * whole + [convs[j] for j in extra]
+def named_counts(value: str) -> set[str]:
+    """The set names that ``--dataset_samples`` gives a count of their own (``name:N``)."""
+    return {part.rpartition(":")[0] for part in str(value).replace(" ", "").split(",") if ":" in part}
+
+
+def oversample(train: dict[str, list], val: dict[str, list], counts: dict[str, int | None], seed: int,
+               stats: DataStats) -> dict[str, list]:
+    """A file set asked by name for more conversations than it holds (``jsonl:3000`` of 379) repeats
+    its training share up to the count less its validation share: every conversation the same
+    number of times, then a seeded sample of the rest. The validation share never repeats and never
+    joins training. Runs after the image checks, so a bad image is counted once."""
+    out = dict(train)
+    for i, (name, n) in enumerate(counts.items()):
+        convs = train.get(name) or []
+        if name in GENERATED or n is None or not convs or n <= len(convs) + len(val.get(name, [])):
+            continue
+        whole, rest = divmod(n - len(val.get(name, [])), len(convs))
+        extra = sorted(random.Random(seed + 104729 * (i + 1)).sample(range(len(convs)), rest))
+        out[name] = convs * whole + [convs[j] for j in extra]
+        stats.add(f"{name}/repeated", len(out[name]))
+    return out
 
 
 def check_images(split: dict[str, list[Conversation]], stats: DataStats, cache: dict) -> dict[str, list]:
@@ -218,6 +229,8 @@ def build_samples(names: list[str], data_path: str | None, *, template: Template
     train, val = load_splits(names, data_path, counts, val_ratio, seed, max_images, stats)
     cache: dict = {}
     train, val = check_images(train, stats, cache), check_images(val, stats, cache)
+    named = named_counts(samples)
+    train = oversample(train, val, {k: v for k, v in counts.items() if k in named}, seed, stats)
     train = pack(train, concat_counts, max_images=max_images, seed=seed)
     val = pack(val, concat_counts, max_images=max_images, seed=seed + 1)
     tr = render_samples(train, template, max_seq_len, stats)
