@@ -327,3 +327,21 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
     p = run_train(tmp_path, "--projection_init_scale", "1e38", "--max_steps", "6", "--engine", "torch",
                   "--eval_every", "0", check=False)
     assert p.returncode != 0 and "training diverged" in p.stderr, p.stderr[-3000:]
+
+
+def test_fit_schedule_to_time_ends_the_decay_on_time(tmp_path):
+    """A budget that fits fewer steps than planned: the schedule shrinks to it, so the run ends its
+    cosine decay (lr near 0 at the last step) instead of stopping at a high lr."""
+    flags = ("--max_steps", "60", "--sleep_per_step", "0.1", "--max_train_minutes", "0.06", "--log_every", "1")
+    fitted = _train_in_process(tmp_path / "fit", *flags, "--fit_schedule_to_time")
+    plain = _train_in_process(tmp_path / "plain", *flags)
+    assert fitted["planned_steps"] == plain["planned_steps"] == 60
+    assert 10 < fitted["steps"] == fitted["total_steps"] < 60, fitted
+    assert plain["steps"] < plain["total_steps"] == 60  # stopped mid-schedule
+
+    def last_lr(out):
+        with open(out / "metrics.jsonl") as f:
+            return [json.loads(x) for x in f if '"lr"' in x][-1]["lr"]
+
+    peak = 0.01  # the smoke preset's lr
+    assert last_lr(tmp_path / "fit") < 0.1 * peak < last_lr(tmp_path / "plain"), (last_lr(tmp_path / "fit"), last_lr(tmp_path / "plain"))

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (output_dir/tensorboard)")
     g.add_argument("--max_train_minutes", type=float, default=0, help="stop (checkpoint, evaluate, export) once training "
                    "has run this long (0: no limit); --resume auto continues later")
+    g.add_argument("--fit_schedule_to_time", action="store_true", help="with --max_train_minutes: shorten the "
+                   "schedule to the steps that fit in the time (measured after 10, 20, 40, ... steps), so the lr decay "
+                   "ends on time instead of the run stopping mid-schedule")
     g.add_argument("--log_every", type=int, default=1, help="write metrics.jsonl every N steps")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar")
     g.add_argument("--sleep_per_step", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow a run down to kill it

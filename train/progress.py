@@ -34,6 +34,12 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, unit="step", desc="train", dynamic_ncols=True, smoothing=0.1)
 
+    def set_total(self, total: int) -> None:
+        """The run's number of steps changed (``--fit_schedule_to_time``)."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def _write(self, rec: dict) -> None:
         if self.main:
             with open(self.path, "a") as f:

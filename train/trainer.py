@@ -324,13 +324,16 @@ class Batcher:
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
 
 
-def lr_lambda(total: int, warmup: int, kind: str):
+def lr_lambda(total: int | list, warmup: int, kind: str):
+    """The lr multiplier at a step. ``total`` may be a one-item list, read at every step, so the
+    schedule can be shortened while it runs (``--fit_schedule_to_time``)."""
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
         if kind == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        n = total[0] if isinstance(total, list) else total
+        progress = min(1.0, (step - warmup) / max(1, n - warmup))
         if kind == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -495,7 +498,8 @@ def train(args) -> dict:
         emb_lr = args.lr if args.embedding_lr is None else args.embedding_lr
         groups.append({"params": [vcm.embed_tokens.weight], "lr": emb_lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=plan.betas, weight_decay=args.weight_decay, eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, args.scheduler))
+    sched_total = [total]  # shortened in the loop under --fit_schedule_to_time
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sched_total, warmup, args.scheduler))
 
     engine = None
     if plan.engine == "deepspeed":
@@ -583,6 +587,18 @@ def train(args) -> dict:
     step = start_step
     last_val = client.get("last_val", val_first)
     stop_early = False
+    fit_to_time = bool(args.fit_schedule_to_time and args.max_train_minutes)
+    planned, next_fit, pace_from = total, 10, None  # pace measured from the 5th step (the first are slower)
+
+    def fitted_total(done: int) -> int:
+        """Steps that fit in the time budget at this run's pace so far (evaluations included), at
+        least one more, at most the planned number; the same on every rank (rank 0's)."""
+        now = time.time()
+        left = 60 * args.max_train_minutes - wall_before - (now - t_loop)
+        per_step = (now - pace_from[1]) / max(1, done - pace_from[0])
+        est = max(done + 1, min(planned, done + int(0.97 * left / per_step)))
+        return int(D.broadcast_object(est))
+
     while step < total:
         t0 = time.time()
         loss_sum = n_sum = tok = 0.0
@@ -604,6 +620,16 @@ def train(args) -> dict:
             sched.step()
             opt.zero_grad(set_to_none=True)
         step += 1
+        if fit_to_time and step - start_step == 5:
+            pace_from = (step, time.time())
+        if fit_to_time and step - start_step >= next_fit:
+            next_fit *= 2
+            new_total = fitted_total(step)
+            if new_total != total:
+                log.info("--fit_schedule_to_time: %d steps fit in --max_train_minutes %s (planned %d)", new_total,
+                         args.max_train_minutes, planned)
+                total = sched_total[0] = new_total
+                prog.set_total(total)
         if args.max_train_minutes and (wall_before + time.time() - t_loop) > 60 * args.max_train_minutes and step < total:
             log.warning("--max_train_minutes %s reached at step %d of %d: stopping early (resume with a larger "
                         "budget to finish the schedule)", args.max_train_minutes, step, total)
@@ -637,7 +663,7 @@ def train(args) -> dict:
             break
     prog.close()
     wall = wall_before + time.time() - t_loop
-    summary = {"steps": step, "total_steps": total, "val_loss_first": val_first, "val_loss_last": last_val,
+    summary = {"steps": step, "total_steps": total, "planned_steps": planned, "val_loss_first": val_first, "val_loss_last": last_val,
                "val_loss_best": best if best < float("inf") else None, "best_step": best_step,
                "tokens_seen": tokens_seen, "train_wall_time_s": round(wall, 1),
                "tokens_per_s": round(tokens_seen / max(wall, 1e-9), 1), "total_time_s": round(time.time() - t_start, 1),
