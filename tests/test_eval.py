@@ -2,7 +2,7 @@ import csv
 import json
 
 from tests.conftest import color_image
-from train.eval import normalise, run_conversations, score_shapes
+from train.eval import described_objects, normalise, object_f1, run_conversations, score_shapes
 
 
 class ScriptedVC:
@@ -34,6 +34,24 @@ def test_shapes_scoring_counts_exact_matches():
     assert res["accuracy"]["single"]["accuracy"] == 0.0
     n_single = res["accuracy"]["single"]["n"]
     assert res["accuracy"]["all"]["accuracy"] == 1 - n_single / res["accuracy"]["all"]["n"]
+
+
+def test_describe_questions_get_an_object_f1():
+    from train.data.shapes import generate
+
+    script = [(r.question, r.answer, t) for s in generate("test", 30)
+              for r, t in zip(s.conversation.rounds, s.round_types)]
+    res = score_shapes(ScriptedVC(script), n=30, progress=False)
+    described = [k for k in res["accuracy"] if k.endswith("/describe")]
+    assert described and all(res["accuracy"][k]["object_f1"] == 1.0 for k in described)
+    assert all("object_f1" not in v for k, v in res["accuracy"].items() if not k.endswith("/describe"))
+
+
+def test_object_f1_gives_partial_credit():
+    assert described_objects("A red circle, a blue star and a red circle.") == {("red", "circle"): 2, ("blue", "star"): 1}
+    assert object_f1("a red circle and a green square", "a red circle, a blue star and a green square") == 0.8
+    assert object_f1("a blue circle", "a red circle") == 0.0 and object_f1("The answer is 1", "a red circle") == 0.0
+    assert object_f1("a red circle, a red circle", "a red circle") == 2 * 0.5 * 1 / 1.5  # repeats are not free
 
 
 def test_normalise():

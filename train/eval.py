@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from tqdm import tqdm
 
@@ -33,11 +33,33 @@ def normalise(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 
 
+def described_objects(text: str) -> Counter:
+    """The (colour, shape) pairs a description names: "a red circle, a blue star and a red circle"
+    -> {("red", "circle"): 2, ("blue", "star"): 1}. Words that are not a colour followed by a shape
+    are ignored."""
+    from train.data.shapes import COLORS, SHAPES
+
+    words = normalise(text).replace(",", " ").split()
+    return Counter((a, b) for a, b in zip(words, words[1:]) if a in COLORS and b.rstrip("s") in SHAPES)
+
+
+def object_f1(answer: str, expected: str) -> float:
+    """F1 of the objects an answer names against the expected description (partial credit for
+    "describe" questions, which exact match scores only when every object is right)."""
+    got, want = described_objects(answer), described_objects(expected)
+    hit = sum((got & want).values())
+    if not hit:
+        return 0.0
+    p, r = hit / sum(got.values()), hit / sum(want.values())
+    return 2 * p * r / (p + r)
+
+
 def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, progress: bool = True) -> dict:
     """Exact-match accuracy of ``vc`` on the first ``n`` conversations of the shapes test split."""
     from train.data.shapes import SHAPES_VERSION, category, generate
 
     hits: dict[str, list[int]] = defaultdict(list)
+    f1s: dict[str, list[float]] = defaultdict(list)
     examples = []
     for sample in tqdm(generate("test", n, seed), desc="eval", disable=not progress):
         conv = sample.materialize()
@@ -47,9 +69,13 @@ def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, prog
             ok = int(normalise(answer) == normalise(rnd.answer))
             for key in (tag, category(tag), "all"):
                 hits[key].append(ok)
+            if tag.endswith("/describe"):
+                f1s[tag].append(object_f1(answer, rnd.answer))
             if len(examples) < 20:
                 examples.append({"type": tag, "question": rnd.question, "expected": rnd.answer, "answer": answer})
     acc = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items())}
+    for k, v in f1s.items():
+        acc[k]["object_f1"] = sum(v) / len(v)
     return {"shapes_version": SHAPES_VERSION, "n_conversations": n, "seed": seed,
             "checkpoint": getattr(vc, "path", None), "accuracy": acc, "examples": examples}
 
@@ -58,6 +84,9 @@ def print_table(result: dict, file=sys.stdout) -> None:
     print("| question type | accuracy | rounds |\n|---|---|---|", file=file)
     for k, v in result["accuracy"].items():
         print(f"| {k} | {100 * v['accuracy']:.1f}% | {v['n']} |", file=file)
+    for k, v in result["accuracy"].items():
+        if "object_f1" in v:
+            print(f"{k}: object F1 {100 * v['object_f1']:.1f}% (partial credit: the colour-shape pairs named)", file=file)
 
 
 def resolve(path: str, image_root: str) -> str:
