@@ -24,7 +24,8 @@ out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+# the wheels in .whl/ are for the device's Python 3.12; a dry run elsewhere uses what is installed
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "installing the carried wheels failed"; exit 100; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
