@@ -531,10 +531,13 @@ def train(args) -> dict:
         with autocast if engine is None else contextlib.nullcontext():
             return (engine or module)(**batch)
 
+    eval_seconds = [0.0]  # the last evaluation's duration (--fit_schedule_to_time keeps room for the final one)
+
     @torch.no_grad()
     def evaluate() -> float | None:
         if not val_s:
             return None
+        t_eval = time.time()
         module.eval()
         per_rank = math.ceil(len(val_s) / (plan.world * plan.micro))
         tot = cnt = 0.0
@@ -551,6 +554,7 @@ def train(args) -> dict:
             cnt += n * weight
         module.train()
         tot, cnt = D.all_reduce_sum([tot, cnt])
+        eval_seconds[0] = time.time() - t_eval
         return tot / max(cnt, 1.0)
 
     def export(path: str, extra_info: dict) -> None:
@@ -594,7 +598,7 @@ def train(args) -> dict:
         """Steps that fit in the time budget at this run's pace so far (evaluations included), at
         least one more, at most the planned number; the same on every rank (rank 0's)."""
         now = time.time()
-        left = 60 * args.max_train_minutes - wall_before - (now - t_loop)
+        left = 60 * args.max_train_minutes - wall_before - (now - t_loop) - eval_seconds[0]  # room for the last eval
         per_step = (now - pace_from[1]) / max(1, done - pace_from[0])
         est = max(done + 1, min(planned, done + int(0.97 * left / per_step)))
         return int(D.broadcast_object(est))
