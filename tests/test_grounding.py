@@ -79,3 +79,14 @@ def test_projection_lr_is_the_projection_groups_own(tmp_path):
     fit, t = weights(tmp_path / "fit" / "final"), weights(tmp_path / "t" / "final")
     assert torch.equal(fit["projection.weight"], t["projection.weight"])
     assert not torch.equal(fit["embed_tokens.weight"], t["embed_tokens.weight"])
+
+
+def test_grounded_start_without_a_feature_cache(tmp_path):
+    """With --feature_cache off the fit encodes the scenes itself: the same fit as from the (fp16) cache."""
+    from tests.test_train_run import _train_in_process
+
+    cached = _train_in_process(tmp_path / "c", "--projection_init", "grounded", "--lr", "0", "--max_steps", "1")
+    direct = _train_in_process(tmp_path / "d", "--projection_init", "grounded", "--lr", "0", "--max_steps", "1",
+                               "--feature_cache", "off")
+    assert direct["grounding"]["images"] == cached["grounding"]["images"]
+    assert abs(direct["grounding"]["r2"] - cached["grounding"]["r2"]) < 0.01, (direct["grounding"], cached["grounding"])

@@ -77,10 +77,10 @@ def fit_projection(feats: torch.Tensor, targets: torch.Tensor, ridge: float = 1e
 def ground_projection(vcm, tok, samples, cache=None, max_images: int = 4000, ridge: float = 1e-2) -> dict:
     """Set ``vcm.projection`` to the ridge fit on the shapes images of ``samples`` (training samples
     only; at most ``max_images`` distinct scenes, first come first served). Features come from the
-    feature cache when it has them, else from the encoder. Returns a summary (images, tokens, R^2 of
+    feature cache when there is one (filling in any it lacks), else from the encoder. Returns a summary (images, tokens, R^2 of
     the fit). Raises ValueError when the samples hold no shapes scenes or the encoder's grid is not
     square."""
-    from .features import image_key, is_lazy, open_ref
+    from .features import encode, image_key, is_lazy, open_ref
 
     k = vcm.encoder.num_tokens
     grid = int(round(k ** 0.5))
@@ -103,20 +103,11 @@ def ground_projection(vcm, tok, samples, cache=None, max_images: int = 4000, rid
         for w in token_words(ref.scene, grid, ref.size):
             labels.append(vocab.setdefault(w, len(vocab)))
     table = word_targets(list(vocab), tok, base)  # [n_words, H]
-    feats = []
-    todo = []
-    for ref in refs:
-        key = image_key(ref)
-        if cache is not None and key is not None and cache.has(key):
-            feats.append(cache.get(key))
-        else:
-            feats.append(None)
-            todo.append(len(feats) - 1)
-    for i in range(0, len(todo), 16):
-        chunk = todo[i:i + 16]
-        enc = vcm.encoder.encode([open_ref(refs[j]) for j in chunk]).float().cpu()
-        for j, f in zip(chunk, enc):
-            feats[j] = f
+    if cache is not None:  # the trainer has filled it already: then this only checks
+        cache.fill(vcm.encoder, refs, progress=False)
+        feats = [cache.get(image_key(ref)) for ref in refs]
+    else:
+        feats = [f for i in range(0, len(refs), 16) for f in encode(vcm.encoder, [open_ref(r) for r in refs[i:i + 16]])]
     x = torch.cat([f.reshape(-1, f.shape[-1]).float() for f in feats])  # [n*K, D]
     y = table[torch.tensor(labels)]
     w, b = fit_projection(x, y, ridge)
