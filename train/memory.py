@@ -98,7 +98,8 @@ def vision_shape(spec: str) -> tuple[int, int]:
     if spec.startswith("efficientnet-lite0:"):
         from visualchat.encoders.efficientnet import parse_taps, taps_width
 
-        return KNOWN_VISION["efficientnet-lite0"][0], taps_width(parse_taps(spec.split(":", 1)[1]))
+        taps, grid = parse_taps(spec.split(":", 1)[1])
+        return KNOWN_VISION["efficientnet-lite0"][0], taps_width(taps, grid)
     if spec.startswith("clip:"):
         try:
             from transformers import CLIPVisionConfig

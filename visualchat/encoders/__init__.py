@@ -6,7 +6,7 @@ from .base import VisionEncoder
 
 SPECS = (
     '"efficientnet-lite0" (or "default")',
-    '"efficientnet-lite0:<taps>" (e.g. "efficientnet-lite0:stage5+head+pos")',
+    '"efficientnet-lite0:<taps>[@<grid>]" (e.g. "efficientnet-lite0:stage5+head+pos" or "efficientnet-lite0:head@3")',
     '"clip:<local path or hub id>"',
     '"qwen-vl:<directory of a Qwen-VL safetensors checkpoint>"',
 )
@@ -22,7 +22,8 @@ def build_encoder(spec: str, **kw) -> VisionEncoder:
     if kind == "efficientnet-lite0" and arg:
         from .efficientnet import EfficientNetLite0, parse_taps
 
-        return EfficientNetLite0(taps=parse_taps(arg), **kw)
+        taps, grid = parse_taps(arg)
+        return EfficientNetLite0(taps=taps, grid=grid, **kw)
     if kind == "clip" and arg:
         from .clip import CLIPEncoder
 

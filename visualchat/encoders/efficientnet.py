@@ -82,11 +82,11 @@ class MBConv(nn.Module):
         return x + h if self.skip else h
 
 
-def position_code(n: int, dtype, device) -> torch.Tensor:
-    """``[n, 14, 7, 7]``: channel r is 1 on grid row r, channel 7 + c is 1 on grid column c."""
-    eye = torch.eye(GRID, dtype=dtype, device=device)
-    rows = eye[:, :, None].expand(GRID, GRID, GRID)  # [r, row, col]
-    cols = eye[:, None, :].expand(GRID, GRID, GRID)  # [c, row, col]
+def position_code(n: int, dtype, device, grid: int = 7) -> torch.Tensor:
+    """``[n, 2 * grid, grid, grid]``: channel r is 1 on grid row r, channel grid + c is 1 on grid column c."""
+    eye = torch.eye(grid, dtype=dtype, device=device)
+    rows = eye[:, :, None].expand(grid, grid, grid)  # [r, row, col]
+    cols = eye[:, None, :].expand(grid, grid, grid)  # [c, row, col]
     return torch.cat([rows, cols]).unsqueeze(0).expand(n, -1, -1, -1)
 
 
@@ -106,42 +106,53 @@ def default_weights_path() -> str:
 #: 320 ch at 7x7), the 1280-ch head (the plain spec's only tap), and ``pos``: a fixed 2D position code
 #: (one-hot row + one-hot column of the 7x7 grid, 14 dims) so the projection can tell the tokens'
 #: places apart (a CNN's features carry little absolute position, unlike a ViT's).
+#: A suffix ``@g`` average-pools every map to a g x g grid (g*g tokens instead of 49; e.g. ``head@3``
+#: gives one token per cell of a 3x3 layout, 5x fewer image tokens); ``pos`` then codes that grid.
 TAPS = {"stage4": (7, 80), "stage5": (10, 112), "stage6": (14, 192), "stage7": (15, 320), "head": (None, 1280),
-        "pos": (None, 14)}
+        "pos": (None, None)}
 GRID = 7
 
 
-def parse_taps(arg: str) -> tuple[str, ...]:
-    """``"stage5+head+pos"`` -> ``("stage5", "head", "pos")``; a clear error for an unknown or repeated tap."""
-    taps = tuple(t.strip() for t in arg.split("+"))
+def parse_taps(arg: str) -> tuple[tuple[str, ...], int]:
+    """``"stage5+head+pos"`` -> ``(("stage5", "head", "pos"), 7)``, ``"head@3"`` -> ``(("head",), 3)``;
+    a clear error for an unknown or repeated tap or a grid outside 1..7."""
+    names, at, g = arg.partition("@")
+    taps = tuple(t.strip() for t in names.split("+"))
     bad = [t for t in taps if t not in TAPS]
     if bad or not taps or len(set(taps)) != len(taps) or taps == ("pos",):
         raise ValueError(f"bad EfficientNet-Lite0 feature taps {arg!r}: join distinct taps from "
-                         f"{', '.join(TAPS)} with '+' (and at least one that is not 'pos'), e.g. 'stage5+head+pos'")
-    return taps
+                         f"{', '.join(TAPS)} with '+' (and at least one that is not 'pos'), e.g. 'stage5+head+pos', "
+                         f"optionally followed by '@<grid>' (e.g. 'head@3')")
+    if not at:
+        return taps, GRID
+    if not g.strip().isdigit() or not 1 <= int(g) <= GRID:
+        raise ValueError(f"bad EfficientNet-Lite0 grid in {arg!r}: '@' takes a whole number from 1 to {GRID} "
+                         f"(the side of the pooled token grid), e.g. 'head@3'")
+    return taps, int(g)
 
 
-def taps_width(taps: tuple[str, ...]) -> int:
-    """Channels per token of a tap set (the encoder's ``hidden_size``)."""
-    return sum(TAPS[t][1] for t in taps)
+def taps_width(taps: tuple[str, ...], grid: int = GRID) -> int:
+    """Channels per token of a tap set on a ``grid`` x ``grid`` token grid (the encoder's ``hidden_size``)."""
+    return sum(2 * grid if t == "pos" else TAPS[t][1] for t in taps)
 
 
 class EfficientNetLite0(VisionEncoder):
     """Frozen EfficientNet-Lite0: 224 px image -> 49 tokens (its 7x7 grid). The plain spec gives the
     1280-ch head feature map, ``[n, 49, 1280]``; ``taps`` (see :data:`TAPS`) concatenates other
-    layers and the position code per token instead."""
+    layers and the position code per token instead, and ``grid`` < 7 average-pools the maps to
+    ``grid * grid`` tokens."""
 
     name = "efficientnet-lite0"
-    num_tokens = GRID * GRID
     image_size = 224
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
     def __init__(self, weights_path: str | None = None, pretrained: bool = True, tf_same: bool = True,
-                 taps: tuple[str, ...] = ("head",)):
+                 taps: tuple[str, ...] = ("head",), grid: int = GRID):
         super().__init__()
-        self.taps = parse_taps("+".join(taps))
-        self.hidden_size = taps_width(self.taps)
+        self.taps, self.grid = parse_taps("+".join(taps) + f"@{grid}")
+        self.num_tokens = self.grid * self.grid
+        self.hidden_size = taps_width(self.taps, self.grid)
         self._conv_stem = SameConv2d(3, 32, 3, 2, tf_same=tf_same)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks = []
@@ -161,18 +172,23 @@ class EfficientNetLite0(VisionEncoder):
         self.eval()
 
     def spec(self) -> str:
-        return "efficientnet-lite0" if self.taps == ("head",) else "efficientnet-lite0:" + "+".join(self.taps)
+        if self.taps == ("head",) and self.grid == GRID:
+            return "efficientnet-lite0"
+        return "efficientnet-lite0:" + "+".join(self.taps) + (f"@{self.grid}" if self.grid != GRID else "")
 
     def _trunk(self, pixel_values: torch.Tensor, keep=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Stem and blocks: the last block's output [n, 320, 7, 7], and the outputs of the blocks in
-        ``keep`` (by index), pooled to 7x7."""
+        ``keep`` (by index), pooled to the token grid."""
         x = F.relu6(self._bn0(self._conv_stem(pixel_values)))  # [n, 32, 112, 112]
         kept = {}
         for i, block in enumerate(self._blocks):
             x = block(x)  # ... -> [n, 320, 7, 7]
             if i in keep:
-                kept[i] = F.adaptive_avg_pool2d(x, GRID) if x.shape[-1] != GRID else x
+                kept[i] = self._pool(x)
         return x, kept
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, self.grid) if x.shape[-1] != self.grid else x
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu6(self._bn1(self._conv_head(x)))  # [n, 1280, 7, 7]
@@ -182,14 +198,15 @@ class EfficientNetLite0(VisionEncoder):
         return self._head(self._trunk(pixel_values)[0])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, 224, 224] -> [n, 49, hidden_size]: the taps' 7x7 maps, concatenated per token."""
+        """[n, 3, 224, 224] -> [n, grid * grid, hidden_size]: the taps' maps, pooled to the grid and
+        concatenated per token."""
         x, maps = self._trunk(pixel_values, {TAPS[t][0] for t in self.taps if t not in ("head", "pos")})
         parts = []
         for t in self.taps:
             if t == "head":
-                parts.append(self._head(x))
+                parts.append(self._pool(self._head(x)))
             elif t == "pos":
-                parts.append(position_code(x.shape[0], x.dtype, x.device))
+                parts.append(position_code(x.shape[0], x.dtype, x.device, self.grid))
             else:
                 parts.append(maps[TAPS[t][0]])
         return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
