@@ -104,7 +104,7 @@ def default_weights_path() -> str:
 #: Feature taps ``efficientnet-lite0:<taps>`` can join with "+": the output of a stage of the B0
 #: layout (stage4 80 ch and stage5 112 ch at 14x14, average-pooled to 7x7; stage6 192 ch and stage7
 #: 320 ch at 7x7), the 1280-ch head (the plain spec's only tap), and ``pos``: a fixed 2D position code
-#: (one-hot row + one-hot column of the 7x7 grid, 14 dims) so the projection can tell the tokens'
+#: (one-hot row + one-hot column of the token grid, 14 dims on 7x7) so the projection can tell the tokens'
 #: places apart (a CNN's features carry little absolute position, unlike a ViT's).
 #: A suffix ``@g`` average-pools every map to a g x g grid (g*g tokens instead of 49; e.g. ``head@3``
 #: gives one token per cell of a 3x3 layout, 5x fewer image tokens); ``pos`` then codes that grid.
