@@ -25,7 +25,7 @@ from bench.common import write_json  # noqa: E402
 
 @torch.no_grad()
 def readout(vc, scenes, colors) -> dict:
-    from train.data.shapes import draw
+    from train.data.shapes import color_qa, draw
     from visualchat.template import Conversation, Round
 
     tok = vc.tokenizer
@@ -35,7 +35,7 @@ def readout(vc, scenes, colors) -> dict:
     picked = collections.Counter()
     for i, s in enumerate(scenes):
         obj = s.objects[0]
-        r = vc.template.render(Conversation([Round(images=["image"], question=f"What color is the {obj.shape} in Image 1?")]))
+        r = vc.template.render(Conversation([Round(images=["image"], question=color_qa(obj, 1)[0])]))
         ids = torch.tensor([r.input_ids], device=vc.device)
         is_img = torch.tensor([r.is_image], device=vc.device)
         for j, is_true in ((i, True), ((i + len(scenes) // 2) % len(scenes), False)):

@@ -31,7 +31,7 @@ from bench.common import write_json  # noqa: E402
 def make(out: str, draws: int, seed: int = 5) -> int:
     """Write ``out``/colour.jsonl and ``out``/images/; returns the number of conversations (a draw whose
     one-object scene is not a train-split scene is skipped)."""
-    from train.data.shapes import Scene, draw, random_scene, split_of
+    from train.data.shapes import Scene, color_qa, draw, random_scene, split_of
 
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rng, n = random.Random(seed), 0
@@ -43,9 +43,8 @@ def make(out: str, draws: int, seed: int = 5) -> int:
                 continue
             path = f"images/{i}.png"
             draw(s).save(os.path.join(out, path))
-            o = s.objects[0]
-            f.write(json.dumps({"rounds": [{"images": [path], "question": f"What color is the {o.shape} in Image 1?",
-                                            "answer": o.color}]}) + "\n")
+            question, answer = color_qa(s.objects[0], 1)
+            f.write(json.dumps({"rounds": [{"images": [path], "question": question, "answer": answer}]}) + "\n")
             n += 1
     return n
 
