@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --precision bf16 the frozen LM runs in bf16 under autocast), 'auto': deepspeed when installed")
     g.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage")
     g.add_argument("--offload", choices=("none", "cpu"), default="none", help="offload the optimizer (and for stage 3 the parameters) to CPU")
-    g.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="training precision")
+    g.add_argument("--precision", choices=("fp32", "fp16", "bf16", "auto"), default="fp32",
+                   help="training precision; 'auto': bf16 where the device supports it (CUDA, or a CPU with "
+                   "AVX-512 bf16 / AMX), else fp32 (what ran is recorded in the checkpoint's config)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute LM layer activations in backward")
     g.add_argument("--deepspeed_config", default=None, help="a DeepSpeed JSON whose keys override the generated config")
     g.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher

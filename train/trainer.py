@@ -125,6 +125,9 @@ def preflight(args) -> Plan:
         if isinstance(tb, int) and tb != micro * accum * world:
             raise TrainError(f"the DeepSpeed config's train_batch_size {tb} does not divide into micro-batch {micro} x "
                              f"accumulation {accum} x {world} process(es) = {micro * accum * world}")
+    if args.precision == "auto":  # resolved once, here, so everything after sees what runs
+        args.precision = "bf16" if bf16_supported(device) else "fp32"
+        log.info("--precision auto: %s on this %s", args.precision, device.type.upper())
     if args.precision == "fp16" and device.type != "cuda":
         raise TrainError("--precision fp16 needs a CUDA GPU (loss scaling on CPU is not supported); use bf16 or fp32")
     if args.precision == "bf16" and not bf16_supported(device):
@@ -242,7 +245,8 @@ def build_model(args, plan: Plan):
         from visualchat.checkpoint import CheckpointMismatch, load_trainable
 
         try:
-            load_trainable(vcm, args.init_from)
+            # another token grid of the same encoder is fine: the projection acts on each token
+            load_trainable(vcm, args.init_from, any_grid=True)
         except (OSError, ValueError, CheckpointMismatch) as e:
             raise TrainError(f"could not start from --init_from {args.init_from!r}: {e}") from None
     if args.precision == "bf16" and plan.engine == "torch":

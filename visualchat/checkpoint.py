@@ -65,8 +65,11 @@ def save_checkpoint(model, path: str, config: VisualChatConfig, extra: dict[str,
     config.save(path)
 
 
-def check_compatible(model, config: VisualChatConfig, path: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointMismatch` with the numbers when the checkpoint's base differs."""
+def check_compatible(model, config: VisualChatConfig, path: str = "checkpoint", any_grid: bool = False) -> None:
+    """Raise :class:`CheckpointMismatch` with the numbers when the checkpoint's base differs.
+    ``any_grid`` accepts another number of image tokens per image (the same encoder pooled to
+    another grid, e.g. ``efficientnet-lite0`` -> ``efficientnet-lite0:head@3``): the projection acts
+    on each token alone, so it fits any K; only a training start (``--init_from``) asks for this."""
     vocab, hidden = model.base_embedding.shape
     problems = []
     if config.vocab_size != vocab:
@@ -75,7 +78,7 @@ def check_compatible(model, config: VisualChatConfig, path: str = "checkpoint") 
         problems.append(f"hidden size {config.lm_hidden_size} vs the LM's {hidden}")
     if config.vision_hidden_size != model.encoder.hidden_size:
         problems.append(f"vision dim {config.vision_hidden_size} vs the encoder's {model.encoder.hidden_size}")
-    if config.image_tokens != model.encoder.num_tokens:
+    if config.image_tokens != model.encoder.num_tokens and not any_grid:
         problems.append(f"{config.image_tokens} image tokens vs the encoder's {model.encoder.num_tokens}")
     if problems:
         raise CheckpointMismatch(
@@ -91,11 +94,12 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_trainable(model, path: str, config: VisualChatConfig | None = None) -> dict[str, torch.Tensor]:
+def load_trainable(model, path: str, config: VisualChatConfig | None = None,
+                   any_grid: bool = False) -> dict[str, torch.Tensor]:
     """Check and load a checkpoint's projection and embedding into ``model``; returns the tensors
-    it did not consume (e.g. LoRA adapters)."""
+    it did not consume (e.g. LoRA adapters). ``any_grid``: see :func:`check_compatible`."""
     config = config or VisualChatConfig.load(path)
-    check_compatible(model, config, path)
+    check_compatible(model, config, path, any_grid)
     t = load_tensors(path)
     for name in ("projection.weight", "projection.bias"):
         if name not in t:
