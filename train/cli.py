@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_images_per_sample", type=int, default=8, help="most images in one training sample")
     g.add_argument("--init_from", default=None, help="start the projection and embedding from this checkpoint directory "
                    "(e.g. a first-stage run's final/) instead of a random projection")
+    g.add_argument("--vis_proj", default="linear",
+                   help="the trainable projection from vision features to LM rows: linear (default), baseline "
+                   "(Linear + LayerNorm, the original's), mlp (Linear, GELU, Linear: LLaVA-1.5's), perceiver[:N] (N "
+                   "learned latents, default 16, cross-attend to the image's tokens: N rows per image)")
     g.add_argument("--projection_init_scale", type=float, default=1.0,
                    help="multiply the projection's random initialisation by this (e.g. 0.001: image tokens start "
                    "near zero; see bench/RESULTS.md for what that did to MMCA's start)")
@@ -70,6 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "above its size, e.g. jsonl:3000, repeats its training share)")
     g.add_argument("--dataset_concatenate_samples", default="paper", help="conversations packed into one training sample: "
                    "'paper' (llava 3, llava_dial 2, others 1), a number, or name:count,...")
+    g.add_argument("--concatenate_draw", choices=("exact", "random"), default="exact",
+                   help="'exact': every sample packs the --dataset_concatenate_samples count of conversations; "
+                   "'random': a random 1..count per sample, drawn once per run with --seed (the original's "
+                   "DST.random_grouping, which gives the paper's Table 1 counts)")
+    g.add_argument("--over_max_images", choices=("cut", "drop"), default="cut",
+                   help="a conversation with more than --max_images_per_sample images: 'cut' keeps it within the "
+                   "limit (trailing rounds go; MIMIC-IT frames are spread evenly), 'drop' leaves it out (the paper)")
+    g.add_argument("--missing_image", choices=("skip_sample", "drop_image"), default="skip_sample",
+                   help="an image id missing from a MIMIC-IT SD/SN/TVC/VST images file: leave the sample out, or "
+                   "leave just that image out (the original; the paper). An image file missing on disk always "
+                   "leaves its sample out")
+    g.add_argument("--blend_llava_per_image", default="1", help="llava_otter_blend: LLaVA conversations per CGD "
+                   "image, a count or 'random' (1..all of them, the original's draw)")
+    g.add_argument("--blend_cgd_questions", default="all", help="llava_otter_blend: CGD questions per group, "
+                   "'all', a count or 'random' (1..all, the original's draw)")
+    g.add_argument("--skip_bad_lines", action="store_true", help="jsonl: a malformed line is logged with its file "
+                   "and line number, left out and counted instead of stopping the run")
+    g.add_argument("--data_debug_path", default=None, help="write a few training samples per data set as the model "
+                   "sees them (rendered prompt with image slots numbered, label mask, image references) to this "
+                   "folder, then train as usual")
     g.add_argument("--val_ratio", type=float, default=0.1, help="share held out for validation (shapes: size of its validation split)")
     g.add_argument("--seed", type=int, default=1234, help="seed for data order, splits and initialisation")
     g.add_argument("--feature_cache", default="auto", help="cache the frozen encoder's features on disk: 'auto' (on for shapes), "
@@ -91,8 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--global_batch_size", type=int, default=0, help="samples per optimizer step over all processes; if set, "
                    "must be divisible by per_device_batch_size x processes and sets --grad_accum_steps")
-    g.add_argument("--scheduler", choices=("cosine", "linear", "constant"), default="cosine", help="learning-rate schedule after warm-up")
+    g.add_argument("--scheduler", choices=("cosine", "linear", "constant", "cosine_with_restarts", "polynomial"),
+                   default="cosine", help="learning-rate schedule after warm-up (the original's transformers "
+                   "schedulers; 'constant' keeps the warm-up, as its constant_with_warmup)")
+    g.add_argument("--scheduler_cycles", type=float, default=1.0, help="cosine_with_restarts: number of hard restarts")
+    g.add_argument("--scheduler_power", type=float, default=1.0, help="polynomial: decay power (1: linear)")
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="share of the steps spent warming up linearly")
+    g.add_argument("--warmup_steps", type=int, default=None, help="warm-up length in optimizer steps "
+                   "(overrides --warmup_ratio)")
     g.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
 
@@ -121,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--output_dir", default="runs/train", help="where checkpoints, metrics.jsonl and plots go")
+    g.add_argument("--eval_batch_size", type=int, default=0, help="validation samples per micro-batch per process "
+                   "(0: --per_device_batch_size)")
     g.add_argument("--eval_every", type=int, default=100, help="validation loss every N optimizer steps (0: only at the end)")
     g.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many resumable checkpoints to keep")

@@ -125,11 +125,73 @@ def _split_conversations(convs: list[Conversation], val_ratio: float, seed: int)
     return [convs[i] for i in train], [convs[i] for i in val]
 
 
+#: What ``--over_max_images`` may be: ``cut`` keeps the sample within the limit (trailing rounds go;
+#: MIMIC-IT frames are spread evenly), ``drop`` leaves it out (the original's preprocessing; the paper).
+OVER_MAX_IMAGES = ("cut", "drop")
+#: What ``--missing_image`` may be, for sets whose images are looked up in an index (MIMIC-IT SD, SN,
+#: TVC, VST): ``skip_sample`` or ``drop_image`` (leave just that image out, as the original did).
+MISSING_IMAGE = ("skip_sample", "drop_image")
+#: Sets that take ``on_missing_image``.
+INDEXED_IMAGE_SETS = ("otter_mimicit_sd", "otter_mimicit_sn", "otter_mimicit_tvc", "otter_mimicit_vst")
+
+
+def parse_draw(value: Any, flag: str, allow_all: bool) -> int | str | None:
+    """``random`` / ``all`` (None) / a positive count, for the blend's draws."""
+    v = str(value).strip()
+    if v == "random":
+        return "random"
+    if v == "all" and allow_all:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{flag}: expected 'random'{', all' if allow_all else ''} or a count >= 1, got {value!r}")
+    return n
+
+
+def loader_options(name: str, *, over_max_images: str = "cut", missing_image: str = "skip_sample",
+                   blend_llava_per_image: Any = 1, blend_cgd_questions: Any = "all",
+                   skip_bad_lines: bool = False) -> dict:
+    """The options that data set ``name``'s loader takes from the data flags."""
+    if over_max_images not in OVER_MAX_IMAGES:
+        raise ValueError(f"--over_max_images must be one of {', '.join(OVER_MAX_IMAGES)}, got {over_max_images!r}")
+    if missing_image not in MISSING_IMAGE:
+        raise ValueError(f"--missing_image must be one of {', '.join(MISSING_IMAGE)}, got {missing_image!r}")
+    opts: dict = {}
+    if name in INDEXED_IMAGE_SETS:
+        opts["on_missing_image"] = "drop" if missing_image == "drop_image" else "skip"
+    if name == "llava_otter_blend":
+        opts["llava_per_image"] = parse_draw(blend_llava_per_image, "--blend_llava_per_image", allow_all=False)
+        opts["cgd_questions"] = parse_draw(blend_cgd_questions, "--blend_cgd_questions", allow_all=True)
+    if name == "jsonl" and skip_bad_lines:
+        opts["skip_bad_lines"] = True
+    return opts
+
+
+def _load_limited(name: str, data_path: str | None, max_images: int, over_max_images: str, opts: dict,
+                  st: dict) -> list[Conversation]:
+    """Load one set; with ``over_max_images="drop"`` the loader keeps every image and a conversation
+    with more than ``max_images`` (after any missing image was dropped) is left out and counted."""
+    if over_max_images == "cut":
+        return load_dataset(name, data_path, max_images=max_images, stats=st, **opts)
+    convs = load_dataset(name, data_path, max_images=None, stats=st, **opts)
+    kept = [c for c in convs if len(c.images) <= max_images]
+    if len(kept) < len(convs):
+        st["skipped_too_many_images"] = st.get("skipped_too_many_images", 0) + len(convs) - len(kept)
+        st["loaded"] = len(kept)
+    return kept
+
+
 def load_splits(names: list[str], data_path: str | None, counts: dict[str, int | None], val_ratio: float,
-                seed: int, max_images: int, stats: DataStats) -> tuple[dict[str, list], dict[str, list]]:
+                seed: int, max_images: int, stats: DataStats, *, over_max_images: str = "cut",
+                options: dict[str, dict] | None = None) -> tuple[dict[str, list], dict[str, list]]:
     """name -> conversations, for train and validation. Generated sets use their own validation split
-    (scenes disjoint from train); other sets hold out ``val_ratio`` of their conversations."""
+    (scenes disjoint from train); other sets hold out ``val_ratio`` of their conversations.
+    ``options``: name -> extra loader options (see :func:`loader_options`)."""
     train, val = {}, {}
+    options = options or {}
     for i, name in enumerate(names):
         n = counts.get(name)
         if name in GENERATED:
@@ -141,7 +203,7 @@ def load_splits(names: list[str], data_path: str | None, counts: dict[str, int |
                                      max_images=max_images) if n_val else []
         else:
             st = {}
-            convs = load_dataset(name, data_path, max_images=max_images, stats=st)
+            convs = _load_limited(name, data_path, max_images, over_max_images, options.get(name, {}), st)
             if n is not None and n < len(convs):
                 keep = sorted(random.Random(seed + 7919 * i).sample(range(len(convs)), n))
                 convs = [convs[j] for j in keep]
@@ -218,21 +280,90 @@ def render_samples(split: dict[str, list[Conversation]], template: Template, max
     return out
 
 
+def debug_text(sample: Sample, template: Template) -> str:
+    """One training sample as the model sees it: the prompt decoded token run by token run, each image
+    slot shown as ``<Image k: N tokens>`` (k = its number in the conversation), the tokens that carry
+    loss between ``[[`` and ``]]``, and the image references in slot order."""
+    tok = template.tokenizer
+    decode = getattr(tok, "decode", None)
+
+    def text(ids: list[int]) -> str:
+        if decode is not None:
+            return decode(ids)
+        return "".join(chr(i) for i in ids)  # a character tokenizer (tests)
+
+    parts: list[str] = []
+    i, n, image = 0, len(sample), 0
+    while i < n:
+        if sample.is_image[i]:
+            j = i
+            while j < n and sample.is_image[j] and j - i < template.k:
+                j += 1
+            image += 1
+            parts.append(f"<Image {image}: {j - i} tokens>")
+            i = j
+            continue
+        labelled = sample.labels[i] != IGNORE_INDEX
+        j = i
+        while j < n and not sample.is_image[j] and (sample.labels[j] != IGNORE_INDEX) == labelled:
+            j += 1
+        chunk = text(sample.input_ids[i:j])
+        parts.append(f"[[{chunk}]]" if labelled else chunk)
+        i = j
+    from train.data.validate import describe_ref
+
+    head = [f"data set: {sample.source}", f"tokens: {len(sample)}, with loss: {sample.n_labels}, images: {len(sample.images)}"]
+    head += [f"Image {k}: {describe_ref(r)}" for k, r in enumerate(sample.images, 1)]
+    return "\n".join(head) + "\n\n--- rendered (loss-bearing tokens in [[ ]]) ---\n" + "".join(parts) + "\n"
+
+
+def dump_debug_samples(samples: list[Sample], template: Template, path: str, per_set: int = 3) -> int:
+    """Write the first ``per_set`` samples of each data set (as trained, in file order) to
+    ``path/<set>_<i>.txt`` (see :func:`debug_text`); returns how many were written."""
+    import os
+
+    os.makedirs(path, exist_ok=True)
+    seen: Counter = Counter()
+    for s in samples:
+        if seen[s.source] >= per_set:
+            continue
+        with open(os.path.join(path, f"{s.source or 'data'}_{seen[s.source]}.txt"), "w", encoding="utf-8") as f:
+            f.write(debug_text(s, template))
+        seen[s.source] += 1
+    return sum(seen.values())
+
+
 def build_samples(names: list[str], data_path: str | None, *, template: Template, samples: str = "all",
                   concat: str = "paper", val_ratio: float = 0.1, seed: int = 0, max_images: int = 8,
-                  max_seq_len: int = 4096) -> tuple[list[Sample], list[Sample], DataStats]:
-    """(train samples, validation samples, counts of what was skipped and why)."""
+                  max_seq_len: int = 4096, concat_draw: str = "exact", over_max_images: str = "cut",
+                  missing_image: str = "skip_sample", blend_llava_per_image: Any = 1,
+                  blend_cgd_questions: Any = "all", skip_bad_lines: bool = False,
+                  conversations_out: dict | None = None) -> tuple[list[Sample], list[Sample], DataStats]:
+    """(train samples, validation samples, counts of what was skipped and why).
+
+    ``concat_draw``: ``exact`` packs the ``concat`` count of conversations per sample, ``random`` a
+    random 1..count (the original's); ``over_max_images``, ``missing_image``, the blend's draws and
+    ``skip_bad_lines``: see :func:`loader_options`. ``conversations_out``, if given, receives the packed
+    training conversations per set (name -> list, in the order of the returned samples' sources)."""
     check_datasets(names, data_path)
     counts = parse_per_set(samples, names, "--dataset_samples")
     concat_counts = parse_concat(concat, names)
+    opts = {n: loader_options(n, over_max_images=over_max_images, missing_image=missing_image,
+                              blend_llava_per_image=blend_llava_per_image, blend_cgd_questions=blend_cgd_questions,
+                              skip_bad_lines=skip_bad_lines) for n in names}
     stats = DataStats()
-    train, val = load_splits(names, data_path, counts, val_ratio, seed, max_images, stats)
+    train, val = load_splits(names, data_path, counts, val_ratio, seed, max_images, stats,
+                             over_max_images=over_max_images, options=opts)
     cache: dict = {}
     train, val = check_images(train, stats, cache), check_images(val, stats, cache)
     named = named_counts(samples)
     train = oversample(train, val, {k: v for k, v in counts.items() if k in named}, seed, stats)
-    train = pack(train, concat_counts, max_images=max_images, seed=seed)
-    val = pack(val, concat_counts, max_images=max_images, seed=seed + 1)
+    train = pack(train, concat_counts, max_images=max_images, seed=seed, draw=concat_draw)
+    val = pack(val, concat_counts, max_images=max_images, seed=seed + 1, draw=concat_draw)
+    for name, convs in train.items():
+        stats.add(f"{name}/packed_samples", len(convs))
+    if conversations_out is not None:
+        conversations_out.update(train)
     tr = render_samples(train, template, max_seq_len, stats)
     va = render_samples(val, template, max_seq_len, stats)
     stats.add("train_samples", len(tr))
@@ -241,3 +372,17 @@ def build_samples(names: list[str], data_path: str | None, *, template: Template
         raise ValueError("no training samples left after loading, image checks and length cuts: "
                          f"{stats.as_dict()}")
     return tr, va, stats
+
+
+def build_samples_from_args(args, names: list[str], template: Template, conversations_out: dict | None = None):
+    """:func:`build_samples` with the data flags of a ``python -m train`` namespace."""
+    return build_samples(
+        names, args.data_path, template=template, samples=args.dataset_samples,
+        concat=args.dataset_concatenate_samples, val_ratio=args.val_ratio, seed=args.seed,
+        max_images=args.max_images_per_sample, max_seq_len=args.max_seq_len,
+        concat_draw=getattr(args, "concatenate_draw", "exact"),
+        over_max_images=getattr(args, "over_max_images", "cut"),
+        missing_image=getattr(args, "missing_image", "skip_sample"),
+        blend_llava_per_image=getattr(args, "blend_llava_per_image", 1),
+        blend_cgd_questions=getattr(args, "blend_cgd_questions", "all"),
+        skip_bad_lines=getattr(args, "skip_bad_lines", False), conversations_out=conversations_out)

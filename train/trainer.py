@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import dist as D
-from .samples import GENERATED, Sample, build_samples, check_datasets, parse_names
+from .samples import GENERATED, Sample, build_samples_from_args, check_datasets, parse_names
 
 log = logging.getLogger("train")
 
@@ -161,6 +161,21 @@ def preflight(args) -> Plan:
         raise TrainError(f"--projection_lr must be a number >= 0, got {args.projection_lr}")
     if not 0 <= args.val_ratio < 1:
         raise TrainError("--val_ratio must be in [0, 1)")
+    if getattr(args, "warmup_steps", None) is not None and args.warmup_steps < 0:
+        raise TrainError(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise TrainError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if getattr(args, "eval_batch_size", 0) < 0:
+        raise TrainError(f"--eval_batch_size must be >= 0 (0: --per_device_batch_size), got {args.eval_batch_size}")
+    if getattr(args, "scheduler_cycles", 1.0) <= 0 or getattr(args, "scheduler_power", 1.0) <= 0:
+        raise TrainError("--scheduler_cycles and --scheduler_power must be > 0")
+    for flag, allow_all in (("blend_llava_per_image", False), ("blend_cgd_questions", True)):
+        try:
+            from .samples import parse_draw
+
+            parse_draw(getattr(args, flag, "1"), "--" + flag, allow_all)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
     betas = parse_betas(args.adam_betas)
     from .resume import find_resume, check_meta
 
@@ -236,11 +251,14 @@ def build_model(args, plan: Plan):
     except (OSError, ValueError, ImportError) as e:
         raise TrainError(f"could not load --vision {args.vision!r}: {e}") from None
     torch.manual_seed(args.seed)  # the projection's initialisation
-    vcm = VisualChatModel(lm, enc, args.attention)
+    try:
+        vcm = VisualChatModel(lm, enc, args.attention, args.vis_proj)
+    except ValueError as e:
+        raise TrainError(f"--vis_proj {args.vis_proj!r}: {e}") from None
     if args.projection_init_scale != 1.0:
         with torch.no_grad():
-            vcm.projection.weight.mul_(args.projection_init_scale)
-            vcm.projection.bias.mul_(args.projection_init_scale)
+            for p in vcm.projection.parameters():
+                p.mul_(args.projection_init_scale)
     if args.init_from:
         from visualchat.checkpoint import CheckpointMismatch, load_trainable
 
@@ -328,9 +346,18 @@ class Batcher:
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
 
 
-def lr_lambda(total: int | list, warmup: int, kind: str):
+SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts", "polynomial")
+
+
+def lr_lambda(total: int | list, warmup: int, kind: str, *, cycles: float = 1.0, power: float = 1.0):
     """The lr multiplier at a step. ``total`` may be a one-item list, read at every step, so the
-    schedule can be shortened while it runs (``--fit_schedule_to_time``)."""
+    schedule can be shortened while it runs (``--fit_schedule_to_time``). After a linear warm-up:
+    ``cosine`` / ``linear`` decay to 0, ``constant`` stays at 1, ``cosine_with_restarts`` runs
+    ``cycles`` cosine decays each restarting at 1, ``polynomial`` is ``(1 - progress) ** power``
+    (the original's transformers schedulers, with lr_end 0)."""
+    if kind not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {kind!r}; valid: {', '.join(SCHEDULERS)}")
+
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
@@ -340,8 +367,22 @@ def lr_lambda(total: int | list, warmup: int, kind: str):
         progress = min(1.0, (step - warmup) / max(1, n - warmup))
         if kind == "linear":
             return max(0.0, 1.0 - progress)
+        if kind == "polynomial":
+            return max(0.0, 1.0 - progress) ** power
+        if kind == "cosine_with_restarts":
+            if progress >= 1.0:
+                return 0.0
+            return 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return f
+
+
+def warmup_steps(args, total: int) -> int:
+    """``--warmup_steps`` if given (at most ``total``), else ``--warmup_ratio`` of ``total``."""
+    ws = getattr(args, "warmup_steps", None)
+    if ws is not None:
+        return min(int(ws), total)
+    return int(round(args.warmup_ratio * total))
 
 
 def deepspeed_config(args, plan: Plan) -> dict:
@@ -413,6 +454,21 @@ def train(args) -> dict:
     t_start = time.time()
     setup_logging(D.rank())
     plan = preflight(args)  # every check that needs no model and no data, before any set-up
+    from .lock import OutputDirLocked, OutputLock
+
+    lock = OutputLock(args.output_dir)
+    if plan.rank == 0:  # one run per output directory (rank 0 holds it for the whole job)
+        try:
+            lock.acquire()
+        except OutputDirLocked as e:
+            raise TrainError(str(e)) from None
+    try:
+        return _run(args, plan, t_start)
+    finally:
+        lock.release()
+
+
+def _run(args, plan: Plan, t_start: float) -> dict:
     if plan.engine == "deepspeed" or D.launched():
         D.init()
     os.makedirs(args.output_dir, exist_ok=True)
@@ -420,7 +476,7 @@ def train(args) -> dict:
     log.info("engine %s, %d process(es), device %s, micro-batch %d x accumulation %d = %d samples per step",
              plan.engine, plan.world, plan.device, plan.micro, plan.accum, plan.global_batch)
 
-    from visualchat.config import VisualChatConfig
+    from visualchat.model import config_for
     from visualchat.template import Template
 
     from . import lora as L
@@ -430,15 +486,17 @@ def train(args) -> dict:
     from .resume import Checkpointer, trainable_names
 
     vcm, tok, lm_spec = build_model(args, plan)
-    template = Template(tok, vcm.encoder.num_tokens)
+    template = Template(tok, vcm.image_tokens)
     try:
-        train_s, val_s, stats = build_samples(
-            plan.names, args.data_path, template=template, samples=args.dataset_samples,
-            concat=args.dataset_concatenate_samples, val_ratio=args.val_ratio, seed=args.seed,
-            max_images=args.max_images_per_sample, max_seq_len=args.max_seq_len)
+        train_s, val_s, stats = build_samples_from_args(args, plan.names, template)
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(str(e)) from None
     log.info("data: %s", stats.as_dict())
+    if getattr(args, "data_debug_path", None) and is_main:
+        from .samples import dump_debug_samples
+
+        n_dumped = dump_debug_samples(train_s, template, args.data_debug_path)
+        log.info("--data_debug_path: wrote %d samples to %s", n_dumped, args.data_debug_path)
 
     # features of the frozen encoder, once
     cache = None
@@ -492,7 +550,7 @@ def train(args) -> dict:
 
     n_train = len(train_s)
     total = args.max_steps or max(1, math.ceil(args.epochs * n_train / plan.global_batch))
-    warmup = int(round(args.warmup_ratio * total))
+    warmup = warmup_steps(args, total)
     proj = [p for p in vcm.projection.parameters() if p.requires_grad]
     groups = [{"params": proj, "lr": args.lr if args.projection_lr is None else args.projection_lr}]
     rest = [p for p in params if p is not vcm.embed_tokens.weight and all(p is not q for q in proj)]
@@ -503,7 +561,9 @@ def train(args) -> dict:
         groups.append({"params": [vcm.embed_tokens.weight], "lr": emb_lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=plan.betas, weight_decay=args.weight_decay, eps=1e-8)
     sched_total = [total]  # shortened in the loop under --fit_schedule_to_time
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sched_total, warmup, args.scheduler))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sched_total, warmup, args.scheduler,
+                                                             cycles=getattr(args, "scheduler_cycles", 1.0),
+                                                             power=getattr(args, "scheduler_power", 1.0)))
 
     engine = None
     if plan.engine == "deepspeed":
@@ -543,10 +603,11 @@ def train(args) -> dict:
             return None
         t_eval = time.time()
         module.eval()
-        per_rank = math.ceil(len(val_s) / (plan.world * plan.micro))
+        eb = getattr(args, "eval_batch_size", 0) or plan.micro
+        per_rank = math.ceil(len(val_s) / (plan.world * eb))
         tot = cnt = 0.0
         for i in range(per_rank):
-            idx = [(i * plan.world + plan.rank) * plan.micro + b for b in range(plan.micro)]
+            idx = [(i * plan.world + plan.rank) * eb + b for b in range(eb)]
             idx = [j for j in idx if j < len(val_s)]
             weight = 1.0
             if not idx:  # keep the ranks in step (ZeRO-3 gathers collectively): a dummy batch
@@ -562,11 +623,8 @@ def train(args) -> dict:
         return tot / max(cnt, 1.0)
 
     def export(path: str, extra_info: dict) -> None:
-        config = VisualChatConfig(
-            lm=lm_spec, vision=vcm.encoder.spec(), attention=args.attention, image_tokens=vcm.encoder.num_tokens,
-            vision_hidden_size=vcm.encoder.hidden_size, lm_hidden_size=vcm.embed_tokens.embedding_dim,
-            vocab_size=vcm.embed_tokens.num_embeddings, max_images=args.max_images_per_sample,
-            lora=lora_cfg, info={**info_base(), **extra_info})
+        config = config_for(vcm, lm_spec, max_images=args.max_images_per_sample, lora=lora_cfg,
+                            info={**info_base(), **extra_info})
         export_checkpoint(vcm, path, config, zero3=zero3, rank=plan.rank)
 
     def info_base() -> dict:

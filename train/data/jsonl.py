@@ -6,18 +6,26 @@
 ``images`` may be left out (no image in that round). Relative image paths are taken from the
 .jsonl file's folder; absolute paths and ``base64:<data>`` strings are kept as they are.
 ``data_path`` is a .jsonl file, or a folder: then every ``*.jsonl`` in it, in name order. Blank lines
-are ignored; any other malformed line raises ValueError naming the file and line number.
+are ignored; any other malformed line raises ValueError naming the file and line number, or, with
+``skip_bad_lines=True`` (``--skip_bad_lines``), is logged with its file, line number and fault, left
+out and counted (``stats["bad_lines"]``; the first few ``file:line`` are kept in ``bad_line_list``).
 """
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from typing import Any
 
 from visualchat.template import DEFAULT_SYSTEM, Conversation, Round
 
 from ._common import DEFAULT_MAX_IMAGES, LoadStats, limit_images
+
+log = logging.getLogger("train.data.jsonl")
+
+#: How many bad lines are named one by one in the log and in ``stats["bad_line_list"]``.
+BAD_LINES_NAMED = 20
 
 
 def jsonl_files(data_path: str) -> list[str]:
@@ -74,19 +82,39 @@ def parse_line(line: str, base: str, where: str) -> Conversation:
     return Conversation(rounds=rounds, system=system)
 
 
-def load_jsonl(data_path: str, *, max_images: int | None = DEFAULT_MAX_IMAGES,
+def load_jsonl(data_path: str, *, max_images: int | None = DEFAULT_MAX_IMAGES, skip_bad_lines: bool = False,
                stats: dict | None = None) -> list[Conversation]:
     st = LoadStats("jsonl")
     out = []
+    bad: list[str] = []
     for path in jsonl_files(data_path):
         base = os.path.dirname(os.path.abspath(path))
-        with open(path, "r", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
-                conv = limit_images(parse_line(line, base, f"{path}:{n}"), max_images)
+                try:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start})") from None
+                    parsed = parse_line(line, base, f"{path}:{n}")
+                except ValueError as e:
+                    if not skip_bad_lines:
+                        raise
+                    st.skip("bad_line")
+                    if len(bad) < BAD_LINES_NAMED:
+                        bad.append(f"{path}:{n}")
+                        log.warning("skipping bad line %s", e)
+                    continue
+                conv = limit_images(parsed, max_images)
                 if conv is None:
                     st.skip("too_many_images")
                     continue
                 out.append(conv)
-    return st.finish(out, stats)
+    if st.skipped["bad_line"] > len(bad):
+        log.warning("jsonl: %d bad lines skipped in all (the first %d named above)", st.skipped["bad_line"], len(bad))
+    out = st.finish(out, stats)
+    if stats is not None and bad:
+        stats["bad_line_list"] = bad
+    return out

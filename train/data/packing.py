@@ -6,7 +6,9 @@
   the second conversation become "Image n+1.."); the template numbers images by position, so no
   text needs rewriting. A sample never goes over ``max_images``: a conversation that would push
   it over starts the next sample instead. Only conversations with the same system prompt are
-  concatenated.
+  concatenated. With ``draw="random"`` each sample takes a random 1..k conversations instead (the
+  original's ``DST.random_grouping``: on average (k + 1) / 2, which is what gives the paper's Table 1
+  its counts, e.g. LLaVA's 100k conversations -> 49,924 samples with k = 3); the draw is seeded.
 - :func:`limit_images` drops whole trailing rounds to stay within ``max_images`` (default 8).
 - :func:`fit_to_length` drops whole trailing rounds until the rendered length fits.
 """
@@ -35,16 +37,25 @@ def concat(convs: Sequence[Conversation]) -> Conversation:
     return Conversation(rounds=[r for c in convs for r in c.rounds], system=convs[0].system)
 
 
+DRAWS = ("exact", "random")
+
+
 def pack_set(convs: Sequence[Conversation], k: int, *, max_images: int | None = DEFAULT_MAX_IMAGES,
-             seed: int | None = None) -> list[Conversation]:
+             seed: int | None = None, draw: str = "exact") -> list[Conversation]:
     """Concatenate up to ``k`` consecutive conversations (shuffled first with ``seed`` if given) into
-    each sample, without going over ``max_images``. A conversation that alone has too many images
-    loses its trailing rounds (or is left out, logged, if its first round already has too many)."""
+    each sample, without going over ``max_images``. ``draw="random"``: each sample's target is drawn
+    uniformly from 1..k (with ``seed``; 0 if None) instead of being k. A conversation that alone has
+    too many images loses its trailing rounds (or is left out, logged, if its first round already has
+    too many)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if draw not in DRAWS:
+        raise ValueError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
     items = list(convs)
     if seed is not None:
         random.Random(seed).shuffle(items)
+    rng = random.Random(0 if seed is None else seed + 15485863)
+    target = rng.randint(1, k) if draw == "random" else k
     out: list[Conversation] = []
     cur: list[Conversation] = []
     cur_images = 0
@@ -55,11 +66,13 @@ def pack_set(convs: Sequence[Conversation], k: int, *, max_images: int | None = 
             dropped += 1
             continue
         n = len(c.images)
-        fits = (len(cur) < k and (max_images is None or cur_images + n <= max_images)
+        fits = (len(cur) < target and (max_images is None or cur_images + n <= max_images)
                 and (not cur or c.system == cur[0].system))
         if cur and not fits:
             out.append(concat(cur) if len(cur) > 1 else cur[0])
             cur, cur_images = [], 0
+            if draw == "random":
+                target = rng.randint(1, k)
         cur.append(c)
         cur_images += n
     if cur:
@@ -71,16 +84,16 @@ def pack_set(convs: Sequence[Conversation], k: int, *, max_images: int | None = 
 
 def pack(conversations: Mapping[str, Sequence[Conversation]], per_set_counts: Mapping[str, int] | None = None, *,
          default_count: int = 1, max_images: int | None = DEFAULT_MAX_IMAGES,
-         seed: int | None = None) -> dict[str, list[Conversation]]:
+         seed: int | None = None, draw: str = "exact") -> dict[str, list[Conversation]]:
     """Pack every set of ``conversations`` (name -> conversations) with its count from
-    ``per_set_counts`` (default :data:`PAPER_COUNTS`; sets not named use ``default_count``).
-    Returns name -> training samples."""
+    ``per_set_counts`` (default :data:`PAPER_COUNTS`; sets not named use ``default_count``), exactly
+    that many per sample or (``draw="random"``) a random 1..count. Returns name -> training samples."""
     counts = PAPER_COUNTS if per_set_counts is None else per_set_counts
     unknown = set(counts) - set(conversations)
     if unknown:
         log.debug("packing: counts given for sets not loaded: %s", sorted(unknown))
     return {name: pack_set(convs, int(counts.get(name, default_count)), max_images=max_images,
-                           seed=None if seed is None else seed + i)
+                           seed=None if seed is None else seed + i, draw=draw)
             for i, (name, convs) in enumerate(conversations.items())}
 
 
