@@ -76,8 +76,9 @@ class Session:
         return self.conversation.images
 
     def prompt_text(self) -> str:
-        """The Figure-3 prompt of the conversation so far, each image as ``[Image i: K tokens]``."""
-        return self.vc.template.render_text(self.conversation)
+        """The Figure-3 prompt of the conversation so far, each image as ``[Image i: K tokens]``; user
+        text escaped and generated answers decoded from their ids, as the model gets them."""
+        return self.vc.template.render_text(self.conversation, answer_ids=self._answer_ids)
 
     def reset(self) -> None:
         self.__init__(self.vc, self.conversation.system)
@@ -185,8 +186,9 @@ class Session:
         or a conversation replayed in a fresh process). Checks its input like :meth:`stream`; the
         next forward prefills it."""
         answer = (answer or "").strip()
-        ids = list(self.vc.tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else []
-        return self._append_round(question, images, ids + [self.vc.template.eos_id], answer)
+        # escaped like every user text: a marker or special-token string in it is never structure
+        ids = self.vc.template.answer_ids(answer) if answer else [self.vc.template.eos_id]
+        return self._append_round(question, images, ids, answer)
 
     def _append_round(self, question, images, answer_ids: list[int] | None, answer: str | None = None) -> Round:
         """Check the input (raising before anything changes), encode the new images once, append."""
@@ -261,7 +263,7 @@ class Session:
             text = streamer.text
             if STOP_MARKER in text:  # keep the answer before the marker, as ids a re-render reproduces
                 text = text[: text.index(STOP_MARKER)]
-                ids = list(self.vc.tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+                ids = self.vc.template.encode_text(text.strip())
             rnd.answer = text.strip()
             self._answer_ids[-1] = ids + ([eos] if not ids or ids[-1] != eos else [])
             dt = time.perf_counter() - t0
