@@ -1,0 +1,126 @@
+"""Trainer options from the original code: the output-directory lock, skipping malformed JSONL lines,
+the other lr schedulers and warm-up in steps, the eval batch size and --data_debug_path."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from train import trainer as T
+from train.lock import LOCK_NAME, OutputDirLocked, OutputLock
+
+
+# -- the output-directory lock ------------------------------------------------------------------
+@pytest.fixture
+def live_pid():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p.pid
+    p.kill()
+    p.wait()
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def write_lock(out, pid, host=None):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, LOCK_NAME), "w") as f:
+        json.dump({"pid": pid, "host": host or socket.gethostname(), "started": "earlier"}, f)
+
+
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path, live_pid):
+    out = str(tmp_path / "run")
+    write_lock(out, live_pid)
+    with pytest.raises(OutputDirLocked, match=f"in use by another training run \\(pid {live_pid}"):
+        OutputLock(out).acquire()
+    write_lock(out, dead_pid())  # a killed run's lock
+    lock = OutputLock(out).acquire()
+    with open(os.path.join(out, LOCK_NAME)) as f:
+        assert json.load(f)["pid"] == os.getpid()
+    lock.release()
+    assert not os.path.exists(os.path.join(out, LOCK_NAME))
+    write_lock(out, 12345, host="another-node")  # cannot be checked from here: refused, with the file to delete
+    with pytest.raises(OutputDirLocked, match="another-node.*delete .*\\.lock"):
+        OutputLock(out).acquire()
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, live_pid):
+    from train import cli
+
+    out = tmp_path / "run"
+    write_lock(str(out), live_pid)
+    args = cli.parse_args(["--preset", "smoke", "--engine", "torch", "--output_dir", str(out), "--no_progress"])
+    with pytest.raises(T.TrainError, match="in use by another training run.*another --output_dir"):
+        T.train(args)
+    assert not os.path.exists(out / "summary.json")
+
+
+# -- malformed JSONL lines ------------------------------------------------------------------------
+def test_skip_bad_lines_counts_them_with_their_line_numbers(tmp_path, caplog):
+    from train.data import load_dataset
+
+    f = tmp_path / "chat.jsonl"
+    good = json.dumps({"rounds": [{"question": "q", "answer": "a"}]})
+    f.write_bytes((good + "\n{not json\n" + good + "\n" + json.dumps({"rounds": []}) + "\n\n").encode()
+                  + b"\xff\xfe\n" + (good + "\n").encode())
+    with pytest.raises(ValueError, match="chat.jsonl:2"):
+        load_dataset("jsonl", str(f))
+    stats = {}
+    with caplog.at_level("WARNING", logger="train.data.jsonl"):
+        convs = load_dataset("jsonl", str(f), skip_bad_lines=True, stats=stats)
+    assert len(convs) == 3 and stats["skipped_bad_line"] == 3
+    assert stats["bad_line_list"] == [f"{f}:2", f"{f}:4", f"{f}:6"]
+    assert "chat.jsonl:4: 'rounds' must be a non-empty list" in caplog.text and "not UTF-8" in caplog.text
+
+
+# -- schedulers -----------------------------------------------------------------------------------
+def test_other_schedulers_and_warmup_in_steps():
+    r = T.lr_lambda(110, 10, "cosine_with_restarts", cycles=2)
+    assert r(10) == pytest.approx(1.0) and r(35) == pytest.approx(0.5) and r(59) < 0.01
+    assert r(60) == pytest.approx(1.0) and r(110) == 0.0  # restarted at half-way, 0 at the end
+    p = T.lr_lambda(110, 10, "polynomial", power=2)
+    assert p(60) == pytest.approx(0.25) and p(110) == 0.0
+    assert T.lr_lambda(110, 10, "polynomial")(60) == pytest.approx(T.lr_lambda(110, 10, "linear")(60))
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        T.lr_lambda(10, 0, "exponential")
+
+    class A:
+        warmup_ratio, warmup_steps = 0.1, None
+    assert T.warmup_steps(A, 200) == 20
+    A.warmup_steps = 7
+    assert T.warmup_steps(A, 200) == 7 and T.warmup_steps(A, 5) == 5
+
+
+def test_warmup_and_eval_batch_flags_are_checked(tmp_path):
+    from train import cli
+
+    for flags, msg in ((["--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
+                       (["--eval_batch_size", "-2"], "--eval_batch_size must be >= 0"),
+                       (["--warmup_ratio", "1.5"], "--warmup_ratio must be in")):
+        with pytest.raises(T.TrainError, match=msg):
+            T.preflight(cli.parse_args([*flags, "--output_dir", str(tmp_path)]))
+
+
+# -- eval batch size and the data debug dump (in-process runs of the smoke preset) ---------------------
+def test_eval_batch_size_gives_the_same_val_loss_and_debug_dump(tmp_path, monkeypatch):
+    from tests.test_train_run import _train_in_process
+
+    sizes = []
+    collate = T.Batcher.collate
+    monkeypatch.setattr(T.Batcher, "collate", lambda self, items: sizes.append(len(items)) or collate(self, items))
+    a = _train_in_process(tmp_path / "b1", "--max_steps", "1", "--eval_batch_size", "1")
+    assert max(sizes) == 2  # the smoke preset's micro-batch; validation one by one
+    sizes.clear()
+    b = _train_in_process(tmp_path / "b5", "--max_steps", "1", "--eval_batch_size", "5",
+                          "--data_debug_path", str(tmp_path / "debug"), "--warmup_steps", "1")
+    assert max(sizes) == 5
+    assert a["val_loss_first"] == pytest.approx(b["val_loss_first"], rel=1e-4)
+    files = sorted(os.listdir(tmp_path / "debug"))
+    assert files == ["shapes_0.txt", "shapes_1.txt", "shapes_2.txt"]
+    text = (tmp_path / "debug" / "shapes_0.txt").read_text()
+    assert "data set: shapes" in text and "<Image 1:" in text and "[[" in text
