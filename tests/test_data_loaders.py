@@ -484,3 +484,108 @@ def test_fit_to_length():
     one = Conversation(rounds=c.rounds[:1], system=c.system)
     assert fit_to_length(c, count, count(one)).rounds == c.rounds[:1]
     assert fit_to_length(c, count, count(one) - 1) is None
+
+
+# -- the original's other sets: minigpt4, aokvqa, coco_caption, ocr_vqa, vqa -------------------------------
+def test_minigpt4_cc_sbu_align(tmp_path):
+    from train.data.vqa import DESCRIBE
+
+    write_img(tmp_path / "cc_sbu_align" / "image" / "2.jpg", COLORS[0])
+    write_img(tmp_path / "cc_sbu_align" / "image" / "10.jpg", COLORS[1])
+    write_json(tmp_path / "cc_sbu_align" / "filter_cap.json", {"annotations": [
+        {"image_id": "2", "caption": " A red square on a plain background. "},
+        {"image_id": "10", "caption": "A green one."}, {"image_id": "11"}]})
+    stats = {}
+    convs = load_dataset("minigpt4", str(tmp_path), stats=stats)
+    assert len(convs) == 2 and stats["skipped_malformed"] == 1
+    c = convs[0]
+    assert len(c.rounds) == 1 and c.rounds[0].question in DESCRIBE
+    assert c.rounds[0].answer == "A red square on a plain background."
+    assert c.images == [str(tmp_path / "cc_sbu_align" / "image" / "2.jpg")] and near(color_of(c.images[0]), COLORS[0])
+    assert load_dataset("minigpt4", str(tmp_path)) == convs  # the question is drawn once, with a seed
+
+
+def test_aokvqa(tmp_path):
+    from train.data.vqa import WHY
+
+    write_img(coco(tmp_path, "000000299207.jpg"), COLORS[2])
+    write_json(tmp_path / "aokvqa" / "annotations" / "aokvqa_v1p0_train.json", [
+        {"split": "train", "image_id": 299207, "question_id": "22MexNkBPpdZGX6sxbxVBH",
+         "question": "What is the man by the bags awaiting?", "choices": ["skateboarder", "train", "delivery", "cab"],
+         "correct_choice_idx": 3, "direct_answers": ["ride"] * 10,
+         "rationales": ["A train would not be on the street.", "He has luggage."]},
+        {"image_id": 1, "question": "broken", "choices": ["a"], "correct_choice_idx": 5},
+    ])
+    stats = {}
+    (c,) = load_dataset("aokvqa", str(tmp_path), stats=stats)
+    assert stats["skipped_malformed"] == 1
+    q = c.rounds[0].question
+    assert q.startswith("What is the man by the bags awaiting? ") and q.split("? ", 1)[1] in WHY
+    assert c.rounds[0].answer == "The answer is cab. Because A train would not be on the street. He has luggage."
+    assert c.images == [coco(tmp_path, "000000299207.jpg")]
+
+
+def test_coco_caption_karpathy_split(tmp_path):
+    root = tmp_path / "coco" / "2014"
+    write_img(root / "COCO_train2014_000000000009.jpg", COLORS[0])
+    write_img(root / "val2014" / "COCO_val2014_000000000042.jpg", COLORS[1])  # nested by filepath: found too
+    write_json(tmp_path / "coco_caption" / "dataset.json", {"dataset": "coco", "images": [
+        {"filepath": "train2014", "filename": "COCO_train2014_000000000009.jpg", "split": "train",
+         "sentences": [{"raw": "A plate of food.", "tokens": ["a"]}, {"raw": "Food on a plate."}]},
+        {"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg", "split": "restval",
+         "sentences": [{"raw": "A cat."}]},
+        {"filepath": "val2014", "filename": "COCO_val2014_000000000043.jpg", "split": "test",
+         "sentences": [{"raw": "Held out."}]},
+    ]})
+    stats = {}
+    convs = load_dataset("coco_caption", str(tmp_path), stats=stats)
+    assert len(convs) == 2 and stats["skipped_other_split"] == 1
+    assert convs[0].rounds[0].answer in ("A plate of food.", "Food on a plate.")
+    assert convs[0].images == [str(root / "COCO_train2014_000000000009.jpg")]
+    assert convs[1].images == [str(root / "val2014" / "COCO_val2014_000000000042.jpg")]
+    assert len(load_dataset("coco_caption", str(tmp_path), splits=None)) == 3
+
+
+def test_ocr_vqa_one_or_all_questions_and_placeholders(tmp_path):
+    imgs = tmp_path / "OCR_VQA" / "images"
+    write_img(imgs / "1234.jpg", COLORS[0])
+    os.makedirs(imgs, exist_ok=True)
+    Image.new("RGB", (1, 1)).save(imgs / "999.gif")  # a placeholder cover
+    write_json(tmp_path / "OCR_VQA" / "dataset.json", {
+        "1234": {"imageURL": "http://images.amazon.com/images/P/1234.01.jpg", "title": "T", "authorName": "A",
+                 "genre": "G", "split": 1, "questions": ["Who wrote this book?", "What is the title of this book?"],
+                 "answers": ["A", "T"]},
+        "999": {"imageURL": "http://x/999.gif", "questions": ["Is this a novel?"], "answers": ["No"]},
+        "5": {"imageURL": "http://x/5.jpg", "questions": ["q"], "answers": []},
+    })
+    stats = {}
+    (one,) = load_dataset("ocr_vqa", str(tmp_path), stats=stats)
+    assert stats["skipped_placeholder_image"] == 1 and stats["skipped_malformed"] == 1
+    assert (one.rounds[0].question, one.rounds[0].answer) in (("Who wrote this book?", "A"),
+                                                              ("What is the title of this book?", "T"))
+    assert one.images == [str(imgs / "1234.jpg")]
+    (both,) = load_dataset("ocr_vqa", str(tmp_path), questions="all")
+    assert [r.answer for r in both.rounds] == ["A", "T"] and [r.images for r in both.rounds] == [[str(imgs / "1234.jpg")], []]
+
+
+def test_generic_vqa_majority_answer(tmp_path):
+    write_img(tmp_path / "vqa" / "imgs" / "a.jpg", COLORS[0])
+    write_json(tmp_path / "vqa" / "train.json", [
+        {"image": "imgs/a.jpg", "question": "<image>\nWhat colour?", "answer": ["red", "blue", "red", "maroon"]},
+        {"image": "imgs/a.jpg", "question": "Shape?", "answer": "square"},
+        {"image": "imgs/a.jpg", "question": "No answer"},
+    ])
+    stats = {}
+    convs = load_dataset("vqa", str(tmp_path), stats=stats)
+    assert [(c.rounds[0].question, c.rounds[0].answer) for c in convs] == [("What colour?", "red"), ("Shape?", "square")]
+    assert convs[0].images == [str(tmp_path / "vqa" / "imgs" / "a.jpg")] and stats["skipped_malformed"] == 1
+    with pytest.raises(FileNotFoundError, match="vqa.*\\*\\.json"):
+        load_dataset("vqa", str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("name,expected", [("minigpt4", "filter_cap.json"), ("aokvqa", "aokvqa_v1p0_train.json"),
+                                           ("coco_caption", "dataset.json"), ("ocr_vqa", "dataset.json")])
+def test_other_sets_name_their_missing_files(tmp_path, name, expected):
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset(name, str(tmp_path))
+    assert expected in str(e.value) and str(tmp_path) in str(e.value)

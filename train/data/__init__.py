@@ -18,6 +18,10 @@ Expected layout under ``data_path`` (the DeepSpeed-VisualChat README's)::
     SparklesDialogue{CC,VG}/annotations/SparklesDialogue{CC,VG}.json    sparkles_dialogue
     SparklesDialogue{CC,VG}/images/<image_id>.jpg
 
+The original code's other sets (see :mod:`train.data.vqa` for their files): ``minigpt4``
+(cc_sbu_align/), ``aokvqa`` (aokvqa/annotations/ + coco/train2017/), ``coco_caption``
+(coco_caption/dataset.json + coco/2014/), ``ocr_vqa`` (OCR_VQA/) and the generic ``vqa`` (vqa/*.json).
+
 ``jsonl`` reads our own format (see :mod:`train.data.jsonl`); ``shapes`` is the synthetic set of
 :mod:`train.data.shapes` (``data_path`` unused; options ``split``, ``n``, ``seed``, ``style``);
 ``shapes_dense`` is the same world with 5-8 rounds about 1-3 images per conversation.
@@ -38,6 +42,7 @@ from .llava import load_llava, load_llava_dial
 from .mimicit import (load_otter_mimicit_cgd, load_otter_mimicit_sd, load_otter_mimicit_sn, load_otter_mimicit_tvc,
                       load_otter_mimicit_vst)
 from .sparkles import load_sparkles_dialogue
+from .vqa import load_aokvqa, load_coco_caption, load_minigpt4, load_ocr_vqa, load_vqa
 
 
 def load_shapes(data_path: str | None = None, *, split: str = "train", n: int = 1000, seed: int = 0,
@@ -77,6 +82,11 @@ DATASETS: dict[str, Callable[..., list[Conversation]]] = {
     "otter_mimicit_vst": load_otter_mimicit_vst,
     "sparkles_dialogue": load_sparkles_dialogue,
     "llava_otter_blend": load_llava_otter_blend,
+    "minigpt4": load_minigpt4,
+    "aokvqa": load_aokvqa,
+    "coco_caption": load_coco_caption,
+    "ocr_vqa": load_ocr_vqa,
+    "vqa": load_vqa,
     "jsonl": load_jsonl,
     "shapes": load_shapes,
     "shapes_dense": load_shapes_dense,
