@@ -140,7 +140,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--max-new-tokens", type=int, default=int(_env("VISUALCHAT_MAX_NEW_TOKENS", 128)),
                    help="default of the max-new-tokens slider [VISUALCHAT_MAX_NEW_TOKENS]")
     s.add_argument("--max-file-size", default=_env("VISUALCHAT_MAX_FILE_SIZE", "25mb"),
-                   help="largest upload Gradio accepts [VISUALCHAT_MAX_FILE_SIZE]")
+                   help="largest upload Gradio accepts, and the largest data:/base64 image /generate decodes "
+                        "(refused by its length first) [VISUALCHAT_MAX_FILE_SIZE]")
+    lim = p.add_argument_group("limits per request (checked before any decoding or model work)")
+    lim.add_argument("--max-new-tokens-limit", type=int, default=int(_env("VISUALCHAT_MAX_NEW_TOKENS_LIMIT", 1024)),
+                     help="largest max_new_tokens a request may ask for; more is refused with a message "
+                          "[VISUALCHAT_MAX_NEW_TOKENS_LIMIT]")
+    lim.add_argument("--max-question-chars", type=int, default=int(_env("VISUALCHAT_MAX_QUESTION_CHARS", 4000)),
+                     help="longest question, in characters (an API round's earlier answer: 4x this) "
+                          "[VISUALCHAT_MAX_QUESTION_CHARS]")
+    lim.add_argument("--answer-seconds", type=float, default=float(_env("VISUALCHAT_ANSWER_SECONDS", 120)),
+                     help="wall-clock limit per answer, checked between tokens: the answer so far is kept "
+                          "[VISUALCHAT_ANSWER_SECONDS]")
+    lim.add_argument("--unread-seconds", type=float, default=float(_env("VISUALCHAT_UNREAD_SECONDS", 15)),
+                     help="an API answer whose output nobody reads for this long (a POST to "
+                          "/gradio_api/call/generate never fetched) is stopped [VISUALCHAT_UNREAD_SECONDS]")
+    lim.add_argument("--kv-cache-budget", default=_env("VISUALCHAT_KV_CACHE_BUDGET", "2gb"),
+                     help="all tabs' KV caches together; beyond it the least recently used tabs drop theirs and "
+                          "rebuild it on their next round [VISUALCHAT_KV_CACHE_BUDGET]")
     s.add_argument("--share", action="store_true", default=_env_bool("VISUALCHAT_SHARE"),
                    help="also open a public gradio.live link [VISUALCHAT_SHARE=1]")
     s.add_argument("--log-level", default=_env("VISUALCHAT_LOG_LEVEL", "INFO"),
@@ -155,7 +172,16 @@ def serve_options(args: argparse.Namespace):
                         ca_checkpoint=args.ca_checkpoint, mmca_checkpoint=args.mmca_checkpoint, device=args.device,
                         dtype=args.dtype, quantization=None if args.load_in == "none" else args.load_in,
                         deepspeed=args.deepspeed, tp_allreduce=args.tp_allreduce,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, limits=limits_from_args(args))
+
+
+def limits_from_args(args: argparse.Namespace):
+    from visualchat.serving import Limits, parse_size
+
+    return Limits(max_new_tokens=args.max_new_tokens_limit, max_question_chars=args.max_question_chars,
+                  max_image_bytes=parse_size(args.max_file_size, "--max-file-size"),
+                  answer_seconds=args.answer_seconds, unread_seconds=args.unread_seconds,
+                  kv_cache_budget=parse_size(args.kv_cache_budget, "--kv-cache-budget"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -468,32 +494,35 @@ class ChatUI:
     # -- the stateless API ---------------------------------------------------------------------
     def api_generate(self, conversation: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                     model: str = "chat") -> Iterator[str]:
+                     model: str = "chat", request: "gr.Request" = None) -> Iterator[str]:
         """Answer the last round of a whole conversation; nothing is kept between calls.
 
         conversation: a list of rounds, each {"question": str, "images": [...], "answer": str}. Images are
         files (gradio_client.handle_file(path)), data:image/...;base64, URLs or "base64:..." strings; every
         round but the last may carry the answer it got. Images are numbered Image 1..N across the rounds.
         model: "chat" (the Chat tab's model), "ca" or "mmca" (the Compare tab's). Returns the answer (a
-        streaming client sees it grow)."""
+        streaming client sees it grow). Every field is checked against the server's limits first."""
         import gradio as gr
 
-        from visualchat.serving import INPUT_ERRORS, parse_api_conversation
+        from visualchat.serving import (INPUT_ERRORS, AbandonedError, bounded, unread_probe,
+                                        validate_api_request)
 
-        if model not in self.server.models:
-            raise gr.Error(f"model must be one of {sorted(self.server.models)}, got {model!r}"
-                           + ("" if self.server.compare.ready else f" ({self.server.compare.note})"))
+        limits = self.server.limits
         try:
-            history, question, images = parse_api_conversation(conversation)
-            stream = self.server.stream(model, history, question, images,
-                                        self.gen(max_new_tokens, temperature, top_p, repetition_penalty, seed))
+            model, history, question, images, gen = validate_api_request(
+                self.server, conversation, max_new_tokens, temperature, top_p, repetition_penalty, seed, model)
+            stream = self.server.stream(model, history, question, images, gen)
         except INPUT_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
+        stream = bounded(stream, limits.answer_seconds, unread_probe(request, limits.unread_seconds))
         text = ""
         try:
             for piece in stream:
                 text += piece
                 yield text
+        except AbandonedError as e:
+            log.warning("/generate: %s (nothing read for %g s)", e, limits.unread_seconds)
+            raise gr.Error(f"{e} (nothing was read for {limits.unread_seconds:g} s)", print_exception=False) from None
         except INPUT_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
         except Exception as e:
@@ -662,6 +691,8 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                 cclear.click(ui.compare_clear, [tab], couts, api_name="compare_clear", api_visibility="undocumented",
                              cancels=[c_evt, cex_evt], queue=False, show_progress="hidden")
 
+        # the request (for noticing an answer nobody reads) is injected by Gradio from this type hint
+        ChatUI.api_generate.__annotations__["request"] = gr.Request
         gr.api(ui.api_generate, api_name="generate", **queue_kw)
         with gr.Accordion("Use it from Python (gradio_client)", open=False):
             gr.Markdown(API_HELP)
@@ -697,6 +728,9 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, queue_size: int = 16
            share: bool = False, **kw):
     """Queue (bounded: a full queue refuses with a message) and serve."""
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    # show_error: errors Gradio raises before a handler runs (a file path it refuses to take) reach the
+    # client as their message instead of {"error": null}; the handlers turn their own errors into gr.Error
+    kw.setdefault("show_error", True)
     return demo.launch(server_name=host, server_port=port, css=CSS, max_file_size=max_file_size, share=share,
                        footer_links=["api", "gradio", "settings"], **kw)
 

@@ -359,7 +359,7 @@ def test_api_generate_whole_conversation(demo, tmp_path, monkeypatch):
         ([], "non-empty list"),
         ([{"question": ""}], "empty"),
         ([{"question": "Hi", "images": [{"path": "/etc/hostname"}]}], "not uploaded through this server"),
-        ([{"question": "Hi", "images": [42]}], "each image must be"),
+        ([{"question": "Hi", "images": [42]}], r"image 1 \(round 1\) must be a file"),
         ([{"question": "Hi", "answer": "done"}], "already has an answer"),
         ([{"question": "Hi", "images": ["data:image/png;base64,aGVsbG8="]}], "not an image"),
         ([{"question": "Hi", "image": []}], "unknown keys"),

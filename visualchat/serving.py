@@ -71,6 +71,144 @@ DISPLAY_MAX_SIDE = 1024  # the chat shows a copy of each image at most this larg
 
 
 # ---------------------------------------------------------------------------------------------------
+# Limits: what one request may cost
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "kib": 1024, "mib": 1024 ** 2,
+               "gib": 1024 ** 3}
+
+
+def parse_size(value, what: str = "size") -> int:
+    """Bytes from an int or a string like ``25mb``, ``500kb``, ``2gb`` (decimal units, as Gradio's
+    ``max_file_size``) or ``1GiB``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a size like 25mb or a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(num):]
+        try:
+            n = int(float(num) * _SIZE_UNITS[unit])
+        except (KeyError, ValueError):
+            raise ValueError(f"{what} must be a size like 25mb, 500kb, 2gb or a number of bytes, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+def _env_value(name: str, default, convert):
+    v = os.environ.get(name)
+    if v in (None, ""):
+        return default
+    try:
+        return convert(v)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={v!r}: {e}") from None
+
+
+@dataclass
+class Limits:
+    """The server's bounds on one request's cost, checked before any decoding or model work (flags and
+    environment variables of ``app.py``; the README's table lists them)."""
+
+    max_new_tokens: int = 1024  # VISUALCHAT_MAX_NEW_TOKENS_LIMIT: a larger max_new_tokens is refused
+    max_question_chars: int = 4000  # VISUALCHAT_MAX_QUESTION_CHARS (earlier answers: 4x this)
+    max_image_bytes: int = 25_000_000  # VISUALCHAT_MAX_FILE_SIZE: also caps data:/base64 images before decoding
+    answer_seconds: float = 120.0  # VISUALCHAT_ANSWER_SECONDS: an answer stops generating after this long
+    unread_seconds: float = 15.0  # VISUALCHAT_UNREAD_SECONDS: an API answer nobody reads stops after this long
+    kv_cache_budget: int = 2_000_000_000  # VISUALCHAT_KV_CACHE_BUDGET: all tabs' KV caches together, bytes
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_question_chars", "max_image_bytes", "kv_cache_budget"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"limit {name} must be a positive whole number, got {v!r}")
+        for name in ("answer_seconds", "unread_seconds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
+                raise ValueError(f"limit {name} must be a positive number of seconds, got {v!r}")
+
+    @property
+    def max_answer_chars(self) -> int:
+        return 4 * self.max_question_chars
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        d = cls.__dataclass_fields__
+        return cls(
+            max_new_tokens=_env_value("VISUALCHAT_MAX_NEW_TOKENS_LIMIT", d["max_new_tokens"].default, int),
+            max_question_chars=_env_value("VISUALCHAT_MAX_QUESTION_CHARS", d["max_question_chars"].default, int),
+            max_image_bytes=_env_value("VISUALCHAT_MAX_FILE_SIZE", d["max_image_bytes"].default, parse_size),
+            answer_seconds=_env_value("VISUALCHAT_ANSWER_SECONDS", d["answer_seconds"].default, float),
+            unread_seconds=_env_value("VISUALCHAT_UNREAD_SECONDS", d["unread_seconds"].default, float),
+            kv_cache_budget=_env_value("VISUALCHAT_KV_CACHE_BUDGET", d["kv_cache_budget"].default, parse_size))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_number(value, field: str, lo: float, hi: float, lo_open: bool = False, integer: bool = False,
+                 allowed: str | None = None):
+    """``value`` as a finite number (an int when ``integer``) in [lo, hi] (or (lo, hi]), else a ValueError
+    that names the field and what is allowed."""
+    allowed = allowed or (f"{'a whole number' if integer else 'a number'} "
+                          f"{'>' if lo_open else '>='} {lo:g} and <= {hi:g}")
+    if not _is_number(value):
+        raise ValueError(f"{field} must be {allowed}, got {'null' if value is None else type(value).__name__}")
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        raise ValueError(f"{field} must be {allowed}, got {value}")
+    if integer:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{field} must be {allowed}, got {value}")
+        value = int(value)
+    if value < lo or (lo_open and value == lo) or value > hi:
+        raise ValueError(f"{field} must be {allowed}, got {value}")
+    return value
+
+
+def check_generation(gen: dict, limits: "Limits") -> dict:
+    """Validate generation settings (types, finiteness, ranges, the server's max_new_tokens limit);
+    returns them normalised. Messages name the field and what is allowed."""
+    out = dict(gen)
+    if "max_new_tokens" in gen:
+        out["max_new_tokens"] = check_number(
+            gen["max_new_tokens"], "max_new_tokens", 1, limits.max_new_tokens, integer=True,
+            allowed=f"a whole number from 1 to {limits.max_new_tokens} (this server's limit)")
+    if "temperature" in gen:
+        out["temperature"] = float(check_number(gen["temperature"], "temperature", 0, 5,
+                                                allowed="a number from 0 (greedy) to 5"))
+    if "top_p" in gen:
+        out["top_p"] = float(check_number(gen["top_p"], "top_p", 0, 1, lo_open=True,
+                                          allowed="a number > 0 and <= 1"))
+    if "repetition_penalty" in gen:
+        out["repetition_penalty"] = float(check_number(gen["repetition_penalty"], "repetition_penalty", 0, 10,
+                                                       lo_open=True, allowed="a number > 0 and <= 10 (1 = off)"))
+    if gen.get("seed") is not None:
+        out["seed"] = check_number(gen["seed"], "seed", 0, 2 ** 63 - 1, integer=True,
+                                   allowed="null or a whole number from 0 to 2**63-1")
+    return out
+
+
+def check_text(value, field: str, limit: int, required: bool = True) -> str:
+    """A question or answer: a string of valid Unicode (no lone surrogates), at most ``limit`` characters."""
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        got = "null" if value is None else type(value).__name__
+        raise ValueError(f"{field} must be text{'' if required else ' or null'}, got {got}")
+    for i, ch in enumerate(value):
+        if "\ud800" <= ch <= "\udfff":
+            raise ValueError(f"{field} contains a lone surrogate (U+{ord(ch):04X}) at character {i + 1}; "
+                             "send valid Unicode text")
+    if len(value) > limit:
+        raise ValueError(f"{field} is {len(value):,} characters long; this server accepts at most {limit:,}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
 # Options
 
 
@@ -90,6 +228,7 @@ class ServeOptions:
     deepspeed: str = "auto"  # auto | on | off
     tp_allreduce: str = "gloo"  # gloo | shm
     trust_remote_code: bool = False
+    limits: Limits | None = None  # None: Limits.from_env()
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -161,14 +300,12 @@ def stream_conversation(key: str, history: list[dict], question: str, images: Se
 
 def _disable_shm_allreduce_build() -> None:
     """Keep DeepSpeed from JIT-building (and registering) its shared-memory all-reduce op: we reduce
-    through the process group, and the build alone takes tens of seconds on a fresh machine."""
-    try:
-        import deepspeed.ops
-        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    through the process group, and the build alone takes minutes on a fresh machine. Shared with
+    training (visualchat.deepspeed_ops); a build that does happen refuses a stale lock."""
+    from .deepspeed_ops import disable_shm_comm_build, guard_extension_locks
 
-        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-    except Exception as e:  # an older/newer layout: the patch below is the guarantee
-        log.debug("could not disable the shm op build: %s", e)
+    disable_shm_comm_build()
+    guard_extension_locks()
 
 
 def route_inference_all_reduce_through_process_group() -> None:
@@ -420,8 +557,13 @@ class Server:
     :meth:`from_models` (already built VisualChats, e.g. in tests)."""
 
     def __init__(self, chat, compare: CompareInfo | None = None, backend: str = "PyTorch",
-                 stateless: bool | None = None, rank: int = 0, world_size: int = 1, lockstep: Lockstep | None = None):
+                 stateless: bool | None = None, rank: int = 0, world_size: int = 1, lockstep: Lockstep | None = None,
+                 limits: Limits | None = None):
         self.chat = chat
+        self.limits = limits or Limits.from_env()
+        self._chats: weakref.WeakSet = weakref.WeakSet()  # the tabs' ChatSessions (for the KV-cache budget)
+        self._chats_lock = threading.Lock()
+        self.kv_drops = 0  # how many times a tab's KV cache was dropped for the budget
         self.compare = compare or CompareInfo(note="The Compare tab is off.")
         self.backend = backend
         self.stateless = zero_gpu_active() if stateless is None else stateless
@@ -501,7 +643,7 @@ class Server:
             if rank == 0:
                 lockstep.lead()
         return cls(chat, compare, backend=backend, stateless=stateless, rank=rank, world_size=world,
-                   lockstep=lockstep)
+                   lockstep=lockstep, limits=opts.limits)
 
     @staticmethod
     def _load_compare(opts: ServeOptions, chat, device, dtype) -> CompareInfo:
@@ -534,6 +676,40 @@ class Server:
             raise RuntimeError("follow() is for ranks > 0 of a multi-rank start")
         log.info("rank %d follows rank 0's forwards", self.rank)
         self.lockstep.follow()
+
+    # -- the tabs' KV caches --------------------------------------------------------------------
+    def register_chat(self, chat: "ChatSession") -> None:
+        with self._chats_lock:
+            self._chats.add(chat)
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by every tab's KV cache now."""
+        with self._chats_lock:
+            chats = list(self._chats)
+        return sum(c.cache_bytes() for c in chats)
+
+    def enforce_kv_budget(self, keep: "ChatSession | None" = None) -> int:
+        """Drop the KV caches of the least recently used tabs until all of them together fit
+        ``limits.kv_cache_budget``; a dropped tab rebuilds its cache on its next round (from its tokens
+        and stored image features). ``keep`` (the tab that just answered) and tabs generating now are
+        never dropped. Returns the bytes freed."""
+        with self._chats_lock:
+            chats = list(self._chats)
+        sizes = {id(c): c.cache_bytes() for c in chats}
+        total = sum(sizes.values())
+        freed = 0
+        for c in sorted(chats, key=lambda c: c.last_used):
+            if total <= self.limits.kv_cache_budget:
+                break
+            if c is keep or not sizes[id(c)]:
+                continue
+            if c.drop_cache(blocking=False):
+                total -= sizes[id(c)]
+                freed += sizes[id(c)]
+                self.kv_drops += 1
+                log.info("KV-cache budget (%s bytes): dropped an idle tab's cache of %s bytes", 
+                         f"{self.limits.kv_cache_budget:,}", f"{sizes[id(c)]:,}")
+        return freed
 
     # -- stateless generation ------------------------------------------------------------------
     def stream(self, name: str, history: list[dict], question: str, images: Sequence, gen: dict) -> Iterator[str]:
@@ -577,32 +753,69 @@ def check_fits(vc, conv: Conversation) -> None:
 # API input
 
 
-def api_image(item, upload_dir: str | None = None):
+#: The media types a ``data:`` URL may declare (the formats visualchat.images opens).
+DATA_URL_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/gif", "image/webp", "image/bmp")
+
+
+def _b64_payload(text: str, field: str, limits: Limits) -> bytes:
+    """Decode base64 image data, refusing it by its length before decoding when it is too large."""
+    size = len(text) * 3 // 4
+    if size > limits.max_image_bytes:
+        raise ImageError(f"{field} holds about {size:,} bytes of image data; this server accepts images of up to "
+                         f"{limits.max_image_bytes:,} bytes (--max-file-size)")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"{field} is not valid base64: {e}") from None
+
+
+def api_image(item, upload_dir: str | None = None, limits: Limits | None = None, field: str = "image"):
     """One image of a ``/generate`` request: a Gradio file (a dict with a ``path`` inside Gradio's upload
     folder, which is what ``gradio_client.handle_file`` turns into), a ``data:image/...;base64,`` URL or
-    a ``base64:`` string. Server paths outside the upload folder are refused."""
+    a ``base64:`` string. Server paths outside the upload folder are refused; inline data larger than
+    ``limits.max_image_bytes`` is refused by its length, before it is decoded."""
+    limits = limits or Limits.from_env()
     if isinstance(item, dict) and "path" in item:
         from gradio.utils import get_upload_folder, is_in_or_equal
 
-        path = str(item["path"])
+        if not isinstance(item["path"], str) or not item["path"]:
+            raise ImageError(f"{field}: a file's path must be text, got {type(item['path']).__name__}")
+        path = item["path"]
+        name = item.get("orig_name") if isinstance(item.get("orig_name"), str) else os.path.basename(path)
         if not is_in_or_equal(path, upload_dir or get_upload_folder()):
-            raise ImageError(f"image {item.get('orig_name') or os.path.basename(path)!r} was not uploaded through "
-                             "this server; send it with gradio_client.handle_file(...) or as base64")
-        return path
-    if isinstance(item, str) and item.startswith("data:") and ";base64," in item:
+            raise ImageError(f"{field} ({name!r}) was not uploaded through this server; send it with "
+                             "gradio_client.handle_file(...) or as a data:image/...;base64, URL")
         try:
-            return base64.b64decode(item.split(";base64,", 1)[1], validate=False)
-        except (binascii.Error, ValueError) as e:
-            raise ImageError(f"the data URL could not be decoded: {e}") from None
+            size = os.path.getsize(path)
+        except OSError:
+            raise ImageError(f"{field} ({name!r}) is not on this server (upload it again)") from None
+        if size > limits.max_image_bytes:
+            raise ImageError(f"{field} ({name!r}) is {size:,} bytes; this server accepts images of up to "
+                             f"{limits.max_image_bytes:,} bytes (--max-file-size)")
+        return path
+    if isinstance(item, str) and item.startswith("data:"):
+        head, sep, payload = item.partition(",")
+        parts = head[len("data:"):].split(";")
+        mime = parts[0].strip().lower()
+        if not sep or "base64" not in [p.strip().lower() for p in parts[1:]]:
+            raise ImageError(f"{field}: a data URL must be data:<image type>;base64,<data>")
+        if mime not in DATA_URL_TYPES:
+            raise ImageError(f"{field}: a data URL's media type must be one of image/png, image/jpeg, image/gif, "
+                             f"image/webp or image/bmp, got {mime or 'none'!r}")
+        return _b64_payload(payload, field, limits)
     if isinstance(item, str) and item.startswith("base64:"):
-        return item
-    raise ImageError("each image must be a file (gradio_client.handle_file(path)), a data:image/...;base64, URL "
-                     f"or a 'base64:...' string, got {type(item).__name__}")
+        return _b64_payload(item[len("base64:"):], field, limits)
+    got = "null" if item is None else ("a dict without 'path'" if isinstance(item, dict) else type(item).__name__)
+    raise ImageError(f"{field} must be a file (gradio_client.handle_file(path)), a data:image/...;base64, URL "
+                     f"or a 'base64:...' string, got {got}")
 
 
-def parse_api_conversation(conversation) -> tuple[list[dict], str, list]:
+def parse_api_conversation(conversation, limits: Limits | None = None,
+                           upload_dir: str | None = None) -> tuple[list[dict], str, list]:
     """``[{"question": ..., "images": [...], "answer": ...}, ...]`` -> (history, question, images).
-    Every round but the last may carry its answer; the last round is the one to answer."""
+    Every round but the last may carry its answer; the last round is the one to answer. Every field is
+    checked for its type and size before anything is decoded; messages name the round and the field."""
+    limits = limits or Limits.from_env()
     if isinstance(conversation, dict) and "rounds" in conversation:
         conversation = conversation["rounds"]
     if not isinstance(conversation, list) or not conversation:
@@ -613,21 +826,122 @@ def parse_api_conversation(conversation) -> tuple[list[dict], str, list]:
         if isinstance(r, str):
             r = {"question": r}
         if not isinstance(r, dict):
-            raise ValueError(f"round {i} must be an object with a question (and optionally images, answer)")
+            raise ValueError(f"round {i} must be an object with a question (and optionally images, answer), "
+                             f"got {type(r).__name__}")
         unknown = set(r) - {"question", "images", "answer"}
         if unknown:
-            raise ValueError(f"round {i} has unknown keys {sorted(unknown)}; use question, images, answer")
-        images = r.get("images") or []
-        if not isinstance(images, list):
-            images = [images]
-        if not isinstance(r.get("question"), str) or not r["question"].strip():
+            raise ValueError(f"round {i} has unknown keys {sorted(map(str, unknown))}; use question, images, answer")
+        q = check_text(r.get("question"), f"the question of round {i}", limits.max_question_chars)
+        if not q.strip():
             raise ValueError(f"the question of round {i} is empty")
-        rounds.append({"question": r["question"], "images": [api_image(x) for x in images],
-                       "answer": r.get("answer")})
-    if rounds[-1].get("answer"):
+        answer = check_text(r.get("answer"), f"the answer of round {i}", limits.max_answer_chars, required=False)
+        images = r.get("images")
+        if images is None:
+            images = []
+        elif not isinstance(images, list):
+            images = [images]
+        rounds.append({"question": q, "images": images, "answer": answer})
+    if rounds[-1]["answer"].strip():
         raise ValueError("the last round already has an answer; append the round to answer")
+    n = 0
+    for i, r in enumerate(rounds, 1):  # decoded only once every round's text has passed
+        opened = []
+        for x in r["images"]:
+            n += 1
+            opened.append(api_image(x, upload_dir, limits, field=f"image {n} (round {i})"))
+        r["images"] = opened
     last = rounds.pop()
     return rounds, last["question"], last["images"]
+
+
+def validate_api_request(server: "Server", conversation, max_new_tokens=128, temperature=0.0, top_p=1.0,
+                         repetition_penalty=1.0, seed=None, model="chat") -> tuple[str, list[dict], str, list, dict]:
+    """Everything ``/generate`` receives, checked up front (types, finiteness, ranges, sizes) with a message
+    naming the field: (model, history, question, images, generation settings)."""
+    if not isinstance(model, str) or model not in server.models:
+        got = repr(model) if isinstance(model, str) else ("null" if model is None else type(model).__name__)
+        raise ValueError(f"model must be one of {sorted(server.models)}, got {got}"
+                         + ("" if server.compare.ready else f" ({server.compare.note})"))
+    gen = check_generation(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed), server.limits)
+    history, question, images = parse_api_conversation(conversation, server.limits)
+    return model, history, question, images, gen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bounding a running answer: a wall-clock limit, and answers nobody reads
+
+
+class AbandonedError(RuntimeError):
+    """Nobody has read an answer's output for too long (the client went away without cancelling)."""
+
+
+def bounded(stream: Iterator[str], seconds: float, unread: Callable[[], bool] | None = None,
+            on_deadline: Callable[[], None] | None = None) -> Iterator[str]:
+    """Yield ``stream``'s pieces until it ends or ``seconds`` have passed since the first one was asked
+    for (then ``on_deadline()`` and stop: the answer so far stands, as with max_new_tokens), checked
+    between tokens. ``unread()`` true between tokens raises :class:`AbandonedError`. Closes ``stream``."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    try:
+        for piece in stream:
+            yield piece
+            if unread is not None and unread():
+                raise AbandonedError("nobody read this answer's output, so it was stopped")
+            if time.monotonic() > deadline:
+                log.warning("an answer reached the time limit of %g s per answer and was stopped", seconds)
+                if on_deadline is not None:
+                    on_deadline()
+                return
+    finally:
+        close = getattr(stream, "close", None)
+        if close:
+            close()
+
+
+def unread_probe(request, seconds: float) -> Callable[[], bool] | None:
+    """For a queued Gradio request, a function that is true once the request's session has left its
+    output unread for ``seconds`` (a POST to /gradio_api/call/generate whose result is never fetched: its
+    messages pile up in the session's queue). None when the request carries no session to watch.
+
+    Gradio itself stops a generator whose reader disconnects (it marks the event dead), but an event
+    that was never read stays alive and would hold a worker to the end; this closes that gap. A live
+    reader (gradio_client, the browser, a curl GET) drains the queue within milliseconds of each piece."""
+    import time
+
+    try:
+        session = request.session_hash
+        queue = request.request.app.get_blocks()._queue
+    except Exception:  # not a queued Gradio request (a test calling the handler directly)
+        return None
+    if not session:
+        return None
+    state = {"drained": time.monotonic()}
+
+    def unread() -> bool:
+        q = queue.pending_messages_per_session.get(session)
+        now = time.monotonic()
+        if q is None or q.qsize() <= 1:  # read (or nothing to read): the reader is keeping up
+            state["drained"] = now
+            return False
+        return now - state["drained"] > seconds
+    return unread
+
+
+def cache_bytes(cache) -> int:
+    """Memory held by a transformers KV cache (each storage counted once)."""
+    if cache is None:
+        return 0
+    seen, total = set(), 0
+    for layer in getattr(cache, "layers", None) or ():
+        for t in vars(layer).values():
+            if torch.is_tensor(t) and t.numel():
+                st = t.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    total += st.nbytes()
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -660,6 +974,8 @@ class ChatSession:
         self.error: str | None = None
         self.partial = ""  # the answer so far while generating
         self.last_stats: dict = {}
+        self.last_used = 0.0  # time.monotonic() of the last answer's end (the KV-cache budget drops the oldest)
+        server.register_chat(self)
 
     # -- views ---------------------------------------------------------------------------------
     @property
@@ -685,6 +1001,28 @@ class ChatSession:
             return self._session.prompt_text()
         return self.vc.template.render_text(self._conv)
 
+    def cache_bytes(self) -> int:
+        """Bytes of this tab's KV cache (0 when it has none)."""
+        return cache_bytes(getattr(self._session, "_cache", None))
+
+    def drop_cache(self, blocking: bool = True) -> bool:
+        """Free the KV cache (the next round rebuilds it). False when busy and not ``blocking``."""
+        if not self._busy.acquire(blocking=blocking):
+            return False
+        try:
+            if self._session is not None:
+                self._session.drop_cache()
+            return True
+        finally:
+            self._busy.release()
+
+    def _check(self, gen: dict, question: str | None = None) -> dict:
+        """The server's limits on one request, before anything is decoded or run."""
+        limits = self.server.limits
+        if question is not None and isinstance(question, str):
+            check_text(question, "the question", limits.max_question_chars)
+        return check_generation(gen, limits)
+
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until no answer is being generated (e.g. after a cancelled request's cleanup)."""
         if self._busy.acquire(timeout=timeout):
@@ -695,6 +1033,7 @@ class ChatSession:
     # -- changes -------------------------------------------------------------------------------
     def send(self, question: str, images: Sequence = (), **gen) -> Iterator[str]:
         """Add a round and return its answer's generator. Raises on bad input, changing nothing."""
+        gen = self._check(gen, question)
         with self._exclusive():
             if self._session is not None:
                 stream = self._session.stream(question, images, **gen)
@@ -714,6 +1053,7 @@ class ChatSession:
         return self._run(stream)
 
     def regenerate(self, **gen) -> Iterator[str]:
+        gen = self._check(gen)
         with self._exclusive():
             if not self.conversation.rounds:
                 raise ValueError("there is no answer to regenerate yet")
@@ -796,15 +1136,27 @@ class ChatSession:
     def _run(self, stream: Iterator[str]) -> Iterator[str]:
         """Wrap an answer generator: hold the busy lock while it runs, record status and stats, keep
         the conversation and the display copies in step when the model fails."""
+        import time
+
+        limit = self.server.limits.answer_seconds
+
         def run():
             self._busy.acquire()
             self.status, self.error, self.partial = "generating", None, ""
             finished = False
+            deadline = time.monotonic() + limit
             try:
                 for piece in stream:
                     self.partial += piece
                     yield piece
-                finished = True
+                    if time.monotonic() > deadline:  # checked between tokens; the answer so far is kept
+                        log.warning("an answer reached the time limit of %g s per answer and was stopped", limit)
+                        self.status = "stopped"
+                        self.error = (f"the answer was stopped after {limit:g} s, this server's limit per answer "
+                                      "(--answer-seconds)")
+                        break
+                else:
+                    finished = True
             except GeneratorExit:
                 self.status = "stopped"
                 raise
@@ -828,7 +1180,10 @@ class ChatSession:
                     for p in ps:
                         _remove(p)
                 del self._paths[n:]
+                self.last_used = time.monotonic()
                 self._busy.release()
+                if self._session is not None:
+                    self.server.enforce_kv_budget(keep=self)
         return run()
 
     def _save(self, im) -> str:
