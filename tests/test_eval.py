@@ -71,3 +71,31 @@ def test_reference_format_runner_reports_missing_images(tiny_vc, tmp_path):
     rows = list(csv.DictReader(open(out)))
     assert [r["test_name"] for r in rows] == ["ok", "ok", "missing"]
     assert "image not found" in rows[2]["error"] and "z1.png" in rows[2]["error"]
+
+
+def test_a_round_may_list_several_images_separated_by_spaces(tiny_vc, tmp_path, monkeypatch):
+    """eval_comprehensive.json's zootopia_adventures2: three images in the first round's field."""
+    from train.eval import image_paths
+
+    for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)], 1):
+        (tmp_path / "zootopia").mkdir(exist_ok=True)
+        color_image(rgb).save(tmp_path / "zootopia" / f"z{i}.png")
+    color_image((9, 9, 9)).save(tmp_path / "with space.png")
+    field = " ".join(f"./eval/eval_data/images/zootopia/z{i}.png" for i in (1, 2, 3))
+    assert image_paths(field, str(tmp_path)) == [str(tmp_path / "zootopia" / f"z{i}.png") for i in (1, 2, 3)]
+    assert image_paths("with space.png", str(tmp_path)) == [str(tmp_path / "with space.png")]
+    seen = []
+    ask = type(tiny_vc.new_session()).ask
+
+    def spy(self, q, images, **kw):
+        seen.append(len(images))
+        return ask(self, q, images, **kw)
+
+    monkeypatch.setattr(type(tiny_vc.new_session()), "ask", spy)
+    convs = {"zootopia_adventures2": [["Create an engaging story strictly based on the images.", field],
+                                      ["Name the movie."]]}
+    out = tmp_path / "answers.csv"
+    counts = run_conversations(tiny_vc, convs, str(tmp_path), str(out), max_new_tokens=2, progress=False)
+    assert counts == {"conversations": 1, "failed": 0} and seen == [3, 0]
+    rows = list(csv.DictReader(open(out)))
+    assert rows[0]["image_path"] == field and rows[0]["error"] == ""

@@ -10,8 +10,9 @@ space and a final full stop. It reports accuracy per fine type (``single/count``
 (``single``, ``cross``, ``refer_back``) and overall, prints a table and writes JSON.
 
 Reference format: a JSON object whose keys name conversations, each a list of rounds ``[question]`` or
-``[question, image_path]``. Image paths starting with ``./eval/eval_data/images/`` are resolved
-against ``--image_root``. A conversation with a missing or bad image gets one CSV row with its error
+``[question, image_paths]``, where ``image_paths`` is one path or several separated by spaces (as the
+original's batch_generation.py reads them; a field that names an existing file as a whole is one
+path). Image paths starting with ``./eval/eval_data/images/`` are resolved against ``--image_root``. A conversation with a missing or bad image gets one CSV row with its error
 and the runner goes on.
 """
 from __future__ import annotations
@@ -95,6 +96,18 @@ def resolve(path: str, image_root: str) -> str:
     return path if os.path.isabs(path) else os.path.join(image_root, path)
 
 
+def image_paths(field: str, image_root: str) -> list[str]:
+    """The resolved image paths of a round's image field: several separated by spaces, or one whole
+    path when the field names an existing file (a file name with a space in it)."""
+    field = field.strip()
+    if not field:
+        return []
+    whole = resolve(field, image_root)
+    if os.path.isfile(whole):
+        return [whole]
+    return [resolve(p, image_root) for p in field.split()]
+
+
 def run_conversations(vc, conversations: dict, image_root: str, out_csv: str, max_new_tokens: int = 128,
                       progress: bool = True) -> dict:
     """Answer every round of every conversation; write ``test_name,image_path,question,answer,error``
@@ -107,7 +120,8 @@ def run_conversations(vc, conversations: dict, image_root: str, out_csv: str, ma
         w.writerow(["test_name", "image_path", "question", "answer", "error"])
         for name, rounds in tqdm(conversations.items(), desc="conversations", disable=not progress):
             try:  # open every image first: a missing one fails the conversation before any answer
-                opened = [[open_image(resolve(r[1], image_root))] if len(r) > 1 and r[1] else [] for r in rounds]
+                opened = [[open_image(p) for p in image_paths(r[1], image_root)] if len(r) > 1 and r[1] else []
+                          for r in rounds]
             except ImageError as e:
                 w.writerow([name, "", "", "", f"{type(e).__name__}: {e}"])
                 failed += 1
