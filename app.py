@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "CA-trained with an MMCA-trained model, and a stateless /generate API. Every flag can also "
                     "be set by the environment variable in brackets (handy on Hugging Face Spaces).",
         epilog="Also read from the environment: VISUALCHAT_MAX_PIXELS (largest image accepted, default 40000000), "
+               "VISUALCHAT_MAX_SIDE (longest image side, default 16384), VISUALCHAT_MAX_ASPECT (longest to shortest "
+               "side, default 64), "
                "VISUALCHAT_CACHE (where the converted default LM is cached, default ~/.cache/visualchat), "
                "VISUALCHAT_GPU_DURATION (ZeroGPU seconds per call, default 120). Multi-rank: start with "
                "`deepspeed --num_gpus N app.py` or `torchrun --nproc_per_node N app.py`; rank 0 serves the UI.",
