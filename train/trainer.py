@@ -569,12 +569,21 @@ def _run(args, plan: Plan, t_start: float) -> dict:
     if plan.engine == "deepspeed":
         import deepspeed
 
+        from visualchat.deepspeed_ops import StaleExtensionLock, disable_shm_comm_build, guard_extension_locks
+
+        # training reduces through torch.distributed: DeepSpeed's shm all-reduce op (minutes to build) is never
+        # needed; an op that must be built (e.g. cpu_adam) refuses a stale build lock instead of waiting forever
+        disable_shm_comm_build()
+        guard_extension_locks()
         cfg = deepspeed_config(args, plan)
         if is_main:
             with open(os.path.join(args.output_dir, "deepspeed_config.json"), "w") as f:
                 json.dump(cfg, f, indent=2)
-        engine, opt, _, sched = deepspeed.initialize(model=module, optimizer=opt, model_parameters=params,
-                                                     lr_scheduler=sched, config=cfg)
+        try:
+            engine, opt, _, sched = deepspeed.initialize(model=module, optimizer=opt, model_parameters=params,
+                                                         lr_scheduler=sched, config=cfg)
+        except StaleExtensionLock as e:
+            raise TrainError(str(e)) from None
     else:
         module.to(plan.device)
 
