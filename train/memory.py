@@ -3,7 +3,8 @@
 Model states are parameters, gradients and optimiser states (activations, buffers and fragmentation
 come on top). VisualChat trains only the projection, the embedding copy and LoRA weights; the LM and
 the vision encoder are frozen, so they cost only their (half-precision) weights, which ZeRO-3
-partitions over all GPUs. Per trainable parameter, mixed-precision Adam keeps 2 (param) + 2 (grad) +
+partitions over all GPUs (under ZeRO-3 from the moment they are loaded: the load peak is reported
+too). Per trainable parameter, mixed-precision Adam keeps 2 (param) + 2 (grad) +
 12 (fp32 master, m, v) bytes (fp32 training: 4 + 4 + 8); ZeRO-1 partitions the 12, ZeRO-2 also the
 gradients, ZeRO-3 also the parameters (frozen ones included).
 
@@ -150,7 +151,28 @@ def estimate(lm: LMShape, vision: tuple[int, int], zero_stage: int, world: int, 
     gather = lm.largest_layer() * half if zero_stage == 3 else 0  # one layer gathered at a time
     return {"total_params": lm.params() + v_params + proj, "trainable_params": trainable, "frozen": frozen,
             "trainable_weights": params_t, "grads": grads, "optimizer": opt, "zero3_gather": gather,
-            "per_gpu": frozen + params_t + grads + opt + gather, "cpu_offload_per_gpu": cpu}
+            "per_gpu": frozen + params_t + grads + opt + gather, "cpu_offload_per_gpu": cpu,
+            "load_peak": load_peak(lm, vision, zero_stage, world, precision, qlora)}
+
+
+def load_peak(lm: LMShape, vision: tuple[int, int], zero_stage: int, world: int, precision: str = "bf16",
+              qlora: bool = False) -> float:
+    """Bytes per GPU while the trainer builds the model, before DeepSpeed takes it over.
+
+    ZeRO-0/1/2 (and QLoRA): every rank loads the whole LM in fp32 (nf4 for QLoRA), the encoder in fp32
+    and fp32 copies of the embedding and the projection. ZeRO-3: the LM is built partitioned
+    (``deepspeed.zero.Init`` through transformers' ZeRO-3 path) in the run's precision, so a rank holds
+    its share, plus the input embedding gathered whole while the trainable copy is made, the copy and
+    the projection (whole until DeepSpeed partitions them), and the encoder, which is still loaded
+    whole in fp32. Rank 0 also memory-maps the checkpoint files while it copies them in (file-backed
+    pages the OS can drop, not counted here)."""
+    v_params, d_vis = vision
+    emb, proj = lm.vocab * lm.hidden, d_vis * lm.hidden + lm.hidden
+    if zero_stage == 3 and not qlora:
+        half = 4 if precision == "fp32" else 2
+        return lm.params() * half / world + emb * half + (emb + proj) * half + v_params * 4
+    lm_bytes = lm.params() * (0.5 + 0.03) if qlora else lm.params() * 4
+    return lm_bytes + v_params * 4 + (emb + proj) * 4
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{e['cpu_offload_per_gpu'] * a.gpus / GiB:.2f} GiB per node")
     print(f"\nZeRO-{a.zero_stage}: {e['per_gpu'] / GiB:.2f} GiB per GPU for model states; add activations "
           "(reduce with --gradient_checkpointing and a smaller --per_device_batch_size).")
+    how = ("the LM built partitioned in " + a.precision if a.zero_stage == 3 and not a.qlora
+           else "the whole LM in " + ("4-bit" if a.qlora else "fp32") + " on every GPU")
+    print(f"Loading ({how}; the encoder whole in fp32): {e['load_peak'] / GiB:.2f} GiB per GPU at its peak, "
+          "before training starts.")
 
 
 if __name__ == "__main__":

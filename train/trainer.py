@@ -233,6 +233,53 @@ def enable_gradient_checkpointing(lm: nn.Module) -> int:
     return len(layers)
 
 
+def zero3_init_enabled(args, plan: Plan) -> bool:
+    """Whether the LM is built partitioned from the start (DeepSpeed ZeRO-3, not QLoRA): no rank ever
+    holds the whole LM (the load peak per rank is its share plus, on rank 0, the checkpoint's
+    memory-mapped shards while they are copied in)."""
+    return plan.engine == "deepspeed" and args.zero_stage == 3 and not args.qlora
+
+
+def load_dtype(args, plan: Plan) -> torch.dtype:
+    """The LM's dtype at load: the run's precision when it is built partitioned under ZeRO-3 (DeepSpeed
+    keeps fp32 masters of the trainable parameters only), fp32 otherwise (the engine casts later)."""
+    if zero3_init_enabled(args, plan):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    return torch.float32
+
+
+@contextlib.contextmanager
+def partitioned_load(args, plan: Plan):
+    """transformers' ZeRO-3 path for ``from_pretrained`` (its ``HfDeepSpeedConfig``): the model is
+    created inside ``deepspeed.zero.Init`` with this run's DeepSpeed config (so in its precision), and
+    rank 0 copies the weights into the partitions one module at a time. Only for the LM: the flag is
+    cleared again before anything else is loaded."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from visualchat.deepspeed_ops import disable_shm_comm_build
+
+    disable_shm_comm_build()  # init_distributed would otherwise build the shm all-reduce op (minutes)
+    deepspeed.init_distributed()  # wraps the process group D.init() made, so the config sees every rank
+    hf_config = HfDeepSpeedConfig(deepspeed_config(args, plan))  # noqa: F841 - held alive while loading
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_config
+
+
+def gathered_base(vcm, args, plan: Plan):
+    """A context in which the LM's input embedding is whole on every rank (a no-op unless the LM was
+    loaded partitioned)."""
+    if not zero3_init_enabled(args, plan):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([vcm.base_embedding])
+
+
 def build_model(args, plan: Plan):
     """(VisualChatModel, tokenizer, lm spec for the checkpoint config)."""
     from visualchat.encoders import build_encoder
@@ -242,19 +289,29 @@ def build_model(args, plan: Plan):
 
     lm_spec = resolve_lm_spec(args.lm) if is_tiny(args.lm) else args.lm
     vision_spec = resolve_vision_spec(args.vision)
+    partitioned = zero3_init_enabled(args, plan)
     try:
-        lm, tok = load_lm(lm_spec, torch.float32, plan.device, "4bit" if args.qlora else None, args.trust_remote_code)
+        with partitioned_load(args, plan) if partitioned else contextlib.nullcontext():
+            lm, tok = load_lm(lm_spec, load_dtype(args, plan), plan.device, "4bit" if args.qlora else None,
+                              args.trust_remote_code)
     except (OSError, ValueError, ImportError) as e:
         raise TrainError(f"could not load --lm {args.lm!r}: {e}") from None
     try:
         enc = build_encoder(vision_spec).to(plan.device)
     except (OSError, ValueError, ImportError) as e:
         raise TrainError(f"could not load --vision {args.vision!r}: {e}") from None
+    gather_base = contextlib.ExitStack()  # ZeRO-3 load: the LM's embedding whole while the model copies it
+    if partitioned:
+        import deepspeed
+
+        gather_base.enter_context(deepspeed.zero.GatheredParameters([lm.get_input_embeddings().weight]))
     torch.manual_seed(args.seed)  # the projection's initialisation
     try:
         vcm = VisualChatModel(lm, enc, args.attention, args.vis_proj)
     except ValueError as e:
         raise TrainError(f"--vis_proj {args.vis_proj!r}: {e}") from None
+    finally:
+        gather_base.close()
     if args.projection_init_scale != 1.0:
         with torch.no_grad():
             for p in vcm.projection.parameters():
@@ -526,7 +583,8 @@ def _run(args, plan: Plan, t_start: float) -> dict:
         from .grounding import ground_projection
 
         try:
-            grounding = ground_projection(vcm, tok, train_s, cache)
+            with gathered_base(vcm, args, plan):  # a ZeRO-3 load partitioned the LM's embedding
+                grounding = ground_projection(vcm, tok, train_s, cache)
         except ValueError as e:
             raise TrainError(str(e)) from None
 
