@@ -83,6 +83,19 @@ class Session:
     def reset(self) -> None:
         self.__init__(self.vc, self.conversation.system)
 
+    def attention_maps(self):
+        """Where the last answer looked: a :class:`~visualchat.attention_maps.AttentionMaps` (per-image heat
+        maps and shares, mean of all layers or one). Costs one extra forward of the conversation with the
+        attention captured; the KV cache and the conversation are not touched. ValueError when there is
+        no answered round or no image."""
+        from .attention_maps import compute
+
+        rounds = self.conversation.rounds
+        if not rounds or rounds[-1].answer is None:
+            raise ValueError("there is no answer yet to show where it looked; ask something first")
+        feats = torch.stack(self._features) if self._features else None
+        return compute(self.vc, self._render(), feats)
+
     def drop_cache(self) -> None:
         """Forget the KV cache (to free memory, or after a failed forward left it inconsistent); the next
         forward recomputes the conversation from its tokens and stored image features."""
