@@ -124,3 +124,31 @@ def test_eval_batch_size_gives_the_same_val_loss_and_debug_dump(tmp_path, monkey
     assert files == ["shapes_0.txt", "shapes_1.txt", "shapes_2.txt"]
     text = (tmp_path / "debug" / "shapes_0.txt").read_text()
     assert "data set: shapes" in text and "<Image 1:" in text and "[[" in text
+
+
+# -- the data pipeline: a DataLoader with workers gives the same micro-batches -------------------------
+def test_micro_batch_stream_with_workers_matches_the_in_process_order():
+    import torch
+
+    from train.samples import Sample
+
+    samples = [Sample([i + 1, i + 2, i + 3][: 1 + i % 3], [False] * (1 + i % 3), [-100] + [5] * (i % 3), [])
+               for i in range(11)]
+    b = T.Batcher(samples, micro=2, world=2, rank=1, seed=5)
+    inline = list(T.micro_batch_stream(b, 3, 9, workers=0))
+    loaded = list(T.micro_batch_stream(b, 3, 9, workers=2, prefetch=3))
+    assert len(inline) == len(loaded) == 9
+    for x, y in zip(inline, loaded):
+        assert x.keys() == y.keys() and x["n_tokens"] == y["n_tokens"]
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+    want = b.collate([samples[j] for j in b.train_indices(3)], to_device=False)
+    assert torch.equal(inline[0]["input_ids"], want["input_ids"])
+
+
+def test_training_with_data_workers_gives_the_same_weights(tmp_path):
+    from tests.test_train_run import _train_in_process, assert_same, weights
+
+    a = _train_in_process(tmp_path / "w0", "--max_steps", "3", "--feature_cache", "off")
+    b = _train_in_process(tmp_path / "w2", "--max_steps", "3", "--feature_cache", "off", "--data_workers", "2")
+    assert a["steps"] == b["steps"] == 3
+    assert_same(weights(tmp_path / "w0" / "final"), weights(tmp_path / "w2" / "final"), atol=1e-6)

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_debug_path", default=None, help="write a few training samples per data set as the model "
                    "sees them (rendered prompt with image slots numbered, label mask, image references) to this "
                    "folder, then train as usual")
+    g.add_argument("--data_workers", type=int, default=0, help="worker processes that open and preprocess the "
+                   "next micro-batches while the model trains (a torch DataLoader; 0: in the training process)")
+    g.add_argument("--prefetch_factor", type=int, default=2, help="micro-batches each data worker keeps ready")
     g.add_argument("--val_ratio", type=float, default=0.1, help="share held out for validation (shapes: size of its validation split)")
     g.add_argument("--seed", type=int, default=1234, help="seed for data order, splits and initialisation")
     g.add_argument("--feature_cache", default="auto", help="cache the frozen encoder's features on disk: 'auto' (on for shapes), "

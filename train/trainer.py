@@ -165,6 +165,8 @@ def preflight(args) -> Plan:
         raise TrainError(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.warmup_ratio <= 1:
         raise TrainError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if getattr(args, "data_workers", 0) < 0 or getattr(args, "prefetch_factor", 2) < 1:
+        raise TrainError("--data_workers must be >= 0 and --prefetch_factor >= 1")
     if getattr(args, "eval_batch_size", 0) < 0:
         raise TrainError(f"--eval_batch_size must be >= 0 (0: --per_device_batch_size), got {args.eval_batch_size}")
     if getattr(args, "scheduler_cycles", 1.0) <= 0 or getattr(args, "scheduler_power", 1.0) <= 0:
@@ -366,7 +368,11 @@ class Batcher:
             out.append(self.order(j // n)[j % n])
         return out
 
-    def collate(self, items: list[Sample]) -> dict[str, torch.Tensor]:
+    def micro_batch(self, micro_index: int, to_device: bool = True) -> dict[str, Any]:
+        """Micro-batch ``micro_index`` of this rank, collated (images opened and preprocessed)."""
+        return self.collate([self.samples[j] for j in self.train_indices(micro_index)], to_device=to_device)
+
+    def collate(self, items: list[Sample], to_device: bool = True) -> dict[str, Any]:
         from visualchat.template import IGNORE_INDEX
 
         from .features import image_key, open_ref
@@ -400,7 +406,43 @@ class Batcher:
             out["image_feats"] = torch.stack(feats)
         elif ims:
             out["pixel_values"] = self.encoder.preprocess(ims)
-        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+        if not to_device:
+            return out
+        return to_device_batch(out, self.device)
+
+
+def to_device_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batches ``first, first + 1, ...`` of one rank as a map-style data set: item ``i`` is
+    :meth:`Batcher.micro_batch` ``(first + i)`` on the CPU, so a :class:`torch.utils.data.DataLoader`
+    can open and preprocess images in worker processes ahead of the training step. The order stays the
+    Batcher's (a distributed sampler keyed on seed and step: rank r takes its own share of every step,
+    the same samples per step at any world size, and a resume needs only the step)."""
+
+    def __init__(self, batcher: Batcher, first: int, count: int):
+        self.batcher, self.first, self.count = batcher, first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.batcher.micro_batch(self.first + i, to_device=False)
+
+
+def micro_batch_stream(batcher: Batcher, first: int, count: int, workers: int = 0, prefetch: int = 2,
+                       pin_memory: bool = False):
+    """An iterator over this rank's micro-batches ``first ..< first + count``, in order. ``workers > 0``:
+    a DataLoader with that many worker processes, each keeping ``prefetch`` micro-batches ready;
+    0: collated in the training process (as the loop did before)."""
+    if workers <= 0:
+        return (batcher.micro_batch(first + i, to_device=False) for i in range(count))
+    loader = torch.utils.data.DataLoader(
+        MicroBatches(batcher, first, count), batch_size=None, shuffle=False, num_workers=workers,
+        prefetch_factor=max(1, prefetch), persistent_workers=False, pin_memory=pin_memory)
+    return iter(loader)
 
 
 SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts", "polynomial")
@@ -732,11 +774,15 @@ def _run(args, plan: Plan, t_start: float) -> dict:
         est = max(done + 1, min(planned, done + int(0.97 * left / per_step)))
         return int(D.broadcast_object(est))
 
+    train_stream = micro_batch_stream(batcher, start_step * plan.accum, max(0, total - start_step) * plan.accum,
+                                      workers=getattr(args, "data_workers", 0),
+                                      prefetch=getattr(args, "prefetch_factor", 2),
+                                      pin_memory=plan.device.type == "cuda")
     while step < total:
         t0 = time.time()
         loss_sum = n_sum = tok = 0.0
         for a in range(plan.accum):
-            batch = batcher.collate([train_s[j] for j in batcher.train_indices(step * plan.accum + a)])
+            batch = to_device_batch(next(train_stream), plan.device)  # micro-batch step * accum + a
             tok += batch.pop("n_tokens")
             loss, n = run_forward(batch)
             if engine is not None:
