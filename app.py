@@ -23,6 +23,8 @@ import logging
 import signal
 import sys
 import time
+import uuid
+import weakref
 from typing import Any, Iterator
 
 log = logging.getLogger("visualchat.app")
@@ -231,10 +233,12 @@ def stats_text(chat) -> str:
             f"first token after {s.get('ttft_s', 0):.2f} s · {s.get('prefill_tokens', 0)} prompt tokens computed")
 
 
-def outcome_html(chat) -> str:
-    """What the last request of this chat did, for the status line."""
+def outcome_html(chat, regenerate: bool = True) -> str:
+    """What the last request of this chat did, for the status line. ``regenerate``: the tab has a
+    Regenerate button to point to (the Compare tab does not)."""
     if chat.status == "stopped":
-        return status_html("warn", "Stopped. The partial answer is kept; Regenerate to try again.")
+        return status_html("warn", "Stopped. The partial answer is kept; "
+                                   + ("Regenerate to try again." if regenerate else "ask again to try again."))
     if chat.status == "failed":
         return status_html("error", f"<b>The model failed while answering</b>: {_esc(chat.error)}. What it had "
                                     "written so far is kept, and the app keeps serving.")
@@ -243,6 +247,47 @@ def outcome_html(chat) -> str:
     if chat.status == "done":
         return status_html("info", _esc(stats_text(chat)))
     return ""
+
+
+def trained_on_shapes(vc) -> bool:
+    """Whether a model was trained on the synthetic shapes world only (its checkpoint's recorded data sets)."""
+    datasets = (getattr(vc.config, "info", None) or {}).get("datasets") or []
+    return any(str(d).startswith("shapes") for d in datasets) and all(
+        str(d).startswith("shapes") or d in ("jsonl", "chat") for d in datasets)
+
+
+SHAPES_NOTE = ("<b>What this model knows:</b> the default checkpoint was trained only on a synthetic world of "
+               "coloured shapes (circles, squares, triangles and stars in a 3×3 layout, sometimes a word), so ask "
+               "about such scenes: colours, counts, positions, what differs between images. Photos come back as "
+               "lists of shapes. For real pictures, train or load a real checkpoint (README: <i>Train your own</i>; "
+               "<code>python app.py --checkpoint DIR</code>).")
+
+
+def _layer_choice(layer) -> int | None:
+    """The layer dropdown's value: None (mean of all layers) or a 0-based layer."""
+    return None if layer in (None, "", -1, "-1") else int(layer)
+
+
+def looked_note(named_maps: list, layer: int | None) -> str:
+    """The line under a gallery that shows attention maps: what is averaged, and per model what the
+    share means (CA: part of one softmax over all tokens; MMCA: a softmax of its own)."""
+    m0 = named_maps[0][1]
+    rows, cols = m0.grid
+    which = f"the mean of all {m0.n_layers} layers" if layer is None else f"layer {layer + 1} of {m0.n_layers}"
+    text = (f"<b>Where it looked</b>: the last answer's attention over each image's {m0.image_tokens} tokens "
+            f"({rows}×{cols}), averaged over the answer's tokens, all heads and {which}; brighter = more. "
+            "Captions: each image's share of the attention the answer paid to images.")
+    for name, m in named_maps:
+        who = f"{name}" if name else "This model"
+        if m.mode == "causal":
+            text += (f" {who} uses causal attention: {m.image_share(layer):.0%} of its attention went to image "
+                     "tokens at all (the rest to text); the maps show that part, renormalised per image.")
+        else:
+            text += f" {who} uses MMCA: each answer token's attention over the image tokens is a softmax of its own."
+    if not m0.square:
+        text += (f" K={m0.image_tokens} is not a square number: its tokens are drawn {rows}×{cols} in order, "
+                 "which may not match where they come from in the image.")
+    return status_html("info", text)
 
 
 def split_message(message) -> tuple[str, list]:
@@ -286,6 +331,51 @@ class ChatUI:
     def __init__(self, server, max_new_tokens: int = 128):
         self.server = server
         self.max_new_tokens = max_new_tokens
+        self._overlays = weakref.WeakKeyDictionary()  # chat session -> its attention-map image files
+
+    @staticmethod
+    def stop_button(busy: bool):
+        """Stop is enabled and red only while an answer runs."""
+        import gradio as gr
+
+        return gr.Button(interactive=busy, variant="stop" if busy else "secondary")
+
+    def stop_busy(self):
+        return self.stop_button(True)
+
+    def stop_idle(self):
+        return self.stop_button(False)
+
+    def _draw_maps(self, owner, entries) -> list[tuple[str, str]]:
+        """Gallery items for ``entries`` (source image path, heat map, caption): each image with its map
+        drawn over it, written to the server's temp folder (replacing ``owner``'s previous ones)."""
+        from PIL import Image
+
+        from visualchat.attention_maps import overlay
+        from visualchat.serving import _remove
+
+        for p in self._overlays.pop(owner, []):
+            _remove(p)
+        items, paths = [], []
+        for src, heat, caption in entries:
+            with Image.open(src) as im:
+                drawn = overlay(im, heat)
+            path = os.path.join(self.server.tmpdir, f"looked-{uuid.uuid4().hex}.png")
+            drawn.save(path, format="PNG", compress_level=1)
+            paths.append(path)
+            items.append((path, caption))
+        self._overlays[owner] = paths
+        return items
+
+    @staticmethod
+    def _maps_of(chats) -> tuple[list | None, str]:
+        """Each chat's attention maps, or (None, a note saying why there are none)."""
+        try:
+            return [c.attention_maps() for c in chats], ""
+        except ValueError as e:
+            return None, status_html("info", f"<b>Where it looked</b>: {_esc(e)}.")
+        except RuntimeError as e:
+            return None, status_html("error", f"<b>Where it looked</b>: {_esc(e)}.")
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -369,6 +459,22 @@ class ChatUI:
         chat.wait_idle(10)
         return self.chat_view(chat, textbox=self.input_box(False))
 
+    def looked(self, on, layer, tab):
+        """The "Where it looked" toggle (and layer choice) of the Chat tab: (gallery, note). On, every gallery
+        image shows the last answer's attention map over it, captioned with its share; computed now, by one
+        extra forward. Off: the plain gallery."""
+        chat = tab.get_chat(self.server)
+        if not on:
+            return gallery_items(chat), ""
+        found, note = self._maps_of([chat])
+        if found is None:
+            return gallery_items(chat), note
+        maps, layer = found[0], _layer_choice(layer)
+        heat, shares = maps.maps(layer), maps.shares(layer)
+        entries = [(p, heat[i], f"Image {i + 1} · {shares[i]:.0%} of the image attention")
+                   for i, p in enumerate(chat.image_paths)]
+        return self._draw_maps(chat, entries), looked_note([("", maps)], layer)
+
     def run_example(self, index, tab, max_new_tokens, temperature, top_p, repetition_penalty):
         """Clear the chat and play one of EXAMPLES round by round."""
         chat = tab.get_chat(self.server)
@@ -404,7 +510,7 @@ class ChatUI:
         if status is None:
             parts = []
             for name, c in (("CA", ca), ("MMCA", mm)):
-                h = outcome_html(c)
+                h = outcome_html(c, regenerate=False)
                 if h and c.status != "done":
                     parts.append(h.replace(">", f"><b>{name}:</b> ", 1))
             status = "".join(parts)
@@ -456,7 +562,7 @@ class ChatUI:
                 pair[0].undo()
             for c in pair:
                 self._rejected(c, e)
-            yield self.compare_view(pair, status=outcome_html(pair[1]))
+            yield self.compare_view(pair, status=outcome_html(pair[1], regenerate=False))
             return
         yield from self._stream_pair(pair, streams)
 
@@ -493,6 +599,26 @@ class ChatUI:
             c.wait_idle(10)
         return self.compare_view(pair, textbox=self.input_box(False))
 
+    def compare_looked(self, on, layer, tab):
+        """The Compare tab's "Where it looked": both models' maps of every image side by side, CA then
+        MMCA. (gallery, note)."""
+        if not self.server.compare.ready:
+            return [], ""
+        ca, mm = tab.get_compare(self.server)
+        if not on:
+            return gallery_items(mm), ""
+        found, note = self._maps_of([ca, mm])
+        if found is None:
+            return gallery_items(mm), note
+        layer = _layer_choice(layer)
+        entries = []
+        heats = [m.maps(layer) for m in found]
+        shares = [m.shares(layer) for m in found]
+        for i, p in enumerate(mm.image_paths):
+            for j, name in enumerate(("CA", "MMCA")):
+                entries.append((p, heats[j][i], f"Image {i + 1} · {name} · {shares[j][i]:.0%}"))
+        return self._draw_maps(mm, entries), looked_note(list(zip(("CA", "MMCA"), found)), layer)
+
     # -- the stateless API ---------------------------------------------------------------------
     def api_generate(self, conversation: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -506,7 +632,7 @@ class ChatUI:
         streaming client sees it grow). Every field is checked against the server's limits first."""
         import gradio as gr
 
-        from visualchat.serving import (INPUT_ERRORS, AbandonedError, bounded, unread_probe,
+        from visualchat.serving import (INPUT_ERRORS, AbandonedError, bounded, forget_request_inputs, unread_probe,
                                         validate_api_request)
 
         limits = self.server.limits
@@ -516,6 +642,9 @@ class ChatUI:
             stream = self.server.stream(model, history, question, images, gen)
         except INPUT_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
+        finally:
+            forget_request_inputs(request, "generate")  # Gradio's session copy of the request (it can be MBs)
+            del conversation
         stream = bounded(stream, limits.answer_seconds, unread_probe(request, limits.unread_seconds))
         text = ""
         try:
@@ -551,6 +680,11 @@ def _model_line(server) -> str:
             f"**serving** {_esc(server.backend)}")
 
 
+def _layer_choices(vc) -> list[tuple[str, int]]:
+    n = getattr(vc.model.lm.config, "num_hidden_layers", None) or 0
+    return [("all (mean)", -1)] + [(f"layer {i + 1}", i) for i in range(int(n))]
+
+
 def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128, concurrency: int = 1,
                compare_missing: list[str] | None = None, stateless: bool | None = None):
     """The Gradio app. ``model`` is a loaded ``serving.Server`` or a ``VisualChat`` (then ``compare``
@@ -572,6 +706,8 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
     below = 370 + (55 if getattr(server.chat, "untrained", False) else 0)
     queue_kw = dict(concurrency_id="model", concurrency_limit=max(1, int(concurrency)))
     example_samples = [[t] for t, _ in EXAMPLES]
+    layer_choices = _layer_choices(server.chat)
+    compare_layer_choices = _layer_choices(server.compare.mmca) if server.compare.ready else [("all (mean)", -1)]
 
     with gr.Blocks(title="VisualChat", fill_width=True) as demo:
         tab = gr.State(TabState(), delete_callback=lambda s: s.close())
@@ -580,6 +716,9 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                         "**Image 1 … Image N**, numbered in the order they arrive, and reads them with multi-modal "
                         "causal attention (MMCA), as in [DeepSpeed-VisualChat](https://arxiv.org/abs/2309.14327).")
             gr.Markdown(_model_line(server), elem_id="vc-model")
+            shapes = trained_on_shapes(server.chat)
+            if shapes:
+                gr.HTML(status_html("info", SHAPES_NOTE), elem_classes="vc-status", elem_id="vc-knows")
             if getattr(server.chat, "untrained", False):
                 gr.HTML(status_html("warn", "<b>Untrained projection</b>: no trained checkpoint was found "
                                             "(<code>assets/checkpoints/shapes-mmca</code> is missing), so answers come "
@@ -594,16 +733,23 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                         chatbot = gr.Chatbot(label="Conversation", height=f"calc(100vh - {below}px)", min_height=260,
                                              elem_id="chatbot",
                                              buttons=["copy"], feedback_options=None,
-                                             placeholder="Attach images with the paperclip (or drop them on the box "
-                                                         "below), ask about them as Image 1, Image 2, … and press "
-                                                         "Enter. Later rounds can bring more images.")
+                                             placeholder=("Click an example on the right, or attach a shapes picture "
+                                                          "(like those in assets/examples) with the paperclip and ask "
+                                                          "about its colours, counts or positions as Image 1, Image 2, "
+                                                          "… Later rounds can bring more images." if shapes else
+                                                          "Attach images with the paperclip (or drop them on the box "
+                                                          "below), ask about them as Image 1, Image 2, … and press "
+                                                          "Enter. Later rounds can bring more images."))
                         status = gr.HTML("", elem_classes="vc-status", elem_id="status")
                         textbox = gr.MultimodalTextbox(
-                            placeholder="Ask about Image 1, Image 2, … (attach images with the paperclip)",
+                            placeholder=("e.g. “What color is the star in Image 1?” (attach shapes pictures with the "
+                                         "paperclip)" if shapes else
+                                         "Ask about Image 1, Image 2, … (attach images with the paperclip)"),
                             file_count="multiple", sources=["upload"], show_label=False,
                             submit_btn=True, elem_id="message", max_plain_text_length=4000)
                         with gr.Row():
-                            stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="stop")
+                            stop_btn = gr.Button("Stop", variant="secondary", size="sm", elem_id="stop",
+                                                 interactive=False)
                             regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
                             undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
                             clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
@@ -611,7 +757,15 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                         gallery = gr.Gallery(label="Images in this conversation (as the model numbers them)", columns=4,
                                              height=240, object_fit="contain", fit_columns=False, elem_id="gallery",
                                              buttons=["fullscreen"], interactive=False)
-                        examples = gr.Dataset(label="Examples (click one to play the whole conversation)",
+                        with gr.Row(equal_height=True):
+                            looked = gr.Checkbox(label="Where it looked", value=False, elem_id="looked", scale=1,
+                                                 info="overlay the last answer's attention on every image")
+                            layer = gr.Dropdown(choices=layer_choices, value=-1, label="Layers", elem_id="looked-layer",
+                                                scale=1, min_width=120)
+                        looked_status = gr.HTML("", elem_classes="vc-status", elem_id="looked-note")
+                        examples = gr.Dataset(label=("Examples on shapes scenes like those the model learned (click one "
+                                                     "to play the whole conversation)" if shapes else
+                                                     "Examples (click one to play the whole conversation)"),
                                               components=[gr.Textbox(visible=False)], samples=example_samples,
                                               type="index", layout="table", elem_id="examples")
                         with gr.Accordion("Generation settings", open=False):
@@ -635,13 +789,26 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                                         api_visibility="undocumented", show_progress="hidden", **queue_kw)
                 model_events = [send_evt, regen_evt, ex_evt]
                 textbox.stop(None, None, None, cancels=model_events, api_visibility="private")
+                looked_io = dict(fn=ui.looked, inputs=[looked, layer, tab], outputs=[gallery, looked_status],
+                                 api_visibility="private", show_progress="hidden", **queue_kw)
+                for trigger in (textbox.submit, regen_btn.click, examples.click):
+                    trigger(ui.stop_busy, None, [stop_btn], api_visibility="private", queue=False,
+                            show_progress="hidden")
                 for evt in model_events:
-                    evt.then(ui.refresh, [tab], outs, api_visibility="private", queue=False, show_progress="hidden")
+                    (evt.then(ui.refresh, [tab], outs, api_visibility="private", queue=False, show_progress="hidden")
+                     .then(ui.stop_idle, None, [stop_btn], api_visibility="private", queue=False,
+                           show_progress="hidden")
+                     .then(**looked_io))
                 stop_btn.click(None, None, None, cancels=model_events, api_visibility="private")
                 undo_btn.click(ui.undo, [tab], outs, api_name="undo", api_visibility="undocumented",
-                               cancels=model_events, queue=False, show_progress="hidden")
-                clear_btn.click(ui.clear, [tab], outs, api_name="clear", api_visibility="undocumented",
-                                cancels=model_events, queue=False, show_progress="hidden")
+                               cancels=model_events, queue=False, show_progress="hidden").then(**looked_io)
+                for clear_trigger, name in ((clear_btn.click, "clear"), (chatbot.clear, None)):
+                    # the chat panel's trash icon does what Clear does: gallery, prompt and model state too
+                    clear_trigger(ui.clear, [tab], outs, api_name=name, api_visibility="undocumented" if name else
+                                  "private", cancels=model_events, queue=False,
+                                  show_progress="hidden").then(**looked_io)
+                looked.change(**looked_io)
+                layer.change(**looked_io)
 
             # ---------------------------------------------------------------- Compare
             with gr.Tab("Compare CA vs MMCA", id="compare"):
@@ -670,7 +837,8 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                             "Unavailable: see the note above", file_count="multiple",
                             sources=["upload"], show_label=False, interactive=ready, elem_id="compare-message")
                         with gr.Row():
-                            cstop = gr.Button("Stop", variant="stop", size="sm", elem_id="compare-stop")
+                            cstop = gr.Button("Stop", variant="secondary", size="sm", elem_id="compare-stop",
+                                              interactive=False)
                             cclear = gr.Button("Clear", size="sm", elem_id="compare-clear")
                         cexamples = gr.Dataset(label="Examples", components=[gr.Textbox(visible=False)],
                                                samples=example_samples, type="index", layout="table",
@@ -679,6 +847,13 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                         cgallery = gr.Gallery(label="Images in this conversation", columns=4, height=240,
                                               fit_columns=False, object_fit="contain", interactive=False,
                                               elem_id="compare-gallery")
+                        with gr.Row(equal_height=True):
+                            clooked = gr.Checkbox(label="Where it looked", value=False, elem_id="compare-looked",
+                                                  scale=1, interactive=ready,
+                                                  info="both models' attention maps side by side: CA, then MMCA")
+                            clayer = gr.Dropdown(choices=compare_layer_choices, value=-1, label="Layers",
+                                                 elem_id="compare-looked-layer", scale=1, min_width=120)
+                        clooked_status = gr.HTML("", elem_classes="vc-status", elem_id="compare-looked-note")
                 couts = [chat_ca, chat_mm, cgallery, ctextbox, cstatus]
                 c_evt = ctextbox.submit(ui.compare_send, [ctextbox, tab, *settings], couts, api_name="compare",
                                         api_visibility="undocumented", show_progress="hidden", **queue_kw)
@@ -686,12 +861,23 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                                           api_name="compare_example", api_visibility="undocumented",
                                           show_progress="hidden", **queue_kw)
                 ctextbox.stop(None, None, None, cancels=[c_evt, cex_evt], api_visibility="private")
+                clooked_io = dict(fn=ui.compare_looked, inputs=[clooked, clayer, tab],
+                                  outputs=[cgallery, clooked_status], api_visibility="private",
+                                  show_progress="hidden", **queue_kw)
+                for trigger in (ctextbox.submit, cexamples.click):
+                    trigger(ui.stop_busy, None, [cstop], api_visibility="private", queue=False, show_progress="hidden")
                 for evt in (c_evt, cex_evt):
-                    evt.then(ui.compare_refresh, [tab], couts, api_visibility="private", queue=False,
-                             show_progress="hidden")
+                    (evt.then(ui.compare_refresh, [tab], couts, api_visibility="private", queue=False,
+                              show_progress="hidden")
+                     .then(ui.stop_idle, None, [cstop], api_visibility="private", queue=False, show_progress="hidden")
+                     .then(**clooked_io))
                 cstop.click(None, None, None, cancels=[c_evt, cex_evt], api_visibility="private")
-                cclear.click(ui.compare_clear, [tab], couts, api_name="compare_clear", api_visibility="undocumented",
-                             cancels=[c_evt, cex_evt], queue=False, show_progress="hidden")
+                for clear_trigger, name in ((cclear.click, "compare_clear"), (chat_ca.clear, None), (chat_mm.clear, None)):
+                    clear_trigger(ui.compare_clear, [tab], couts, api_name=name,
+                                  api_visibility="undocumented" if name else "private", cancels=[c_evt, cex_evt],
+                                  queue=False, show_progress="hidden").then(**clooked_io)
+                clooked.change(**clooked_io)
+                clayer.change(**clooked_io)
 
         # the request (for noticing an answer nobody reads) is injected by Gradio from this type hint
         ChatUI.api_generate.__annotations__["request"] = gr.Request

@@ -514,3 +514,176 @@ def test_environment_configures_a_space_without_code_changes(monkeypatch):
     o = app.serve_options(a)
     assert o.quantization == "4bit" and o.checkpoint == "/ckpt" and not o.compare
     assert app.parse_args(["--port", "1234", "--local_rank=1"]).port == 1234  # the DeepSpeed launcher's flag is accepted
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 16: what the default knows, the trash icon, Stop, the Compare stop note, where it looked
+
+
+def _elem(demo, elem_id):
+    return next(c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == elem_id)
+
+
+def _listeners(demo, elem_id, event):
+    """The event listeners that ``event`` of the component ``elem_id`` triggers directly."""
+    cid = _elem(demo, elem_id)["id"]
+    return [f for f in demo.fns.values() if (cid, event) in f.targets and f.fn is not None]  # not the cancels
+
+
+def _then(demo, dep):
+    """The chain that follows a listener (.then, .then, ...)."""
+    out, cur = [], dep
+    while True:
+        nxt = [f for f in demo.fns.values() if f.trigger_after == cur._id]
+        if not nxt:
+            return out
+        cur = nxt[0]
+        out.append(cur)
+
+
+def test_page_says_what_the_default_knows_and_steers_to_shapes_questions(tiny_models, monkeypatch):
+    import app
+
+    chat, ca, mm = tiny_models
+    plain = app.build_demo(chat, compare=(ca, mm))
+    assert not [c for c in plain.config["components"] if c.get("props", {}).get("elem_id") == "vc-knows"]
+    # a checkpoint trained on the shapes world (as the shipped default records in its config.json)
+    monkeypatch.setattr(chat.config, "info", {"datasets": ["shapes", "jsonl"]})
+    d = app.build_demo(chat, compare=(ca, mm))
+    note = _elem(d, "vc-knows")["props"]["value"]
+    assert "synthetic world of coloured shapes" in note and "Train your own" in note and "--checkpoint" in note
+    ids = [c["id"] for c in d.config["components"]]
+    assert ids.index(_elem(d, "vc-knows")["id"]) == ids.index(_elem(d, "vc-model")["id"]) + 1  # next to the model line
+    assert "What color is the star in Image 1?" in _elem(d, "message")["props"]["placeholder"]
+    assert "shapes" in _elem(d, "chatbot")["props"]["placeholder"]
+    assert "shapes scenes" in _elem(d, "examples")["props"]["label"]
+
+
+def test_chat_trash_icon_clears_like_clear(demo, tmp_path):
+    from visualchat.serving import TabState
+
+    ui, tab = demo.ui, TabState()
+    last(ui.send(msg("What is in Image 1?", image_files(tmp_path, 1)), tab, *SETTINGS))
+    (trash,) = _listeners(demo, "chatbot", "clear")
+    assert trash.fn == ui.clear
+    chatbot, gallery, prompt, textbox, status = trash.fn(tab)  # what clicking the trash icon runs
+    assert chatbot == [] and gallery == [] and "### Question" not in prompt
+    assert tab.chat.conversation.rounds == []  # the model's state too: the next answer does not bring it back
+    chatbot, gallery, prompt, *_ = last(ui.send(msg("Hi?"), tab, *SETTINGS))[0]
+    assert len(chatbot) == 2 and gallery == [] and "What is in Image 1?" not in prompt
+
+
+def test_compare_trash_icons_clear_both_columns(demo, tmp_path):
+    from visualchat.serving import TabState
+
+    ui, tab = demo.ui, TabState()
+    last(ui.compare_send(msg("What is in Image 1?", image_files(tmp_path, 1)), tab, *SETTINGS))
+    for elem in ("chat-ca", "chat-mmca"):
+        (trash,) = _listeners(demo, elem, "clear")
+        assert trash.fn == ui.compare_clear
+    ca, mm, gallery, _, _ = _listeners(demo, "chat-mmca", "clear")[0].fn(tab)
+    assert ca == [] and mm == [] and gallery == []
+    assert all(c.conversation.rounds == [] for c in tab.compare)
+
+
+@pytest.mark.parametrize("tab_name,stop,trigger", [("chat", "stop", ("message", "submit")),
+                                                   ("chat", "stop", ("regenerate", "click")),
+                                                   ("chat", "stop", ("examples", "click")),
+                                                   ("compare", "compare-stop", ("compare-message", "submit")),
+                                                   ("compare", "compare-stop", ("compare-examples", "click"))])
+def test_stop_is_enabled_and_red_only_while_answering(demo, tab_name, stop, trigger):
+    props = _elem(demo, stop)["props"]
+    assert props["interactive"] is False and props["variant"] != "stop"  # idle: disabled, not red
+    deps = _listeners(demo, *trigger)
+    busy = [d for d in deps if [o._id for o in d.outputs] == [_elem(demo, stop)["id"]]]
+    assert len(busy) == 1 and not busy[0].queue  # runs at once, beside the queued answer
+    b = busy[0].fn()
+    assert b.interactive is True and b.variant == "stop"
+    answer = next(d for d in deps if d is not busy[0])
+    idle = [d for d in _then(demo, answer) if [o._id for o in d.outputs] == [_elem(demo, stop)["id"]]]
+    assert len(idle) == 1  # after the answer ends, is stopped or fails
+    i = idle[0].fn()
+    assert i.interactive is False and i.variant != "stop"
+
+
+def test_compare_stop_note_does_not_point_to_regenerate(demo, tmp_path):
+    from visualchat.serving import TabState
+
+    ui, tab = demo.ui, TabState()
+    _, ca_vc, mm_vc = demo.serving.chat, demo.serving.compare.ca, demo.serving.compare.mmca
+    with Slow(ca_vc, delay=0.01), Slow(mm_vc, delay=0.01):
+        gen = ui.compare_send(msg("Describe Image 1.", image_files(tmp_path, 1)), tab, 200, 0.0, 1.0, 1.0)
+        for i, _ in enumerate(gen):
+            if i == 4:
+                break
+        gen.close()  # Stop
+    status = ui.compare_refresh(tab)[4]
+    assert "Stopped" in status and "Regenerate" not in status
+    assert "Regenerate" in __import__("app").outcome_html(tab.compare[0])  # the Chat tab's note still says it
+
+
+def test_where_it_looked_chat_tab(demo, tmp_path):
+    from PIL import Image
+
+    from visualchat.serving import TabState
+
+    ui, tab = demo.ui, TabState()
+    gallery, note = ui.looked(True, -1, tab)
+    assert gallery == [] and "no answer yet" in note
+    ims = image_files(tmp_path, 2, size=(64, 48))
+    last(ui.send(msg("Which is brighter, Image 1 or Image 2?", ims), tab, *SETTINGS))
+    gallery, note = ui.looked(True, -1, tab)
+    assert [c.split(" · ")[0] for _, c in gallery] == ["Image 1", "Image 2"]
+    shares = [float(c.split(" · ")[1].split("%")[0]) for _, c in gallery]
+    assert abs(sum(shares) - 100) <= 1 and all("of the image attention" in c for _, c in gallery)
+    assert "Where it looked" in note and "mean of all 2 layers" in note and "MMCA" in note
+    for (path, _), src in zip(gallery, tab.chat.image_paths):
+        drawn, plain = Image.open(path), Image.open(src)
+        assert drawn.size == plain.size and drawn.tobytes() != plain.convert("RGB").tobytes()
+    gallery1, note1 = ui.looked(True, 1, tab)
+    assert "layer 2 of 2" in note1 and not any(os.path.exists(p) for p, _ in gallery)  # the old overlays are gone
+    m = tab.chat.attention_maps()
+    assert [c for _, c in gallery1] == [f"Image {i + 1} · {s:.0%} of the image attention"
+                                        for i, s in enumerate(m.shares(1))]
+    plain, note = ui.looked(False, -1, tab)
+    assert plain == app_gallery(tab.chat) and note == ""
+
+
+def app_gallery(chat):
+    import app
+
+    return app.gallery_items(chat)
+
+
+def test_where_it_looked_compare_tab_side_by_side(demo, tmp_path):
+    from visualchat.serving import TabState
+
+    ui, tab = demo.ui, TabState()
+    last(ui.compare_send(msg("What is different between Image 1 and Image 2?", image_files(tmp_path, 2)), tab,
+                         *SETTINGS))
+    gallery, note = ui.compare_looked(True, -1, tab)
+    assert [c.split(" · ")[:2] for _, c in gallery] == [["Image 1", "CA"], ["Image 1", "MMCA"],
+                                                       ["Image 2", "CA"], ["Image 2", "MMCA"]]
+    assert "CA uses causal attention" in note and "went to image tokens at all" in note and "MMCA uses MMCA" in note
+    ca_maps, mm_maps = (c.attention_maps() for c in tab.compare)
+    assert ca_maps.mode == "causal" and mm_maps.mode == "mmca"
+    assert f"{ca_maps.image_share():.0%} of its attention" in note
+    assert ui.compare_looked(False, -1, tab)[0] == app_gallery(tab.compare[1])
+
+
+def test_where_it_looked_is_the_same_on_the_stateless_path(tiny_models, tmp_path):
+    """ZeroGPU keeps no session: the conversation is rebuilt for the extra forward, with the same maps."""
+    import numpy as np
+
+    import app
+    from visualchat.serving import TabState
+
+    chat, ca, mm = tiny_models
+    ims = image_files(tmp_path, 2)
+    maps = []
+    for stateless in (False, True):
+        d = app.build_demo(chat, compare=(ca, mm), stateless=stateless)
+        tab = TabState()
+        last(d.ui.send(msg("What is in Image 1 and Image 2?", ims), tab, *SETTINGS))
+        maps.append(tab.chat.attention_maps())
+    np.testing.assert_allclose(maps[0].probs, maps[1].probs, atol=1e-5)

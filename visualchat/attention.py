@@ -22,6 +22,7 @@ triton is installed (``VISUALCHAT_MMCA_KERNEL=torch`` keeps the torch path below
 """
 from __future__ import annotations
 
+import contextvars
 import os
 
 import torch
@@ -155,6 +156,13 @@ def _sum_of_terms(query, key, value, masks: list[torch.Tensor], scale) -> torch.
     return out
 
 
+#: A callable ``capture(module, query, key, key_is_image, key_padding_mask, scale, mode, window)`` that
+#: every attention layer calls (with its post-RoPE query and all its keys) while it is set, in this
+#: thread only; None, the default, costs nothing. :mod:`visualchat.attention_maps` sets it for the one
+#: extra forward that records where the answer tokens looked.
+CAPTURE: contextvars.ContextVar = contextvars.ContextVar("visualchat_attention_capture", default=None)
+
+
 def hf_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """The function registered with transformers' ``AttentionInterface`` as ``"visualchat"``.
     Returns ``([B, Lq, Hq, D], None)`` as transformers expects."""
@@ -177,6 +185,9 @@ def hf_attention_forward(module, query, key, value, attention_mask=None, scaling
         raise ValueError(
             f"vc_key_is_image covers {key_is_image.shape[-1]} keys but this layer has {lk} "
             "(it must cover the cached keys too)")
+    capture = CAPTURE.get()
+    if capture is not None:
+        capture(module, query, key, key_is_image.to(key.device), padding, scaling, mode, window)
     out = mmca_attention(query, key, value, key_is_image.to(key.device), padding, scaling, mode, window)
     return out.transpose(1, 2).contiguous(), None
 

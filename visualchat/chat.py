@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def parse_args(argv=None):
@@ -27,7 +28,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .images import ImageError
+    from .images import ImageError, open_image
     from .model import VisualChat
     from .session import ContextWindowError, TooManyImagesError
 
@@ -38,14 +39,40 @@ def main(argv=None) -> int:
                repetition_penalty=args.repetition_penalty)
     pending = list(args.image)
 
-    def answer(stream):
+    def answer(stream, prefix=""):
+        """Print the answer after ``prefix``. The prefix waits for the first piece, and warnings raised
+        while answering are printed after the answer's line, so neither splits it."""
+        shown = False
+
+        def show(text):
+            nonlocal shown
+            if not shown:
+                print(prefix, end="")
+                shown = True
+            print(text, end="", flush=True)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                for piece in stream:
+                    show(piece)
+            except KeyboardInterrupt:
+                stream.close()
+                show(" [stopped]")
+            finally:
+                show("")
+                print()
+        for w in caught:
+            print(f"{w.category.__name__}: {w.message}", file=sys.stderr)
+
+    def attach(path):
+        """Open an image for the next question now: a refused file is dropped with the reason."""
         try:
-            for piece in stream:
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:
-            stream.close()
-            print(" [stopped]", end="")
-        print()
+            pending.append(open_image(path))
+        except ImageError as e:
+            print(f"  error: {e} (not attached; the conversation is unchanged)")
+            return
+        print(f"  will attach as Image {len(session.images) + len(pending)}")
 
     if args.ask is not None:
         try:
@@ -67,15 +94,13 @@ def main(argv=None) -> int:
         if line in ("/quit", "/exit"):
             return 0
         if line.startswith("/image "):
-            pending.append(line[7:].strip())
-            print(f"  will attach as Image {len(session.images) + len(pending)}")
+            attach(line[7:].strip())
             continue
         try:
             if line == "/undo":
                 print("  removed the last round" if session.undo() else "  nothing to undo")
             elif line == "/regen":
-                print("vc> ", end="")
-                answer(session.regenerate(**gen))
+                answer(session.regenerate(**gen), "vc> ")
             elif line == "/prompt":
                 print(session.prompt_text())
             elif line == "/reset":
@@ -84,10 +109,12 @@ def main(argv=None) -> int:
             else:
                 stream = session.stream(line, pending, **gen)  # raises on bad input, before printing
                 pending = []
-                print("vc> ", end="")
-                answer(stream)
+                answer(stream, "vc> ")
         except (ImageError, TooManyImagesError, ContextWindowError, ValueError) as e:
-            print(f"\n  error: {e} (the conversation is unchanged)")
+            print(f"  error: {e} (the conversation is unchanged)")
+            if isinstance(e, (ImageError, TooManyImagesError)) and pending:
+                pending.clear()  # a refused attachment is dropped, so the next question works
+                print("  the pending images were dropped; attach them again with /image")
 
 
 if __name__ == "__main__":

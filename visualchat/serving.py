@@ -929,6 +929,27 @@ def unread_probe(request, seconds: float) -> Callable[[], bool] | None:
     return unread
 
 
+def forget_request_inputs(request, api_name: str) -> int:
+    """Drop the copy of a finished request's inputs that Gradio keeps in its per-session state (the
+    component values of the session's config, kept for up to 10,000 sessions): every POST to
+    /gradio_api/call/<api_name> is a session of its own, so without this each request's conversation
+    (a 50 MB data URL included) stayed in memory after its answer. Returns how many values were dropped."""
+    try:
+        blocks = request.request.app.get_blocks()
+        state = blocks.state_holder.session_data.get(request.session_hash)
+        fns = [f for f in blocks.fns.values() if getattr(f, "api_name", None) == api_name]
+    except Exception:  # not a queued Gradio request (a test calling the handler directly)
+        return 0
+    n = 0
+    for fn in fns if state is not None else ():
+        for block in fn.inputs:
+            cfg = state.config_values.get(block._id)
+            if isinstance(cfg, dict) and isinstance(cfg.get("props"), dict) and cfg["props"].get("value") is not None:
+                cfg["props"]["value"] = None
+                n += 1
+    return n
+
+
 def cache_bytes(cache) -> int:
     """Memory held by a transformers KV cache (each storage counted once)."""
     if cache is None:
@@ -1088,6 +1109,21 @@ class ChatSession:
                 _remove(p)
             self._paths = []
             self.status, self.error, self.last_stats = "idle", None, {}
+
+    def attention_maps(self):
+        """Where the last answer looked (:meth:`visualchat.session.Session.attention_maps`): one extra
+        forward, after any running answer. On the stateless path the conversation is rebuilt in a
+        fresh session for it."""
+        with self._exclusive():
+            session = self._session
+            if session is None:
+                rounds = self._conv.rounds
+                if not rounds or rounds[-1].answer is None:
+                    raise ValueError("there is no answer yet to show where it looked; ask something first")
+                session = self.vc.new_session(self._conv.system)
+                for r in rounds:
+                    session.add_round(r.question, r.images, r.answer)
+            return session.attention_maps()
 
     def close(self) -> None:
         """Free the KV cache and the display copies (the tab is gone)."""
