@@ -175,3 +175,26 @@ def test_qwen_vl_bigG_shapes():
 def test_bad_spec(spec):
     with pytest.raises(ValueError, match="valid forms"):
         build_encoder(spec)
+
+
+def test_vision_lora_on_the_efficientnet_head(effnet):
+    """`--vision_lora_rank 8 --vision_lora_target_modules _conv_head` crashed in peft (it builds the
+    LoRA factors by calling the base conv's class with nn.Conv2d's arguments). The adapted encoder
+    must run, start equal to the base (B = 0), and change its output when B is trained."""
+    import copy
+
+    from visualchat.lora import inject
+
+    from .conftest import color_image
+
+    enc = copy.deepcopy(effnet)
+    img = [color_image((200, 30, 30), (224, 224))]
+    before = effnet.encode(img)
+    inject(enc, {"r": 8, "lora_alpha": 16, "target_modules": ["_conv_head"], "lora_dropout": 0.0, "bias": "none"})
+    assert any("lora_" in n for n, _ in enc.named_parameters())
+    torch.testing.assert_close(enc.encode(img), before)
+    with torch.no_grad():
+        for n, p in enc.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    assert not torch.allclose(enc.encode(img), before)

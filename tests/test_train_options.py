@@ -152,3 +152,17 @@ def test_training_with_data_workers_gives_the_same_weights(tmp_path):
     b = _train_in_process(tmp_path / "w2", "--max_steps", "3", "--feature_cache", "off", "--data_workers", "2")
     assert a["steps"] == b["steps"] == 3
     assert_same(weights(tmp_path / "w0" / "final"), weights(tmp_path / "w2" / "final"), atol=1e-6)
+
+
+def test_data_pipeline_bench_runs(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_pipeline", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "data_pipeline.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    r = mod.main(["--workers", "0,1", "--samples", "8", "--images", "4", "--micro", "2", "--image_size", "32",
+                  "--consume", "10", "--json", str(out)])
+    assert [row["workers"] for row in r["rows"]] == [0, 1] and all(row["samples_per_s"] > 0 for row in r["rows"])
+    assert json.loads(out.read_text())["rows"][0]["micro_batches"] == 4 and r["workers_needed"] > 0

