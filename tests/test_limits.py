@@ -240,3 +240,28 @@ def test_an_answer_nobody_reads_does_not_hold_the_worker(tiny_models):  # noqa: 
         assert slow.calls < 150, f"the unread answer ran {slow.calls} forwards"
     finally:
         demo.close()
+
+
+def test_gradio_does_not_keep_each_api_requests_inputs(tiny_models):  # noqa: F811
+    """Gradio keeps every session's input values (up to 10,000 sessions) and each POST to
+    /gradio_api/call/generate is a session of its own: a refused 5 MB data URL stayed in memory per
+    request. After the call, nothing of the request's conversation is kept."""
+    import app
+    from tests.test_app_client import serve
+
+    demo = app.build_demo(tiny_models[0])
+    url = serve(demo)
+    try:
+        demo.serving.limits.max_image_bytes = 1_000_000
+        big = "data:image/png;base64," + "A" * 7_000_000
+        ids = [_post(url, "generate", [[{"question": "Hi", "images": [big]}], 8, 0.0, 1.0, 1.0, None, "chat"])
+               for _ in range(2)]
+        ids.append(_post(url, "generate", [[{"question": "Hello " * 60}], 2, 0.0, 1.0, 1.0, None, "chat"]))
+        outs = [_get(url, "generate", i) for i in ids]
+        assert "up to 1,000,000 bytes" in outs[0] and "event: complete" in outs[2], outs
+        kept = [len(json.dumps(cfg.get("props", {}).get("value"), default=str))
+                for st in demo.state_holder.session_data.values() for cfg in st.config_values.values()
+                if isinstance(cfg, dict)]
+        assert max(kept) < 100_000, f"a session still holds {max(kept):,} characters of a request"
+    finally:
+        demo.close()
