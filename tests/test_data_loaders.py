@@ -11,6 +11,7 @@ from PIL import Image
 
 import train.data as data
 from train.data import DATASETS, load_dataset
+from train.data.b64index import Base64Slice, base64_index, scan
 from train.data.packing import PAPER_COUNTS, concat, fit_to_length, limit_images, pack, pack_set
 from train.data.validate import validate_images
 from visualchat.images import open_image
@@ -41,7 +42,9 @@ def write_json(path, obj):
 
 
 def color_of(ref):
-    return open_image(ref).getpixel((1, 1))
+    from train.features import open_ref
+
+    return open_ref(ref).getpixel((1, 1))
 
 
 def near(c1, c2, tol=40):
@@ -244,18 +247,22 @@ def test_base64_sets(tmp_path, set_name, layout):
     assert [r.question for r in story.rounds] == ["Tell a story about these.", "What happens next?"]
     assert [r.answer for r in story.rounds] == ["Once upon a time.", "The end."]
     assert story.rounds[1].images == []
-    # references, not opened images, in published order
-    assert story.rounds[0].images == ["base64:" + images[f"{set_name}_IMG_{i:02d}"] for i in (2, 0, 1)]
+    # references (slices of the images file, read when opened), not opened images, in published order
+    assert all(isinstance(r, Base64Slice) for r in story.images)
+    assert [r.image_ref() for r in story.rounds[0].images] == ["base64:" + images[f"{set_name}_IMG_{i:02d}"]
+                                                                for i in (2, 0, 1)]
     assert [near(color_of(r), COLORS[i]) for r, i in zip(story.images, (2, 0, 1))] == [True] * 3
     # 12 images -> 8 spread evenly, in order, first and last kept
     assert len(clip.images) == 8
-    picked = [next(i for i in range(12) if "base64:" + images[f"{set_name}_IMG_{i:02d}"] == r) for r in clip.images]
+    picked = [next(i for i in range(12) if "base64:" + images[f"{set_name}_IMG_{i:02d}"] == r.image_ref())
+              for r in clip.images]
     assert picked == sorted(picked) and picked[0] == 0 and picked[-1] == 11 and len(set(picked)) == 8
 
 
 def test_base64_overflow_and_missing_options(tmp_path):
     images = make_base64_set(tmp_path, "TVC")
-    convs = load_dataset("otter_mimicit_tvc", str(tmp_path), overflow="truncate", on_missing_image="drop")
+    convs = load_dataset("otter_mimicit_tvc", str(tmp_path), overflow="truncate", on_missing_image="drop",
+                         lazy_images=False)  # base64:<data> strings
     assert len(convs) == 3
     assert convs[1].images == ["base64:" + images[f"TVC_IMG_{i:02d}"] for i in range(8)]
     assert convs[2].images == ["base64:" + images["TVC_IMG_03"]]
@@ -589,3 +596,28 @@ def test_other_sets_name_their_missing_files(tmp_path, name, expected):
     with pytest.raises(FileNotFoundError) as e:
         load_dataset(name, str(tmp_path))
     assert expected in str(e.value) and str(tmp_path) in str(e.value)
+
+
+# -- base64 images files read in place -----------------------------------------------------------------------
+def test_base64_index_finds_every_string_without_loading_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISUALCHAT_CACHE", str(tmp_path / "cache"))
+    a, b = base64.b64encode(img_bytes(COLORS[0])).decode(), base64.b64encode(img_bytes(COLORS[1])).decode()
+    f = tmp_path / "SN.json"
+    # spacing, an escaped slash, a null, an id with an escaped quote, a data URI
+    text = ('{ "SN_IMG_1" : "%s",\n"SN_IMG_2":"%s", "gone": null, "odd\\"id": "%s",'
+            ' "uri": "data:image/png;base64,%s"}' % (a, b.replace("/", "\\/"), a, b))
+    f.write_text(text)
+    assert json.loads(text)["SN_IMG_2"] == b  # the fixture is valid JSON
+    idx = scan(str(f))
+    assert set(idx) == {"SN_IMG_1", "SN_IMG_2", "gone", 'odd"id', "uri"} and idx["gone"] is None
+    sl = {k: Base64Slice(str(f), *v, k) for k, v in idx.items() if v}
+    assert sl["SN_IMG_1"].data() == a and sl["SN_IMG_2"].data() == b and sl["uri"].data() == b
+    assert near(color_of(sl["SN_IMG_2"]), COLORS[1])
+    # cached: a second call reads the index file, not the images file
+    assert base64_index(str(f)) == idx
+    monkeypatch.setattr("train.data.b64index.scan", lambda path: pytest.fail("scanned again"))
+    assert base64_index(str(f)) == idx
+    for bad in ('["x"]', '{"a": {"b": 1}}', '{"a": "unterminated'):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match="SN.json"):
+            scan(str(f))

@@ -188,7 +188,7 @@ def test_data_debug_dump_shows_prompt_numbering_and_label_mask(tmp_path):
     first = next(s for s in train_s if s.source == "otter_mimicit_sd")
     k = len(first.images)
     assert f"images: {k}" in text and f"<Image {k}: 2 tokens>" in text and f"<Image {k + 1}:" not in text
-    assert "Image 1: base64 image" in text
+    assert "Image 1: SD_IMG_" in text and "base64 chars" in text
     # the answer carries loss, the question does not
     answer = next(a for a in ("Story 0.", "Story 1.", "Story 2.", "Story 3.", "Story 4.", "Story 5.", "Yes.")
                   if a in text)

@@ -35,6 +35,8 @@ def open_ref(ref: Any):
     raises :class:`visualchat.images.ImageError` when it cannot be opened."""
     if is_lazy(ref):
         return ref.load().convert("RGB")
+    if hasattr(ref, "image_ref"):  # e.g. train.data.b64index.Base64Slice: read from its file when opened
+        ref = ref.image_ref()
     return open_image(ref)
 
 
@@ -44,6 +46,11 @@ def image_key(ref: Any) -> str | None:
         from train.data.shapes import SHAPES_VERSION
 
         return f"shapes-v{SHAPES_VERSION}-{ref.scene.id}-{ref.size}"
+    if hasattr(ref, "cache_key"):  # a Base64Slice: its file, place and length (never reads the data)
+        try:
+            return "b64slice-" + ref.cache_key()
+        except OSError:
+            return None
     if isinstance(ref, str):
         if ref.startswith("base64:"):
             return "b64-" + hashlib.sha1(ref.encode()).hexdigest()

@@ -10,7 +10,10 @@ for each set ``X``:
                                 "image_ids": ["X_IMG_..", ...], "rel_ins_ids": ["X_INS_00002", ...]}, ...}}
 
 - ``X.json``: ``{image_id: base64 string}`` — the images (SD, SN, TVC, VST; Otter later moved to
-  parquet, which this loader does not read).
+  parquet, which this loader does not read). It is never loaded whole: :mod:`train.data.b64index`
+  finds each image's string once (cached on disk), and the references are
+  :class:`~train.data.b64index.Base64Slice` objects that read their image when it is opened
+  (``lazy_images=False`` gives ``"base64:<data>"`` strings instead, read the same way).
 
 Layout under ``data_path``: the DeepSpeed-VisualChat README puts both files in ``MIMIC-IT/``; the
 per-set folders of the Hugging Face repository (``MIMIC-IT/X/``, ``X/``) are accepted too. The
@@ -44,6 +47,7 @@ from visualchat.template import Conversation, Round
 
 from ._common import (DEFAULT_MAX_IMAGES, LoadStats, even_subsample, find_first, limit_images, read_json, require_dir,
                       strip_marker)
+from .b64index import Base64Slice, base64_index
 from .llava import coco_dir
 
 SETS = ("CGD", "SD", "SN", "TVC", "VST")
@@ -164,18 +168,11 @@ def load_otter_mimicit_cgd(data_path: str, *, max_images: int | None = DEFAULT_M
     return st.finish(out, stats)
 
 
-def _b64_ref(value: Any) -> str | None:
-    if not isinstance(value, str) or not value:
-        return None
-    if value.startswith("data:") and "," in value:  # tolerate a data URI
-        value = value.split(",", 1)[1]
-    return "base64:" + value
-
-
 def load_mimicit_base64(set_name: str, data_path: str, *, max_images: int | None = DEFAULT_MAX_IMAGES,
-                        overflow: str = "subsample", on_missing_image: str = "skip",
+                        overflow: str = "subsample", on_missing_image: str = "skip", lazy_images: bool = True,
                         stats: dict | None = None) -> list[Conversation]:
-    """A MIMIC-IT set whose images are base64 strings in ``<SET>.json``; references are ``base64:<data>``."""
+    """A MIMIC-IT set whose images are base64 strings in ``<SET>.json``; references are
+    :class:`Base64Slice` (or ``base64:<data>`` strings with ``lazy_images=False``)."""
     if on_missing_image not in ("skip", "drop"):
         raise ValueError(f"on_missing_image must be 'skip' or 'drop', got {on_missing_image!r}")
     name = f"otter_mimicit_{set_name.lower()}"
@@ -183,17 +180,16 @@ def load_mimicit_base64(set_name: str, data_path: str, *, max_images: int | None
     ins_path = instructions_file(data_path, set_name)
     img_path = images_file(data_path, set_name, ins_path)
     data = read_instructions(ins_path, st)
-    raw_images = read_json(img_path)
-    if not isinstance(raw_images, dict):
-        raise ValueError(f"{img_path}: expected a JSON object {{image_id: base64}}, got {type(raw_images).__name__}")
-    refs: dict[str, str] = {}  # one string per image, shared by every round that shows it
+    index = base64_index(img_path)
+    refs: dict[str, Any] = {}  # one reference per image, shared by every round that shows it
 
-    def ref(image_id: str) -> str | None:
+    def ref(image_id: str) -> Any:
         if image_id not in refs:
-            r = _b64_ref(raw_images.get(image_id))
-            if r is None:
+            where = index.get(image_id)
+            if where is None or where[1] == 0:
                 return None
-            refs[image_id] = r
+            sl = Base64Slice(img_path, where[0], where[1], image_id)
+            refs[image_id] = sl if lazy_images else sl.image_ref()
         return refs[image_id]
 
     out = []
@@ -219,7 +215,6 @@ def load_mimicit_base64(set_name: str, data_path: str, *, max_images: int | None
             st.skip("too_many_images")
             continue
         out.append(conv)
-    del raw_images
     return st.finish(out, stats)
 
 

@@ -23,6 +23,8 @@ def describe_ref(ref: Any) -> str:
     if isinstance(ref, str) and ref.startswith("base64:"):
         data = ref[len("base64:"):]
         return f"base64 image ({len(data):,} chars, starting {data[:16]!r})"
+    if hasattr(ref, "image_ref") and hasattr(ref, "path"):  # a Base64Slice
+        return str(ref)
     if isinstance(ref, (str, os.PathLike)):
         return os.fspath(ref)
     return f"<{type(ref).__name__}>"
