@@ -112,7 +112,7 @@ def test_eval_batch_size_gives_the_same_val_loss_and_debug_dump(tmp_path, monkey
 
     sizes = []
     collate = T.Batcher.collate
-    monkeypatch.setattr(T.Batcher, "collate", lambda self, items: sizes.append(len(items)) or collate(self, items))
+    monkeypatch.setattr(T.Batcher, "collate", lambda self, items, **kw: sizes.append(len(items)) or collate(self, items, **kw))
     a = _train_in_process(tmp_path / "b1", "--max_steps", "1", "--eval_batch_size", "1")
     assert max(sizes) == 2  # the smoke preset's micro-batch; validation one by one
     sizes.clear()
@@ -166,3 +166,38 @@ def test_data_pipeline_bench_runs(tmp_path):
                   "--consume", "10", "--json", str(out)])
     assert [row["workers"] for row in r["rows"]] == [0, 1] and all(row["samples_per_s"] > 0 for row in r["rows"])
     assert json.loads(out.read_text())["rows"][0]["micro_batches"] == 4 and r["workers_needed"] > 0
+
+
+# -- image checks once per node, cached ---------------------------------------------------------------
+def test_image_checks_once_per_node_are_cached(tmp_path, monkeypatch, caplog):
+    from tests.test_data_loaders import COLORS, write_img
+    import train.samples as S
+    from visualchat.template import Conversation, Round
+
+    monkeypatch.setenv("VISUALCHAT_CACHE", str(tmp_path / "cache"))
+    good = write_img(tmp_path / "good.jpg", COLORS[0])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    convs = [Conversation(rounds=[Round("q", images=[good], answer="a")]),
+             Conversation(rounds=[Round("q", images=[str(bad)], answer="a")]),
+             Conversation(rounds=[Round("q", images=[str(tmp_path / "gone.jpg")], answer="a")])]
+    opened = []
+    real = S.open_ref
+    monkeypatch.setattr(S, "open_ref", lambda r: opened.append(r) or real(r))
+    stats = S.DataStats()
+    out = S.check_images({"jsonl": convs}, stats, {}, "node")
+    assert out["jsonl"] == convs[:1] and stats.as_dict()["jsonl/skipped_bad_image"] == 2
+    assert sorted(opened) == sorted([good, str(bad), str(tmp_path / "gone.jpg")])
+    assert len(os.listdir(tmp_path / "cache" / "image_checks")) == 1
+    # a later run on this node: the two files that exist are not opened again (the missing one has no key)
+    opened.clear()
+    stats = S.DataStats()
+    with caplog.at_level("WARNING"):
+        out = S.check_images({"jsonl": convs}, stats, {}, "node")
+    assert out["jsonl"] == convs[:1] and stats.as_dict()["jsonl/skipped_bad_image"] == 2
+    assert opened == [str(tmp_path / "gone.jpg")] and "bad.jpg" in caplog.text and "checked earlier" in caplog.text
+    # a changed file is checked again
+    write_img(bad, COLORS[1])
+    opened.clear()
+    out = S.check_images({"jsonl": convs}, S.DataStats(), {}, "node")
+    assert str(bad) in opened and len(out["jsonl"]) == 2

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_debug_path", default=None, help="write a few training samples per data set as the model "
                    "sees them (rendered prompt with image slots numbered, label mask, image references) to this "
                    "folder, then train as usual")
+    g.add_argument("--image_check", choices=("node", "every_rank"), default="node", help="check that every image "
+                   "opens before training: 'node' opens each once per node (local rank 0) and keeps the result in "
+                   "~/.cache/visualchat/image_checks for later runs; 'every_rank': every process opens every image")
     g.add_argument("--data_workers", type=int, default=0, help="worker processes that open and preprocess the "
                    "next micro-batches while the model trains (a torch DataLoader; 0: in the training process)")
     g.add_argument("--prefetch_factor", type=int, default=2, help="micro-batches each data worker keeps ready")

@@ -238,13 +238,96 @@ def oversample(train: dict[str, list], val: dict[str, list], counts: dict[str, i
     return out
 
 
-def check_images(split: dict[str, list[Conversation]], stats: DataStats, cache: dict) -> dict[str, list]:
-    """Leave out conversations with a missing or corrupt image (each bad file logged once)."""
+IMAGE_CHECKS = ("node", "every_rank")
+
+
+def check_index_path(keys: list[str]) -> str:
+    """The on-disk result of checking the images whose cache keys are ``keys`` (a change of any file,
+    its size or mtime, gives another file)."""
+    import hashlib
+    import os
+
+    from visualchat.assets import cache_dir
+
+    h = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()
+    return os.path.join(cache_dir(), "image_checks", f"{h[:24]}.json")
+
+
+def prefill_checks(convs: list[Conversation], cache: dict) -> None:
+    """Check the images of ``convs`` once per node: local rank 0 opens each image (or reads the result
+    of an earlier run on this node) and writes ``{image key: error or null}``; the other ranks of the
+    node wait, then read it. The results go into ``cache`` (reference -> error or None), so
+    :func:`validate_images` opens nothing more. Images without a stable key are left to it."""
+    import json
+    import os
+
+    from . import dist as D
+    from .features import image_key
+
+    refs, keys = [], []
+    for c in convs:
+        for r in c.images:
+            if r in cache:  # checked already in this run (another split or set)
+                continue
+            k = image_key(r)
+            if k is not None:
+                refs.append(r)
+                keys.append(k)
+    if not refs:
+        return
+    path = check_index_path(list(set(keys)))
+    fresh = False
+    if D.local_rank() == 0 and not os.path.isfile(path):
+        local: dict = {}  # validate_images logs each bad image once, here
+        validate_images([_one_image_conv(r) for r in dict.fromkeys(refs)], cache=local, workers=2, open_fn=open_ref)
+        results = {k: local.get(r) for r, k in zip(refs, keys)}
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("could not write the image check index %s: %s", path, e)
+        fresh = True
+    D.barrier()
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return  # no shared result (e.g. a read-only cache): validate_images checks on this rank
+    if not fresh and D.rank() == 0:
+        from train.data.validate import describe_ref
+
+        for r, k in dict(zip(refs, keys)).items():
+            if results.get(k):
+                log.warning("skipping conversations with bad image %s: %s (checked earlier on this node: %s)",
+                            describe_ref(r), results[k], path)
+    for r, k in zip(refs, keys):
+        if k in results:
+            cache[r] = results[k]
+
+
+def _one_image_conv(ref) -> Conversation:
+    from visualchat.template import Round
+
+    return Conversation(rounds=[Round(question="", answer="", images=[ref])])
+
+
+def check_images(split: dict[str, list[Conversation]], stats: DataStats, cache: dict,
+                 mode: str = "every_rank") -> dict[str, list]:
+    """Leave out conversations with a missing or corrupt image (each bad file logged once).
+    ``mode="node"``: each image is opened once per node, the result cached on disk
+    (:func:`prefill_checks`); ``"every_rank"``: every rank opens every image."""
+    if mode not in IMAGE_CHECKS:
+        raise ValueError(f"--image_check must be one of {', '.join(IMAGE_CHECKS)}, got {mode!r}")
     out = {}
     for name, convs in split.items():
         if all(is_lazy(r) for c in convs for r in c.images):
             out[name] = convs
             continue
+        if mode == "node":
+            prefill_checks(convs, cache)
         kept, skipped = validate_images(convs, cache=cache, workers=2, open_fn=open_ref)
         if skipped:
             stats.add(f"{name}/skipped_bad_image", skipped)
@@ -337,13 +420,13 @@ def build_samples(names: list[str], data_path: str | None, *, template: Template
                   concat: str = "paper", val_ratio: float = 0.1, seed: int = 0, max_images: int = 8,
                   max_seq_len: int = 4096, concat_draw: str = "exact", over_max_images: str = "cut",
                   missing_image: str = "skip_sample", blend_llava_per_image: Any = 1,
-                  blend_cgd_questions: Any = "all", skip_bad_lines: bool = False,
+                  blend_cgd_questions: Any = "all", skip_bad_lines: bool = False, image_check: str = "every_rank",
                   conversations_out: dict | None = None) -> tuple[list[Sample], list[Sample], DataStats]:
     """(train samples, validation samples, counts of what was skipped and why).
 
     ``concat_draw``: ``exact`` packs the ``concat`` count of conversations per sample, ``random`` a
     random 1..count (the original's); ``over_max_images``, ``missing_image``, the blend's draws and
-    ``skip_bad_lines``: see :func:`loader_options`. ``conversations_out``, if given, receives the packed
+    ``skip_bad_lines``: see :func:`loader_options`; ``image_check``: see :func:`check_images`. ``conversations_out``, if given, receives the packed
     training conversations per set (name -> list, in the order of the returned samples' sources)."""
     check_datasets(names, data_path)
     counts = parse_per_set(samples, names, "--dataset_samples")
@@ -355,7 +438,7 @@ def build_samples(names: list[str], data_path: str | None, *, template: Template
     train, val = load_splits(names, data_path, counts, val_ratio, seed, max_images, stats,
                              over_max_images=over_max_images, options=opts)
     cache: dict = {}
-    train, val = check_images(train, stats, cache), check_images(val, stats, cache)
+    train, val = check_images(train, stats, cache, image_check), check_images(val, stats, cache, image_check)
     named = named_counts(samples)
     train = oversample(train, val, {k: v for k, v in counts.items() if k in named}, seed, stats)
     train = pack(train, concat_counts, max_images=max_images, seed=seed, draw=concat_draw)
@@ -385,4 +468,5 @@ def build_samples_from_args(args, names: list[str], template: Template, conversa
         missing_image=getattr(args, "missing_image", "skip_sample"),
         blend_llava_per_image=getattr(args, "blend_llava_per_image", 1),
         blend_cgd_questions=getattr(args, "blend_cgd_questions", "all"),
-        skip_bad_lines=getattr(args, "skip_bad_lines", False), conversations_out=conversations_out)
+        skip_bad_lines=getattr(args, "skip_bad_lines", False), image_check=getattr(args, "image_check", "every_rank"),
+        conversations_out=conversations_out)
