@@ -339,6 +339,10 @@ def init_distributed(tp_allreduce: str = "gloo", device_type: str = "cpu") -> No
     elif device_type == "cpu" and "LOCAL_SIZE" not in os.environ:
         # torchrun sets LOCAL_WORLD_SIZE; without LOCAL_SIZE the shm op never creates its workspace
         os.environ["LOCAL_SIZE"] = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
+    if tp_allreduce == "shm":  # the op is built below: a stale lock of an interrupted build is refused, not waited on
+        from .deepspeed_ops import guard_extension_locks
+
+        guard_extension_locks()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl",
                                    timeout=datetime.timedelta(minutes=30))
