@@ -61,12 +61,13 @@ def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, prog
 
     hits: dict[str, list[int]] = defaultdict(list)
     f1s: dict[str, list[float]] = defaultdict(list)
-    examples = []
+    examples, answers = [], []
     for sample in tqdm(generate("test", n, seed), desc="eval", disable=not progress):
         conv = sample.materialize()
         session = vc.new_session(system=conv.system)
         for rnd, tag in zip(conv.rounds, sample.round_types):
             answer = session.ask(rnd.question, rnd.images, max_new_tokens=max_new_tokens)
+            answers.append(answer)
             ok = int(normalise(answer) == normalise(rnd.answer))
             for key in (tag, category(tag), "all"):
                 hits[key].append(ok)
@@ -78,7 +79,21 @@ def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, prog
     for k, v in f1s.items():
         acc[k]["object_f1"] = sum(v) / len(v)
     return {"shapes_version": SHAPES_VERSION, "n_conversations": n, "seed": seed,
-            "checkpoint": getattr(vc, "path", None), "accuracy": acc, "examples": examples}
+            "checkpoint": getattr(vc, "path", None), "lm_weights": getattr(vc, "lm_weights", "fp32"),
+            "accuracy": acc, "examples": examples, "answers": answers}
+
+
+def answer_match(result: dict, other: dict) -> dict:
+    """Share of rounds whose answer in ``result`` equals the one in ``other`` (same test set, same n)."""
+    a, b = result.get("answers"), other.get("answers")
+    if not a or not b or len(a) != len(b) or result.get("seed") != other.get("seed"):
+        raise ValueError("the two results must come from the same test set and --n, both with their answers "
+                         f"(rounds: {len(a or [])} and {len(b or [])}; seeds {result.get('seed')} and {other.get('seed')})")
+    same = sum(x == y for x, y in zip(a, b))
+    acc = lambda r: r["accuracy"]["all"]["accuracy"]  # noqa: E731
+    return {"rounds": len(a), "same_answers": same, "match_rate": same / len(a),
+            "accuracy_delta_points": round(100 * (acc(result) - acc(other)), 2),
+            "other_lm_weights": other.get("lm_weights", "fp32")}
 
 
 def print_table(result: dict, file=sys.stdout) -> None:
@@ -150,10 +165,17 @@ def main(argv=None) -> int:
     p.add_argument("--image_root", default=".", help="folder that reference image paths resolve against")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default 32 for shapes, 128 otherwise")
     p.add_argument("--out", default=None, help="JSON (shapes) or CSV (conversations) output path")
+    p.add_argument("--lm_weights", default=None,
+                   help="the frozen LM's linear weights: fp32, fp16, bf16 or auto (CPU; visualchat.lowp); "
+                        "default: as loaded (fp32 on CPU)")
+    p.add_argument("--match", default=None, metavar="JSON",
+                   help="a shapes result JSON of the same test set: report the share of rounds with the same "
+                        "answer and the accuracy difference (e.g. fp16 weights against an fp32 run)")
     args = p.parse_args(argv)
     from visualchat.model import VisualChat
 
-    vc = VisualChat.from_pretrained(args.checkpoint, lm=args.lm, device=args.device)
+    kw = {"lm_weights": args.lm_weights} if args.lm_weights else {}
+    vc = VisualChat.from_pretrained(args.checkpoint, lm=args.lm, device=args.device, **kw)
     t0 = time.time()
     if args.conversations:
         with open(args.conversations) as f:
@@ -165,6 +187,12 @@ def main(argv=None) -> int:
     result = score_shapes(vc, args.n, args.seed, args.max_new_tokens or 32)
     result["seconds"] = round(time.time() - t0, 1)
     print_table(result)
+    if args.match:
+        with open(args.match) as f:
+            result["match"] = answer_match(result, json.load(f))
+        m = result["match"]
+        print(f"same answer as {args.match} ({m['other_lm_weights']}): {m['same_answers']}/{m['rounds']} rounds "
+              f"({100 * m['match_rate']:.1f}%), accuracy {m['accuracy_delta_points']:+.2f} points")
     out = args.out or "shapes_eval.json"
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

@@ -101,6 +101,55 @@ def _mmca_prefill(q, k, v, is_img, scale):
     return out
 
 
+_decode_plan: tuple = (None, None)  # (key_is_image tensor, its additive masks): shared by all layers of a step
+
+
+def _decode_masks(key_is_image: torch.Tensor):
+    """For a decode step whose query (the last key) is text: ``[2, B, 1, 1, Lk]`` additive masks (0 or
+    -inf) for MMCA's text term (text keys) and image term (image keys, all earlier than the query), or
+    ``"text"`` when no row has an image key, or None when the fast path does not apply (an image query,
+    or rows with and without images mixed). Computed once per step: every layer gets the same
+    ``key_is_image`` tensor."""
+    global _decode_plan
+    cached, plan = _decode_plan  # one read: another thread may replace it meanwhile
+    if cached is key_is_image:
+        return plan
+    is_img = key_is_image.bool()
+    has_img = is_img.any(dim=-1)
+    if bool(is_img[:, -1].any()):
+        plan = None
+    elif not bool(has_img.any()):
+        plan = "text"
+    elif not bool(has_img.all()):
+        plan = None
+    else:
+        zero = torch.zeros((), device=is_img.device)
+        ninf = torch.full((), float("-inf"), device=is_img.device)
+        plan = torch.stack([torch.where(is_img, ninf, zero), torch.where(is_img, zero, ninf)])[:, :, None, None, :]
+    _decode_plan = (key_is_image, plan)
+    return plan
+
+
+def _mmca_decode(q, k, v, key_is_image, scale):
+    """MMCA for one new text query per row, no padding: q ``[B, Hq, 1, D]``, k/v ``[B, Hkv, Lk, D]``.
+    The scores are computed once for all keys; the text and image softmaxes are taken over the two
+    masked copies and their probabilities added before the one product with V (the sum of the two
+    terms, as in the paper). A handful of ops per layer instead of the prefill path's compaction.
+    Returns None where it does not apply (the caller takes the general path)."""
+    plan = _decode_masks(key_is_image)
+    if plan is None:
+        return None
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    if isinstance(plan, str):  # text keys only: one softmax over all of them
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=hq != hkv)
+    g = hq // hkv
+    qg = q.reshape(b, hkv, g, d) * (d ** -0.5 if scale is None else scale)
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, Hkv, g, Lk]
+    probs = torch.softmax(scores.float() + plan, dim=-1).sum(0)  # text term + image term, float32
+    return torch.matmul(probs.to(v.dtype), v).reshape(b, hq, 1, d)
+
+
 def check_shapes(query, key, value, key_is_image, key_padding_mask=None) -> None:
     """Raise ValueError unless q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (Hq a multiple of Hkv,
     Lq <= Lk), key_is_image and key_padding_mask ``[B, Lk]`` fit together."""
@@ -141,6 +190,10 @@ def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if mode == "causal" and key_padding_mask is None and lq == lk:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                               enable_gqa=hq != hkv)
+    if mode == "mmca" and lq == 1 and key_padding_mask is None:
+        out = _mmca_decode(query, key, value, key_is_image, scale)
+        if out is not None:
+            return out
     if mode == "mmca" and (key_padding_mask is None or bool(key_padding_mask.all())):
         return torch.cat([_mmca_prefill(query[i:i + 1], key[i:i + 1], value[i:i + 1], key_is_image[i].bool(), scale)
                           for i in range(b)])

@@ -206,12 +206,14 @@ class VisualChat:
     def from_pretrained(cls, path: str | None = None, *, lm: str | None = None, vision: str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         quantization: str | None = None, share_with: "VisualChat | None" = None,
-                        trust_remote_code: bool = False) -> "VisualChat":
+                        trust_remote_code: bool = False, lm_weights: str | None = None) -> "VisualChat":
         """Load a checkpoint directory. ``path=None`` loads the embedded default (SmolLM2-135M-Instruct
         + EfficientNet-Lite0) with its shipped MMCA checkpoint, or an untrained projection if none is
         shipped. ``lm``/``vision`` override where the base parts come from (e.g. a local copy of the
         LM the checkpoint names). ``share_with`` reuses another VisualChat's frozen LM and encoder
-        (they must be the same base), so two checkpoints cost one model's memory."""
+        (they must be the same base), so two checkpoints cost one model's memory. ``lm_weights``:
+        the frozen LM's linear weights in ``fp16``/``bf16``/``fp32`` or ``auto`` on CPU (faster decode;
+        :mod:`visualchat.lowp`); None leaves them as loaded."""
         from .checkpoint import load_trainable
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -245,6 +247,9 @@ class VisualChat:
             config = config_for(model, lm or "default")
         vc = cls(model, tok, config)
         vc.path = path
+        from . import lowp
+
+        vc.lm_weights, vc.lm_weights_note = lowp.apply(base_lm, lm_weights, device)
         return vc
 
     # -- use ----------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ class ServeOptions:
     ca_checkpoint: str | None = None  # None: assets/checkpoints/shapes-ca
     mmca_checkpoint: str | None = None  # None: assets/checkpoints/shapes-mmca
     device: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; on one CPU rank: the LM's weight format (lowp)
     quantization: str | None = None  # 4bit | 8bit | None
     deepspeed: str = "auto"  # auto | on | off
     tp_allreduce: str = "gloo"  # gloo | shm
@@ -242,6 +242,21 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+def plan_dtype(name: str | None, dev_type: str, world: int = 1, quantization: str | None = None
+               ) -> tuple[torch.dtype, str | None]:
+    """``--dtype`` -> (the model's dtype, the LM weight format for ``from_pretrained(lm_weights=)``).
+    On one CPU rank ``--dtype`` picks the frozen LM's linear-weight format (visualchat.lowp: ``auto`` is
+    the fastest one that keeps the answers, fp16 where the CPU has it) and everything else stays
+    float32; on a GPU, on several ranks (AutoTP shards plain linear layers) or with bitsandbytes it is
+    the dtype of the whole model, as before (auto: bfloat16 on GPU, float32 on CPU)."""
+    dtype = parse_dtype(name)  # validates the name
+    if dev_type == "cpu" and world == 1 and not quantization:
+        from .lowp import normalize
+
+        return torch.float32, normalize(name)
+    return dtype or (torch.bfloat16 if dev_type == "cuda" else torch.float32), None
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -614,16 +629,16 @@ class Server:
             init_distributed(opts.tp_allreduce, dev_type)
             if dev_type == "cuda":
                 torch.cuda.set_device(torch.device(device))
-        dtype = parse_dtype(opts.dtype) or (torch.bfloat16 if dev_type == "cuda" else torch.float32)
+        dtype, lm_weights = plan_dtype(opts.dtype, dev_type, world, opts.quantization)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             chat = VisualChat.from_pretrained(opts.checkpoint, lm=opts.lm, vision=opts.vision, device=device,
                                               dtype=dtype, quantization=opts.quantization,
-                                              trust_remote_code=opts.trust_remote_code)
+                                              trust_remote_code=opts.trust_remote_code, lm_weights=lm_weights)
         chat.untrained = any("UNTRAINED" in str(w.message) for w in caught)
         for w in caught:
             log.warning("%s", w.message)
-        compare = cls._load_compare(opts, chat, device, dtype) if opts.compare else CompareInfo(
+        compare = cls._load_compare(opts, chat, device, dtype, lm_weights) if opts.compare else CompareInfo(
             note="The Compare tab is off (--no-compare).")
         stateless = zero_gpu_active()
         if stateless and opts.deepspeed == "auto":
@@ -637,6 +652,8 @@ class Server:
             if vc is not None and vc.model.lm is not chat.model.lm:
                 wrap_deepspeed(vc.model.lm, opts.deepspeed, world, dtype, opts.quantization)
         backend += f" · {device} {str(dtype).replace('torch.', '')}"
+        if lm_weights is not None:  # the LM's weight format on CPU (visualchat.lowp), and why if it fell back
+            backend += f", LM weights {chat.lm_weights}" + (f" ({chat.lm_weights_note})" if chat.lm_weights_note else "")
         lockstep = None
         if world > 1:
             models = []
@@ -650,7 +667,7 @@ class Server:
                    lockstep=lockstep, limits=opts.limits)
 
     @staticmethod
-    def _load_compare(opts: ServeOptions, chat, device, dtype) -> CompareInfo:
+    def _load_compare(opts: ServeOptions, chat, device, dtype, lm_weights: str | None = None) -> CompareInfo:
         from .model import VisualChat
 
         paths = {"ca": opts.ca_checkpoint or shipped_checkpoint(DEFAULT_CA_CHECKPOINT),
@@ -671,7 +688,7 @@ class Server:
                             "and encoder (more memory)", path, cfg.lm, cfg.vision)
             loaded[k] = VisualChat.from_pretrained(path, lm=opts.lm, vision=opts.vision, device=device, dtype=dtype,
                                                    quantization=opts.quantization, share_with=chat if same else None,
-                                                   trust_remote_code=opts.trust_remote_code)
+                                                   trust_remote_code=opts.trust_remote_code, lm_weights=lm_weights)
         return CompareInfo(ca=loaded["ca"], mmca=loaded["mmca"], ca_path=paths["ca"], mmca_path=paths["mmca"])
 
     # -- ranks > 0 -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .decode import lean_decoder
 from .generation import GenerationConfig, TextStreamer, sample_stream
 from .images import open_image
 from .template import Conversation, Rendered, Round
@@ -180,6 +181,9 @@ class Session:
         self._cache_keys.append(token)
         self._cache_is_image.append(False)
         kis = torch.tensor([self._cache_is_image], device=dev)
+        lean = lean_decoder(self.vc)  # fewer ops per layer for LLaMA LMs (visualchat/decode.py)
+        if lean is not None:
+            return lean.step(token, self._cache, kis)
         logits, self._cache = self.vc.model(torch.tensor([[token]], device=dev),
                                             torch.zeros(1, 1, dtype=torch.bool, device=dev),
                                             past_key_values=self._cache, key_is_image=kis,

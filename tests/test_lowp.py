@@ -1,0 +1,181 @@
+"""The fast CPU decode path: LM weight formats (visualchat/lowp.py), the lean decode step
+(visualchat/decode.py) and MMCA's one-query branch (visualchat/attention.py)."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import color_image, tiny_llama
+from visualchat import attention, lowp
+from visualchat.decode import lean_decoder
+
+# fp16 stores each weight with a relative rounding error of at most 2**-11 (its unit roundoff); the
+# activations and accumulation stay float32. Through the tiny model's 2 layers and the head, each
+# output picks up a few such relative errors, and RMSNorm keeps the scale near 1, so the logits may
+# move by a few 2**-11 of their size. 1e-2 of the largest logit is about 20 unit roundoffs: room for
+# that, while any real mistake (a transposed or mis-scaled weight, a wrong layer) moves them by O(1).
+FP16_RTOL = 1e-2
+# bf16 rounds the weights and the activations to 8 significant bits (unit roundoff 2**-8), 8x coarser.
+BF16_RTOL = 8e-2
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, tiny_tokenizer, tiny_clip_dir):
+    """A tiny saved checkpoint (its LM saved beside it), loadable by path."""
+    from visualchat.model import VisualChat
+
+    lm_dir = tmp_path / "lm"
+    tiny_llama(tiny_tokenizer).save_pretrained(lm_dir)
+    tiny_tokenizer.save_pretrained(lm_dir)
+    vc = VisualChat.from_pretrained(None, lm=str(lm_dir), vision="clip:" + tiny_clip_dir, device="cpu")
+    vc.save_pretrained(str(tmp_path / "ckpt"))
+    return str(tmp_path / "ckpt")
+
+
+def _tiny_pair(tiny_tokenizer, tiny_clip_dir):
+    """Two identical tiny VisualChats (same seed): one stays fp32, one gets converted."""
+    from visualchat.encoders import build_encoder
+    from visualchat.model import VisualChat
+
+    enc = build_encoder("clip:" + tiny_clip_dir)
+    a = VisualChat.from_components(tiny_llama(tiny_tokenizer, seed=3), tiny_tokenizer, enc, attention="mmca")
+    b = VisualChat.from_components(tiny_llama(tiny_tokenizer, seed=3), tiny_tokenizer, enc, attention="mmca")
+    b.model.projection.load_state_dict(a.model.projection.state_dict())
+    return a, b
+
+
+def _logits(vc, steps=(5, 9, 13)):
+    """Logits after a prefill with two images and after a few decode steps."""
+    s = vc.new_session()
+    s._append_round("What is in Image 1?", [color_image((255, 0, 0)), color_image((0, 0, 255))], None)
+    out = [s._prefill(s._render())]
+    for t in steps:
+        out.append(s._step(t))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("fmt,rtol", [("fp16", FP16_RTOL), ("bf16", BF16_RTOL)])
+def test_lowp_logits_close_to_fp32_on_tiny_model(tiny_tokenizer, tiny_clip_dir, fmt, rtol):
+    if lowp.UNSUPPORTED[fmt]() is not None:
+        pytest.skip(f"{fmt} not supported on this CPU: {lowp.UNSUPPORTED[fmt]()}")
+    ref_vc, vc = _tiny_pair(tiny_tokenizer, tiny_clip_dir)
+    assert lowp.convert_lm(vc.model.lm, fmt) == 2 * 7 + 1  # 7 projections per layer + the head
+    assert all(type(m) is not nn.Linear for m in vc.model.lm.modules())
+    ref, got = _logits(ref_vc), _logits(vc)
+    err = (got - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert 0 < err <= rtol * scale, (err, scale)
+
+
+def test_lean_decode_step_matches_transformers(tiny_tokenizer, tiny_clip_dir, monkeypatch):
+    """The lean decode step computes what transformers' forward does (float32 rounding apart)."""
+    vc, _ = _tiny_pair(tiny_tokenizer, tiny_clip_dir)
+    assert lean_decoder(vc) is not None
+    lean = _logits(vc)
+    monkeypatch.setenv("VISUALCHAT_DECODE", "hf")
+    assert lean_decoder(vc) is None
+    hf = _logits(vc)
+    torch.testing.assert_close(lean, hf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("images", ["none", "some"])
+def test_mmca_decode_branch_matches_the_general_path(groups, images):
+    torch.manual_seed(0)
+    hkv, lk, d = 2, 23, 8
+    q = torch.randn(1, hkv * groups, 1, d)
+    k, v = torch.randn(1, hkv, lk, d), torch.randn(1, hkv, lk, d)
+    kis = torch.zeros(1, lk, dtype=torch.bool)
+    if images == "some":
+        kis[0, 3:9] = True
+        kis[0, 12:15] = True
+    fast = attention.mmca_attention(q, k, v, kis, scale=0.3)
+    masks = attention.build_masks(kis, 1, None, "mmca")
+    ref = attention._sum_of_terms(q, k, v, masks, 0.3)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    # an image query (not a decode step) is not the branch's case: it must fall back, not guess
+    kis2 = kis.clone()
+    kis2[0, -1] = True
+    torch.testing.assert_close(attention.mmca_attention(q, k, v, kis2, scale=0.3),
+                               attention._sum_of_terms(q, k, v, attention.build_masks(kis2, 1, None, "mmca"), 0.3))
+
+
+def test_fp16_falls_back_cleanly_without_fbgemm(monkeypatch, tiny_tokenizer, tiny_clip_dir):
+    monkeypatch.setattr(lowp, "fp16_unsupported_reason", lambda: "no fbgemm here (simulated)")
+    fmt, note = lowp.resolve("fp16")
+    assert fmt == "fp32" and "no fbgemm here (simulated)" in note and "using fp32" in note
+    assert lowp.resolve("auto")[0] == "fp32"
+    _, vc = _tiny_pair(tiny_tokenizer, tiny_clip_dir)
+    assert lowp.apply(vc.model.lm, "auto") == ("fp32", "fp16: no fbgemm here (simulated)")
+    assert all(type(m) is nn.Linear for m in vc.model.lm.modules() if isinstance(m, (nn.Linear, lowp.LowpLinear)))
+    assert vc.new_session().ask("What is in the image?", max_new_tokens=3) is not None  # still serves
+
+
+def test_bf16_falls_back_cleanly_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    fmt, note = lowp.resolve("bfloat16")
+    assert fmt == "fp32" and "no native bf16" in note
+
+
+def test_auto_picks_fp16_where_supported_and_formats_are_cpu_only(monkeypatch):
+    monkeypatch.setattr(lowp, "fp16_unsupported_reason", lambda: None)
+    assert lowp.resolve("auto") == ("fp16", None)
+    assert lowp.resolve(None, "cuda") == ("fp32", None)
+    with pytest.raises(ValueError, match="is for CPU"):
+        lowp.resolve("fp16", "cuda")
+    with pytest.raises(ValueError, match="auto, fp32, fp16, bf16"):
+        lowp.normalize("int4")
+
+
+def test_converted_weights_survive_float_and_a_shared_lm_keeps_its_format(tiny_ckpt):
+    """DeepSpeed-Inference calls ``module.float()`` on the LM; the converted weights are no parameters,
+    so they stay in their format. A second checkpoint sharing the LM reports that format."""
+    from visualchat.model import VisualChat
+
+    if lowp.fp16_unsupported_reason() is not None:
+        pytest.skip("fp16 not supported here")
+    vc = VisualChat.from_pretrained(tiny_ckpt, device="cpu", lm_weights="fp16")
+    assert vc.lm_weights == "fp16" and vc.lm_weights_note is None
+    vc.model.lm.float()
+    assert any(isinstance(m, lowp.LowpLinear) and m.fmt == "fp16" for m in vc.model.lm.modules())
+    other = VisualChat.from_pretrained(tiny_ckpt, device="cpu", share_with=vc, lm_weights="auto")
+    assert other.lm_weights == "fp16"
+    plain = VisualChat.from_pretrained(tiny_ckpt, device="cpu")  # the library default: as loaded
+    assert plain.lm_weights == "fp32" and not any(isinstance(m, lowp.LowpLinear) for m in plain.model.lm.modules())
+
+
+def test_serving_dtype_plan():
+    from visualchat.serving import plan_dtype
+
+    assert plan_dtype("auto", "cpu") == (torch.float32, "auto")
+    assert plan_dtype("float16", "cpu") == (torch.float32, "fp16")
+    assert plan_dtype("float32", "cpu") == (torch.float32, "fp32")
+    assert plan_dtype("auto", "cuda") == (torch.bfloat16, None)
+    assert plan_dtype("auto", "cpu", world=2) == (torch.float32, None)  # AutoTP shards plain nn.Linear
+    assert plan_dtype("bfloat16", "cpu", quantization="8bit") == (torch.bfloat16, None)
+    with pytest.raises(ValueError, match="dtype must be"):
+        plan_dtype("int8", "cpu")
+
+
+@pytest.mark.skipif(os.environ.get("VISUALCHAT_SKIP_DEFAULT") == "1", reason="default model skipped")
+def test_default_model_greedy_text_equal_in_fp16():
+    """A short conversation with the embedded default: fp16 LM weights give the fp32 greedy text."""
+    from PIL import Image
+
+    from visualchat.assets import ASSETS_DIR
+    from visualchat.model import VisualChat
+
+    if lowp.fp16_unsupported_reason() is not None:
+        pytest.skip("fp16 not supported here")
+    ims = [Image.open(os.path.join(ASSETS_DIR, "examples", f"shapes_{i}.png")) for i in (4, 5)]
+    vc = VisualChat.from_pretrained(None, device="cpu")
+
+    def talk():
+        s = vc.new_session()
+        return [s.ask("What color is the circle in Image 2?", images=ims, max_new_tokens=8),
+                s.ask("Describe Image 1.", max_new_tokens=16)]
+
+    ref = talk()
+    assert lowp.convert_lm(vc.model.lm, "fp16") > 0
+    assert talk() == ref

@@ -1,0 +1,212 @@
+"""Low-precision weight formats for the frozen LM's linear layers on CPU (decode speed).
+
+Decoding one token reads every weight of the LM once, so on a CPU the tokens/s of a small model are
+bounded by memory bandwidth / bytes of weights. Storing the frozen LM's ``nn.Linear`` weights in a
+smaller format cuts those bytes; the trainable parts (projection, embedding copy), the vision
+encoder, the activations, the KV cache and the logits all stay in the model's dtype (float32 on CPU).
+
+Formats (``--dtype`` / ``VISUALCHAT_DTYPE`` in the app, ``lm_weights=`` in
+``VisualChat.from_pretrained``):
+
+- ``fp32``: the weights as loaded (nothing converted).
+- ``bf16``: bfloat16 weights; each linear casts its input to bfloat16 and its output back to float32
+  (oneDNN's bf16 GEMM). Needs a CPU with native bf16 (``torch.ops.mkldnn._is_mkldnn_bf16_supported``).
+- ``fp16``: float16 weights, float32 activations and accumulation (fbgemm's fp16 GEMM through
+  ``torch.ops.quantized.linear_dynamic_fp16``): half the bytes, and only the weights are rounded
+  (11-bit mantissa). Needs torch's fbgemm engine (x86 with AVX2/F16C or better).
+
+Measured on the shipped checkpoint (bench/RESULTS.md): fp16 weights keep greedy answers; bf16 changes
+some (its activations are rounded to 8 bits of mantissa too), and int8 was tried and dropped:
+per-tensor dynamic quantization of the activations broke the answers outright, and int8 weights alone
+(per output channel) changed 2 of 13 answers already.
+
+The conversion is done at load time from the float32 weights the checkpoint was trained against; the
+files on disk never change, and the trainer keeps training against those float32 weights. A format
+the CPU lacks falls back (with a logged reason) to the next one in :data:`FALLBACK`; ``auto`` picks
+the first supported format of :data:`AUTO_ORDER` (the fastest one that met the quality bar, see
+bench/RESULTS.md). On a GPU the formats do not apply: ``auto`` means the model's own dtype.
+
+The converted weights are plain attributes of :class:`LowpLinear`, not parameters or buffers, so a
+later ``module.float()`` / ``.to(dtype)`` (DeepSpeed-Inference does one) cannot silently turn them
+back into float32 copies.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("fp32", "fp16", "bf16")
+ALIASES = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16", "half": "fp16",
+           "bfloat16": "bf16", "bf16": "bf16"}
+#: ``auto`` on CPU: the first supported format of these, fastest first among those that meet the
+#: quality bar (bench/RESULTS.md: bf16 does not, so auto never picks it).
+AUTO_ORDER = ("fp16", "fp32")
+#: Where an unsupported format falls back to.
+FALLBACK = {"fp16": "fp32", "bf16": "fp32"}
+
+
+def normalize(name: str | None) -> str:
+    """``fp32`` / ``bf16`` / ``int8`` / ``auto`` from a user's spelling; ValueError naming what is allowed."""
+    if name in (None, "", "auto"):
+        return "auto"
+    key = str(name).strip().lower()
+    if key == "auto":
+        return "auto"
+    if key not in ALIASES:
+        raise ValueError(f"LM weight format must be auto, {', '.join(FORMATS)} (or float32, float16, bfloat16), got {name!r}")
+    return ALIASES[key]
+
+
+# -- capability checks (tests monkeypatch these two) -----------------------------------------------
+def bf16_unsupported_reason() -> str | None:
+    """None when this CPU runs bf16 GEMMs natively, else why not."""
+    try:
+        ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception as e:  # an old or unusual build without the op
+        return f"torch cannot tell whether this CPU has bf16 ({type(e).__name__}: {e})"
+    return None if ok else "this CPU has no native bf16 (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)"
+
+
+def fp16_unsupported_reason() -> str | None:
+    """None when torch's fbgemm fp16-weight linear runs here (tried on a tiny matrix), else why not."""
+    engines = torch.backends.quantized.supported_engines
+    if "fbgemm" not in engines:
+        return f"torch has no fbgemm engine here (engines: {', '.join(engines)})"
+    try:
+        w = torch.linspace(-1, 1, 64).reshape(8, 8)
+        y = _Fp16(w, None)(torch.ones(1, 8))
+        if not torch.allclose(y, torch.ones(1, 8) @ w.T, atol=1e-2):
+            return "torch's fp16-weight linear gave wrong results on a test matrix"
+    except Exception as e:
+        return f"torch's fp16-weight linear kernel failed ({type(e).__name__}: {e})"
+    return None
+
+
+UNSUPPORTED = {"bf16": lambda: bf16_unsupported_reason(), "fp16": lambda: fp16_unsupported_reason(),
+               "fp32": lambda: None}
+
+
+def resolve(name: str | None, device: str | torch.device = "cpu") -> tuple[str, str | None]:
+    """The format to use for ``name`` on ``device``: ``(format, note)``. ``note`` says why it differs
+    from what was asked (a fallback), else None. Formats other than fp32 are CPU-only."""
+    want = normalize(name)
+    if torch.device(device).type != "cpu":
+        if want in ("auto", "fp32"):
+            return "fp32", None
+        raise ValueError(f"LM weight format {want!r} is for CPU; on {device} use --dtype bfloat16/float16 instead")
+    if want == "auto":
+        reasons = []
+        for fmt in AUTO_ORDER:
+            why = UNSUPPORTED[fmt]()
+            if why is None:
+                return fmt, ("; ".join(reasons) or None)
+            reasons.append(f"{fmt}: {why}")
+        return "fp32", "; ".join(reasons)
+    fmt, reasons = want, []
+    while True:
+        why = UNSUPPORTED[fmt]()
+        if why is None:
+            return fmt, ("; ".join(reasons) or None)
+        reasons.append(f"{fmt} unavailable ({why}), using {FALLBACK[fmt]}")
+        fmt = FALLBACK[fmt]
+
+
+# -- the converted linear layers --------------------------------------------------------------------
+class LowpLinear(nn.Module):
+    """A frozen linear layer with its weight in another format; float32 in, float32 out."""
+
+    fmt = "fp32"
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
+
+
+class _Bf16(LowpLinear):
+    fmt = "bf16"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight.shape[1], weight.shape[0])
+        self.w = weight.detach().to(torch.bfloat16).contiguous()
+        self.b = None if bias is None else bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.w, self.b).to(x.dtype)
+
+
+class _Fp16(LowpLinear):
+    fmt = "fp16"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight.shape[1], weight.shape[0])
+        w = weight.detach().float()
+        if w.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError("a weight is beyond float16's range; use fp32 or bf16")
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w, None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+
+
+_CLASSES = {"bf16": _Bf16, "fp16": _Fp16}
+
+
+def convert_lm(lm: nn.Module, fmt: str) -> int:
+    """Replace every ``nn.Linear`` of the frozen LM (attention and MLP projections and the output head)
+    by a :class:`LowpLinear` in ``fmt`` (a format :func:`resolve` returned). Returns how many were
+    replaced. The LM's input embedding is not a linear layer and stays as it is (also when the output
+    head was tied to it). ``fp32`` changes nothing."""
+    fmt = normalize(fmt)
+    if fmt == "fp32":
+        return 0
+    if fmt not in _CLASSES:
+        raise ValueError(f"convert_lm needs a concrete format ({', '.join(FORMATS)}), got {fmt!r}")
+    targets = [(name, m) for name, m in lm.named_modules() if type(m) is nn.Linear]
+    if any(p.requires_grad for _, m in targets for p in m.parameters()):
+        raise ValueError("convert_lm is for a frozen LM; some of its linear weights require grad")
+    for name, m in targets:
+        if m.weight.device.type != "cpu":
+            raise ValueError(f"{name} is on {m.weight.device}; the {fmt} weight format is CPU-only")
+        parent_name, _, child = name.rpartition(".")
+        parent = lm.get_submodule(parent_name) if parent_name else lm
+        setattr(parent, child, _CLASSES[fmt](m.weight, m.bias))
+    lm.vc_weight_format = fmt
+    return len(targets)
+
+
+def lm_format(lm: nn.Module) -> str:
+    """The weight format :func:`convert_lm` left on ``lm`` (``fp32`` when never converted)."""
+    return getattr(lm, "vc_weight_format", "fp32")
+
+
+def apply(lm: nn.Module, requested: str | None, device: str | torch.device = "cpu") -> tuple[str, str | None]:
+    """What ``VisualChat.from_pretrained(lm_weights=...)`` does: resolve ``requested`` for ``device``
+    (``None`` = leave the LM as loaded), convert the LM, return ``(format, note)``. An LM that was
+    converted already (shared by a second checkpoint) is left in its format. An LM whose linear layers
+    are of other kinds (LoRA adapters wrap them; bitsandbytes replaces them) stays as loaded."""
+    if requested is None:
+        return lm_format(lm), None
+    current = lm_format(lm)
+    if current != "fp32":
+        return current, (None if normalize(requested) in ("auto", current) else
+                         f"the LM is shared and already in {current}")
+    other = sorted({type(m).__name__ for m in lm.modules()
+                    if (isinstance(m, nn.Linear) and type(m) is not nn.Linear) or hasattr(m, "base_layer")})
+    if other:
+        note = f"the LM's linear layers are {', '.join(other)} (LoRA or bitsandbytes): its weights stay as loaded"
+        log.warning("LM weights: %s", note)
+        return "fp32", note
+    fmt, note = resolve(requested, device)
+    convert_lm(lm, fmt)
+    if note:
+        log.warning("LM weights: %s", note)
+    log.info("LM linear weights in %s", fmt)
+    return fmt, note
