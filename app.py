@@ -159,6 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     lim.add_argument("--unread-seconds", type=float, default=float(_env("VISUALCHAT_UNREAD_SECONDS", 15)),
                      help="an API answer whose output nobody reads for this long (a POST to "
                           "/gradio_api/call/generate never fetched) is stopped [VISUALCHAT_UNREAD_SECONDS]")
+    lim.add_argument("--max-request-size", default=_env("VISUALCHAT_MAX_REQUEST_SIZE", "64mb"),
+                     help="largest API request body (inline base64 images included) read at all; larger ones get "
+                          "HTTP 413 before they are parsed [VISUALCHAT_MAX_REQUEST_SIZE]")
     lim.add_argument("--kv-cache-budget", default=_env("VISUALCHAT_KV_CACHE_BUDGET", "2gb"),
                      help="all tabs' KV caches together; beyond it the least recently used tabs drop theirs and "
                           "rebuild it on their next round [VISUALCHAT_KV_CACHE_BUDGET]")
@@ -185,7 +188,8 @@ def limits_from_args(args: argparse.Namespace):
     return Limits(max_new_tokens=args.max_new_tokens_limit, max_question_chars=args.max_question_chars,
                   max_image_bytes=parse_size(args.max_file_size, "--max-file-size"),
                   answer_seconds=args.answer_seconds, unread_seconds=args.unread_seconds,
-                  kv_cache_budget=parse_size(args.kv_cache_budget, "--kv-cache-budget"))
+                  kv_cache_budget=parse_size(args.kv_cache_budget, "--kv-cache-budget"),
+                  max_request_bytes=parse_size(args.max_request_size, "--max-request-size"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -919,6 +923,16 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, queue_size: int = 16
     # show_error: errors Gradio raises before a handler runs (a file path it refuses to take) reach the
     # client as their message instead of {"error": null}; the handlers turn their own errors into gr.Error
     kw.setdefault("show_error", True)
+    serving = getattr(demo, "serving", None)
+    if serving is not None:  # refuse an oversized API body before Gradio reads it into memory
+        from starlette.middleware import Middleware
+
+        from visualchat.serving import RequestSizeLimit
+
+        app_kwargs = dict(kw.pop("app_kwargs", None) or {})
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
+                                    Middleware(RequestSizeLimit, max_bytes=serving.limits.max_request_bytes)]
+        kw["app_kwargs"] = app_kwargs
     return demo.launch(server_name=host, server_port=port, css=CSS, max_file_size=max_file_size, share=share,
                        footer_links=["api", "gradio", "settings"], **kw)
 

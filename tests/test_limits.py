@@ -265,3 +265,25 @@ def test_gradio_does_not_keep_each_api_requests_inputs(tiny_models):  # noqa: F8
         assert max(kept) < 100_000, f"a session still holds {max(kept):,} characters of a request"
     finally:
         demo.close()
+
+
+def test_an_api_body_over_the_request_size_is_refused_before_it_is_read(tiny_models):  # noqa: F811
+    import urllib.error
+
+    import app
+    from tests.test_app_client import serve
+
+    demo = app.build_demo(tiny_models[0])
+    demo.serving.limits.max_request_bytes = 1_000_000
+    url = serve(demo)
+    try:
+        big = "data:image/png;base64," + "A" * 2_000_000
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _post(url, "generate", [[{"question": "Hi", "images": [big]}], 8, 0.0, 1.0, 1.0, None, "chat"])
+        assert e.value.code == 413
+        detail = json.loads(e.value.read())["detail"]
+        assert "this server accepts at most 1,000,000 (--max-request-size)" in detail, detail
+        out = _get(url, "generate", _post(url, "generate", [[{"question": "Hi"}], 2, 0.0, 1.0, 1.0, None, "chat"]))
+        assert "event: complete" in out, out
+    finally:
+        demo.close()

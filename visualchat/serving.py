@@ -119,9 +119,10 @@ class Limits:
     answer_seconds: float = 120.0  # VISUALCHAT_ANSWER_SECONDS: an answer stops generating after this long
     unread_seconds: float = 15.0  # VISUALCHAT_UNREAD_SECONDS: an API answer nobody reads stops after this long
     kv_cache_budget: int = 2_000_000_000  # VISUALCHAT_KV_CACHE_BUDGET: all tabs' KV caches together, bytes
+    max_request_bytes: int = 64_000_000  # VISUALCHAT_MAX_REQUEST_SIZE: an API request's body (uploads: max_file_size)
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "max_question_chars", "max_image_bytes", "kv_cache_budget"):
+        for name in ("max_new_tokens", "max_question_chars", "max_image_bytes", "kv_cache_budget", "max_request_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"limit {name} must be a positive whole number, got {v!r}")
@@ -143,7 +144,64 @@ class Limits:
             max_image_bytes=_env_value("VISUALCHAT_MAX_FILE_SIZE", d["max_image_bytes"].default, parse_size),
             answer_seconds=_env_value("VISUALCHAT_ANSWER_SECONDS", d["answer_seconds"].default, float),
             unread_seconds=_env_value("VISUALCHAT_UNREAD_SECONDS", d["unread_seconds"].default, float),
-            kv_cache_budget=_env_value("VISUALCHAT_KV_CACHE_BUDGET", d["kv_cache_budget"].default, parse_size))
+            kv_cache_budget=_env_value("VISUALCHAT_KV_CACHE_BUDGET", d["kv_cache_budget"].default, parse_size),
+            max_request_bytes=_env_value("VISUALCHAT_MAX_REQUEST_SIZE", d["max_request_bytes"].default, parse_size))
+
+
+class RequestSizeLimit:
+    """ASGI middleware: refuse (413, with a message) a POST body over ``max_bytes`` before the web app
+    parses it. Gradio caps file uploads (``max_file_size``, the /upload route, left alone here) but
+    reads any JSON body whole into memory and keeps it while the request waits in the queue."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, receive, send, size_text: str, more: bool = True) -> None:
+        import json
+
+        while more:  # read the rest without keeping it, so the client gets to read the answer
+            msg = await receive()
+            more = msg["type"] == "http.request" and msg.get("more_body", False)
+
+        body = json.dumps({"detail": f"the request body is {size_text} bytes; this server accepts at most "
+                                     f"{self.max_bytes:,} (--max-request-size). Send large images with "
+                                     "gradio_client.handle_file(...) instead of inline base64"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path", "").rstrip("/").endswith("/upload"):
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n > self.max_bytes:
+                return await self._refuse(receive, send, f"{n:,}")
+            return await self.app(scope, receive, send)
+        chunks, total = [], 0  # no length given (chunked): read up to the limit, then replay
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            chunks.append(msg.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.max_bytes:
+                return await self._refuse(receive, send, f"over {self.max_bytes:,}", bool(msg.get("more_body")))
+            if not msg.get("more_body"):
+                break
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+        return await self.app(scope, replay, send)
 
 
 def _is_number(v) -> bool:
