@@ -201,3 +201,20 @@ def test_image_checks_once_per_node_are_cached(tmp_path, monkeypatch, caplog):
     opened.clear()
     out = S.check_images({"jsonl": convs}, S.DataStats(), {}, "node")
     assert str(bad) in opened and len(out["jsonl"]) == 2
+
+
+def test_lock_of_a_reused_pid_is_taken_over(tmp_path, live_pid):
+    """The pid lives, but it is another process than the one that wrote the lock (its start time differs)."""
+    from train.lock import start_ticks
+
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    ticks = start_ticks(live_pid)
+    assert ticks is not None
+    with open(os.path.join(out, LOCK_NAME), "w") as f:
+        json.dump({"pid": live_pid, "host": socket.gethostname(), "start_ticks": ticks - 1}, f)
+    OutputLock(out).acquire().release()
+    with open(os.path.join(out, LOCK_NAME), "w") as f:  # the same start time: the owner itself, refused
+        json.dump({"pid": live_pid, "host": socket.gethostname(), "start_ticks": ticks}, f)
+    with pytest.raises(OutputDirLocked):
+        OutputLock(out).acquire()

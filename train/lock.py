@@ -35,6 +35,16 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, from /proc), or None where unknown: tells
+    a reused pid from the lock's owner."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class OutputLock:
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
@@ -50,7 +60,8 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         os.makedirs(self.output_dir, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "start_ticks": start_ticks(os.getpid())}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -60,7 +71,9 @@ class OutputLock:
                 if not isinstance(pid, int):  # half-written by a run killed while taking it: stale
                     self._remove_stale()
                     continue
-                if host == me["host"] and (pid == me["pid"] or not pid_alive(pid)):
+                ticks = owner.get("start_ticks")
+                reused = ticks is not None and start_ticks(pid) not in (None, ticks)  # another process, same pid
+                if host == me["host"] and (pid == me["pid"] or not pid_alive(pid) or reused):
                     self._remove_stale()  # a dead run's lock (or this process's, left by an earlier call)
                     continue
                 where = f"pid {pid} on host {host}" if host != me["host"] else f"pid {pid}"
