@@ -128,9 +128,11 @@ def test_answer_time_limit_stops_between_tokens(demo):
             answer = list(demo.ui.api_generate([{"question": "Tell me a long story."}], max_new_tokens=300))[-1]
             assert time.time() - t0 < 5 and slow.calls < 40
             assert isinstance(answer, str)
+        with Slow(server.chat, delay=0.4):  # the limit passes during the first forwards
             tab = TabState()
             last(demo.ui.send(msg("Tell me a long story."), tab, 300, 0.0, 1.0, 1.0))
         assert tab.chat.status == "stopped" and "limit per answer" in tab.chat.error
+        assert "Stopped: the answer reached 0.3 s, this server&#x27;s limit per answer" in demo.ui.refresh(tab)[4]
         assert tab.chat.last_stats["new_tokens"] < 40
     finally:
         server.limits.answer_seconds = before

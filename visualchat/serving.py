@@ -1267,8 +1267,7 @@ class ChatSession:
                     if time.monotonic() > deadline:  # checked between tokens; the answer so far is kept
                         log.warning("an answer reached the time limit of %g s per answer and was stopped", limit)
                         self.status = "stopped"
-                        self.error = (f"the answer was stopped after {limit:g} s, this server's limit per answer "
-                                      "(--answer-seconds)")
+                        self.error = f"the answer reached {limit:g} s, this server's limit per answer (--answer-seconds)"
                         break
                 else:
                     finished = True
