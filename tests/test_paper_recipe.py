@@ -195,3 +195,19 @@ def test_data_debug_dump_shows_prompt_numbering_and_label_mask(tmp_path):
     assert f"[[{answer}" in text
     body = text.split("---\n", 1)[1]
     assert "[[" not in body.split("Story")[0]  # system prompt and question: no loss
+
+
+def test_every_recipe_carries_its_global_batch(tmp_path, monkeypatch):
+    """Accumulation follows from the world size: no recipe pins --grad_accum_steps; one given on the
+    command line that disagrees with the preset's global batch is refused, not silently ignored."""
+    for name in cli.recipe_names():
+        r = cli.load_recipe(name)
+        assert "grad_accum_steps" not in r and r.get("global_batch_size", 0) > 0, name
+    a = cli.parse_args(["--preset", "shapes-mmca", "--engine", "deepspeed", "--output_dir", str(tmp_path)])
+    assert T.preflight(a).accum == 4
+    monkeypatch.setattr(T.D, "world_size", lambda: 2)
+    assert T.preflight(a).accum == 2 and T.preflight(a).global_batch == 4
+    b = cli.parse_args(["--preset", "shapes-mmca", "--engine", "deepspeed", "--grad_accum_steps", "8", "--output_dir",
+                        str(tmp_path)])
+    with pytest.raises(T.TrainError, match="--grad_accum_steps 8 disagrees with --global_batch_size 4"):
+        T.preflight(b)

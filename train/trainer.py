@@ -106,6 +106,10 @@ def preflight(args) -> Plan:
             raise TrainError(f"--global_batch_size {args.global_batch_size} is not divisible by per_device_batch_size "
                              f"{micro} x {world} process(es) = {micro * world}")
         accum = args.global_batch_size // (micro * world)
+        if args.grad_accum_steps not in (1, accum):
+            raise TrainError(f"--grad_accum_steps {args.grad_accum_steps} disagrees with --global_batch_size "
+                             f"{args.global_batch_size}, which at micro-batch {micro} x {world} process(es) needs "
+                             f"accumulation {accum}: give one of them (a preset's global batch sets the accumulation)")
     override = {}
     if args.deepspeed_config:
         if not os.path.isfile(args.deepspeed_config):
