@@ -1,27 +1,162 @@
-"""Load time, time to first token and decode tokens/s of the embedded default on this machine.
+"""Load time, time to first token and decode tokens/s of the embedded default on this machine: the
+plain path (fp32 weights, transformers' decode step) and the fast path (the LM's linear weights in
+the format ``--dtype auto`` picks here, the lean decode step) side by side in one run, against the
+memory-bandwidth limit measured in the same run.
 
-    python bench/default_model.py [--cold] [--rounds 3] [--new_tokens 32]
+    python bench/default_model.py [--cold] [--new_tokens 32] [--rounds 8] [--profile]
 
+A decode step reads every weight of the LM once, so tokens/s <= copy bandwidth / bytes read per
+token (the LM's linear weights in their format, plus the KV cache). The bandwidth is the machine's
+measured copy rate (bytes read + bytes written per second, ``torch`` copies of 256 MiB buffers,
+same thread count as the model). ``--profile`` adds where one decode step's time goes (cProfile
+over streamed tokens, grouped; shares, since cProfile inflates the Python-heavy parts).
 --cold converts the GGUF into a fresh temporary cache first (the first start after install).
-Prints a Markdown table row set for bench/RESULTS.md.
+Prints Markdown tables for bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+QUESTIONS = ["What color is the star in Image 1?", "How many shapes are in Image 2?", "Which image has a circle?",
+             "What is in Image 3?", "How many triangles are in Image 1?", "Is there a square in Image 2?",
+             "What color is the circle in Image 2?"]
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 8) -> float:
+    """Bytes moved (read + written) per second by a large torch copy: the best of ``repeats``."""
+    import torch
+
+    n = mib * 2 ** 20 // 4
+    a, b = torch.ones(n), torch.empty(n)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n * 4 / best
+
+
+def weight_bytes(lm) -> int:
+    """Bytes of the LM's linear weights as stored (what a decode step reads), whatever their format."""
+    from torch import nn
+
+    from visualchat import lowp
+
+    total = 0
+    for m in lm.modules():
+        if type(m) is nn.Linear:
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, lowp.LowpLinear):
+            size = {"fp16": 2, "bf16": 2}.get(m.fmt, 4)
+            total += m.in_features * m.out_features * size
+    return total
+
+
+def kv_bytes(session) -> int:
+    c = session._cache
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in c.layers) if c is not None else 0
+
+
+def run_path(name: str, lm_weights: str | None, decode: str, new_tokens: int, rounds: int, ims) -> dict:
+    """Load, then round 1 (3 images) and rounds 2..``rounds`` (no new image) of one conversation."""
+    import torch
+
+    from visualchat.model import VisualChat
+
+    os.environ["VISUALCHAT_DECODE"] = decode
+    t = time.perf_counter()
+    vc = VisualChat.from_pretrained(None, device="cpu", lm_weights=lm_weights)
+    r = {"name": name, "load_s": time.perf_counter() - t, "weights": vc.lm_weights,
+         "weight_bytes": weight_bytes(vc.model.lm)}
+    s = vc.new_session()
+    r["answer1"] = s.ask("Describe Image 1, Image 2 and Image 3.", images=ims, max_new_tokens=new_tokens)
+    st = s.last_stats
+    r.update(prompt_tokens=st["prefill_tokens"], ttft1_s=st["ttft_s"], new_tokens1=st["new_tokens"],
+             session_tok_s=st["tokens_per_s"])
+    for i in range(2, rounds + 1):
+        s.ask(QUESTIONS[(i - 2) % len(QUESTIONS)], max_new_tokens=8)
+        r["ttft_last_s"], r["fed_last"] = s.last_stats["ttft_s"], s.last_stats["prefill_tokens"]
+    r["rounds"] = rounds
+    # decode steps alone, after the whole conversation (the KV cache as long as round `rounds` left it)
+    steps = []
+    for tok in range(32):
+        t = time.perf_counter()
+        s._step(100 + tok)
+        steps.append(time.perf_counter() - t)
+    r["step_s"] = statistics.median(steps)
+    r["kv_bytes"] = kv_bytes(s)
+    r["ctx"] = len(s._cache_keys)
+    r["vc"] = vc
+    return r
+
+
+def profile_decode(vc, ims, decode: str, new_tokens: int) -> list[tuple[str, float]]:
+    """Shares of one streamed answer's decode time, grouped, from cProfile's cumulative times."""
+    import cProfile
+    import pstats
+
+    os.environ["VISUALCHAT_DECODE"] = decode
+    s = vc.new_session()
+    s.ask("Describe Image 1, Image 2 and Image 3.", images=ims, max_new_tokens=2)
+    gen = s.stream("What is in Image 1?", max_new_tokens=new_tokens)
+    next(gen)  # the prefill and the first token: not part of the decode profile
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in gen:
+        pass
+    pr.disable()
+    st = pstats.Stats(pr).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+
+    def cum(pred) -> float:
+        return sum(v[3] for k, v in st.items() if pred(k))
+
+    def self_(pred) -> float:
+        return sum(v[2] for k, v in st.items() if pred(k))
+
+    total = sum(v[2] for v in st.values())
+    from transformers.models.llama import modeling_llama as ml
+
+    def at(fn):  # (file, first line) of a function, as cProfile keys it
+        code = fn.__code__
+        return lambda k: k[0] == code.co_filename and k[1] == code.co_firstlineno
+
+    updates = [v[3] for k, v in st.items() if "cache_utils" in k[0] and k[2] == "update"]
+    groups = {
+        "linear layers (the matmuls)": cum(lambda k: k[2] == "forward" and (
+            k[0].endswith(os.path.join("modules", "linear.py")) or k[0].endswith("lowp.py"))),
+        "attention (MMCA)": cum(lambda k: k[2] == "mmca_attention"),
+        "KV cache update": max(updates, default=0.0),  # Cache.update, which holds the layer's update
+        "RMSNorm": cum(at(ml.LlamaRMSNorm.forward)) + cum(lambda k: k[2] == "rms_norm"),
+        "rotary embedding (transformers' functions)": cum(at(ml.apply_rotary_pos_emb)) + cum(
+            at(ml.LlamaRotaryEmbedding.forward.__wrapped__ if hasattr(ml.LlamaRotaryEmbedding.forward, "__wrapped__")
+               else ml.LlamaRotaryEmbedding.forward)),
+        "sampling": cum(lambda k: k[2] == "next_token"),
+        "streaming (detokenize, stop marker)": cum(lambda k: k[2] == "push" and k[0].endswith("generation.py")),
+    }
+    rest = total - sum(groups.values())
+    out = [(k, v / total) for k, v in groups.items()]
+    out.append(("everything else (Python and small ops around the layers)", rest / total))
+    return out
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cold", action="store_true", help="also time the first start (GGUF conversion)")
     ap.add_argument("--new_tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=8, help="the conversation's length; its last round's TTFT is reported")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", action="store_true", help="also profile the decode step of both paths")
+    ap.add_argument("--fast", default="auto", help="the fast path's LM weight format (default: what auto picks)")
     args = ap.parse_args()
     import torch
 
@@ -29,7 +164,7 @@ def main():
         torch.set_num_threads(args.threads)
     from PIL import Image
 
-    rows = []
+    cold = None
     if args.cold:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["VISUALCHAT_CACHE"] = tmp
@@ -37,30 +172,56 @@ def main():
 
             t = time.perf_counter()
             default_lm_dir()
-            rows.append(("first start: GGUF -> HF conversion", f"{time.perf_counter() - t:.1f} s"))
+            cold = time.perf_counter() - t
             del os.environ["VISUALCHAT_CACHE"]
     from visualchat.assets import ASSETS_DIR
-    from visualchat.model import VisualChat
 
-    t = time.perf_counter()
-    vc = VisualChat.from_pretrained(None, device="cpu")
-    rows.append(("load (cached LM + encoder + checkpoint)", f"{time.perf_counter() - t:.2f} s"))
     ims = [Image.open(os.path.join(ASSETS_DIR, "examples", f"shapes_{i}.png")) for i in (1, 2, 3)]
-    s = vc.new_session()
-    s.ask("Describe Image 1, Image 2 and Image 3.", images=ims, max_new_tokens=args.new_tokens)
-    st = s.last_stats
-    rows.append((f"round 1, 3 images: time to first token ({st['prefill_tokens']} prompt tokens)",
-                 f"{st['ttft_s']:.2f} s"))
-    rows.append((f"round 1 decode ({st['new_tokens']} tokens)", f"{st['tokens_per_s']:.1f} tokens/s"))
-    s.ask("What color is the star in Image 1?", max_new_tokens=args.new_tokens)
-    st = s.last_stats
-    rows.append((f"round 2, no new image: time to first token ({st['prefill_tokens']} tokens fed, rest cached)",
-                 f"{st['ttft_s']:.2f} s"))
-    print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| measure | value |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k} | {v} |")
+    bw = copy_bandwidth()
+    paths = [run_path("today: fp32 weights, transformers decode step", None, "hf", args.new_tokens, args.rounds, ims),
+             run_path("fast", args.fast, "lean", args.new_tokens, args.rounds, ims)]
+    bw = max(bw, copy_bandwidth())  # measured before and after; the better one is the machine's
+    a, b = paths
+    b["name"] = f"fast: {b['weights']} weights, lean decode step"
+    for p in paths:
+        p["limit_tok_s"] = bw / (p["weight_bytes"] + p["kv_bytes"])
+        p["step_tok_s"] = 1 / p["step_s"]
+
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; copy bandwidth {bw / 1e9:.1f} GB/s (read + write)")
+    if cold is not None:
+        print(f"first start: GGUF -> HF conversion {cold:.1f} s")
+    rows = [
+        ("load (cached LM + encoder + checkpoint)", "load_s", "{:.2f} s"),
+        (f"round 1, 3 images: time to first token ({a['prompt_tokens']} prompt tokens)", "ttft1_s", "{:.2f} s"),
+        (f"round {a['rounds']}, no new image: time to first token (cached prefix; "
+         f"{a['fed_last']} tokens fed)", "ttft_last_s", "{:.3f} s"),
+        ("round 1 decode as the session streams it (tokens/s)", "session_tok_s", "{:.1f}"),
+        (f"decode step alone at {a['ctx']} tokens of context (tokens/s, median of 32)", "step_tok_s", "{:.1f}"),
+        ("bytes read per token (linear weights + KV cache)", None, None),
+        ("bandwidth limit (tokens/s)", "limit_tok_s", "{:.1f}"),
+        ("decode step / bandwidth limit", None, None),
+    ]
+    print(f"\n| measure | {a['name']} | {b['name']} | fast / today |\n|---|---|---|---|")
+    for label, key, fmt in rows:
+        if key is None and label.startswith("bytes"):
+            va, vb = (f"{(p['weight_bytes'] + p['kv_bytes']) / 1e6:.0f} MB" for p in paths)
+            ratio = f"{(b['weight_bytes'] + b['kv_bytes']) / (a['weight_bytes'] + a['kv_bytes']):.2f}x"
+        elif key is None:
+            va, vb = (f"{100 * p['step_tok_s'] / p['limit_tok_s']:.0f}%" for p in paths)
+            ratio = ""
+        else:
+            va, vb = fmt.format(a[key]), fmt.format(b[key])
+            ratio = f"{b[key] / a[key]:.2f}x"
+        print(f"| {label} | {va} | {vb} | {ratio} |")
+    print(f"\nround 1 answers: today {a['answer1']!r} ({a['new_tokens1']} tokens); fast {b['answer1']!r} "
+          f"({b['new_tokens1']} tokens){' (same)' if a['answer1'] == b['answer1'] else ' (DIFFERENT)'}")
+    if args.profile:
+        for p, decode in ((a, "hf"), (b, "lean")):
+            print(f"\nwhere a decode step's time goes, {p['name']} (cProfile, shares):\n\n| part | share |\n|---|---|")
+            for k, v in profile_decode(p["vc"], ims, decode, args.new_tokens):
+                print(f"| {k} | {100 * v:.0f}% |")
 
 
 if __name__ == "__main__":

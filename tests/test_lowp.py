@@ -46,11 +46,16 @@ def _tiny_pair(tiny_tokenizer, tiny_clip_dir):
 
 
 def _logits(vc, steps=(5, 9, 13)):
-    """Logits after a prefill with two images and after a few decode steps."""
+    """Logits after a prefill with two images, a few decode steps, a crop of the cache by 2 tokens (as
+    undo and regenerate do) and two more steps."""
     s = vc.new_session()
     s._append_round("What is in Image 1?", [color_image((255, 0, 0)), color_image((0, 0, 255))], None)
     out = [s._prefill(s._render())]
     for t in steps:
+        out.append(s._step(t))
+    s._cache.crop(-2)
+    del s._cache_keys[-2:], s._cache_is_image[-2:]
+    for t in (21, 22):
         out.append(s._step(t))
     return torch.stack(out)
 

@@ -190,7 +190,7 @@ def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if mode == "causal" and key_padding_mask is None and lq == lk:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                               enable_gqa=hq != hkv)
-    if mode == "mmca" and lq == 1 and key_padding_mask is None:
+    if mode == "mmca" and lq == 1 and key_padding_mask is None and os.environ.get("VISUALCHAT_DECODE") != "hf":
         out = _mmca_decode(query, key, value, key_is_image, scale)
         if out is not None:
             return out

@@ -5,13 +5,15 @@ Python and small-op overhead around the matmuls (transformers' module calls, an 
 rotary embedding built from slices and a ``cat``). :class:`LeanDecoder` runs the same computation
 with the same modules and weights in fewer operations: ``F.rms_norm``, the rotary embedding as
 ``x * cos + roll(x) * sin`` (``roll`` by half the head is ``rotate_half`` up to the sign, which is
-folded into ``sin``), the KV cache's own ``update``, and :func:`visualchat.attention.mmca_attention`
+folded into ``sin``), a KV append into a buffer with room to grow (:func:`append_kv`; transformers'
+``DynamicLayer`` copies the whole layer per token), and :func:`visualchat.attention.mmca_attention`
 (whose one-query branch is the compact MMCA decode). The logits equal the transformers path's to
 float32 rounding (tests/test_lowp.py).
 
 It is used for a session's decode steps when the LM is a plain ``llama`` model (no rope scaling
 other than what the rotary module computes, SiLU MLP), the process is not one rank of several
-(ranks > 0 replay rank 0's ``model.forward`` calls), and ``VISUALCHAT_DECODE`` is not ``hf``.
+(ranks > 0 replay rank 0's ``model.forward`` calls), and ``VISUALCHAT_DECODE`` is not ``hf``
+(``hf`` also turns off MMCA's one-query branch: the decode path as it was before, for comparisons).
 Everything else (prefill, training, other architectures) goes through transformers as before.
 """
 from __future__ import annotations
@@ -22,6 +24,37 @@ import torch
 import torch.nn.functional as F
 
 from . import attention
+
+
+def append_kv(cache, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cache.update(k, v, i)`` for one new token, without copying the whole layer each step (a
+    ``DynamicLayer`` concatenates: O(context) bytes per token per layer). The layer's keys and values
+    become prefix views of a buffer with room to grow; a crop (undo, regenerate) leaves them prefix
+    views, so the buffer is reused, and anything else that replaced them (a prefill's concatenation)
+    gets a new buffer. Other cache layers go through ``cache.update``."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer = cache.layers[i] if i < len(cache.layers) else None
+    if (type(layer) is not DynamicLayer or getattr(cache, "offloading", False) or not layer.is_initialized
+            or layer.keys.dim() != 4 or layer.keys.shape[-2] == 0):
+        return cache.update(k, v, i)
+    keys, vals = layer.keys, layer.values
+    n = keys.shape[-2]
+    buf = getattr(layer, "_vc_buffer", None)
+    if (buf is None or buf[0].shape[-2] <= n or keys.data_ptr() != buf[0].data_ptr()
+            or vals.data_ptr() != buf[1].data_ptr() or keys.stride() != buf[0].stride()
+            or vals.stride() != buf[1].stride()):
+        cap = n + max(64, n // 2)
+        kb = keys.new_empty((*keys.shape[:-2], cap, keys.shape[-1]))
+        vb = vals.new_empty((*vals.shape[:-2], cap, vals.shape[-1]))
+        kb[..., :n, :] = keys
+        vb[..., :n, :] = vals
+        buf = layer._vc_buffer = (kb, vb)
+    kb, vb = buf
+    kb[..., n:n + 1, :] = k
+    vb[..., n:n + 1, :] = v
+    layer.keys, layer.values = kb[..., :n + 1, :], vb[..., :n + 1, :]
+    return layer.keys, layer.values
 
 
 def unsupported_reason(model) -> str | None:
@@ -94,7 +127,7 @@ class LeanDecoder:
             v = v_proj(h).view(1, nkv, 1, d)
             q = q * cos + q.roll(half, -1) * sin
             k = k * cos + k.roll(half, -1) * sin
-            k, v = cache.update(k, v, i)
+            k, v = append_kv(cache, i, k, v)
             a = attention.mmca_attention(q, k, v, key_is_image, None, scaling, mode)  # [1, nh, 1, d]
             x = x + o_proj(a.view(1, 1, nh * d))
             h = F.rms_norm(x, hsz, w2, self.eps)
