@@ -240,8 +240,8 @@ def stats_text(chat) -> str:
 def outcome_html(chat, regenerate: bool = True) -> str:
     """What the last request of this chat did, for the status line. ``regenerate``: the tab has a
     Regenerate button to point to (the Compare tab does not)."""
-    if chat.status == "stopped":  # chat.error says why when the server stopped it (its time limit per answer)
-        return status_html("warn", "Stopped" + (f": {_esc(chat.error)}" if chat.error else "") + ". The partial answer is kept; "
+    if chat.status == "stopped":
+        return status_html("warn", "Stopped. The partial answer is kept; "
                                    + ("Regenerate to try again." if regenerate else "ask again to try again."))
     if chat.status == "failed":
         return status_html("error", f"<b>The model failed while answering</b>: {_esc(chat.error)}. What it had "
@@ -475,7 +475,7 @@ class ChatUI:
             return gallery_items(chat), note
         maps, layer = found[0], _layer_choice(layer)
         heat, shares = maps.maps(layer), maps.shares(layer)
-        entries = [(p, heat[i], f"Image {i + 1} · {shares[i]:.0%} of the image attention")
+        entries = [(p, heat[i], f"Image {i + 1} · {shares[i]:.0%}")
                    for i, p in enumerate(chat.image_paths)]
         return self._draw_maps(chat, entries), looked_note([("", maps)], layer)
 
@@ -620,7 +620,7 @@ class ChatUI:
         shares = [m.shares(layer) for m in found]
         for i, p in enumerate(mm.image_paths):
             for j, name in enumerate(("CA", "MMCA")):
-                entries.append((p, heats[j][i], f"Image {i + 1} · {name} · {shares[j][i]:.0%}"))
+                entries.append((p, heats[j][i], f"Image {i + 1} · {name} {shares[j][i]:.0%}"))
         return self._draw_maps(mm, entries), looked_note(list(zip(("CA", "MMCA"), found)), layer)
 
     # -- the stateless API ---------------------------------------------------------------------
@@ -785,19 +785,22 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                                                             "[Image i: K tokens].")
                 settings = [max_tokens, temperature, top_p, rep]
                 outs = [chatbot, gallery, prompt, textbox, status]
-                send_evt = textbox.submit(ui.send, [textbox, tab, *settings], outs, api_name="chat",
-                                          api_visibility="undocumented", show_progress="hidden", **queue_kw)
-                regen_evt = regen_btn.click(ui.regenerate, [tab, *settings], outs, api_name="regenerate",
-                                            api_visibility="undocumented", show_progress="hidden", **queue_kw)
-                ex_evt = examples.click(ui.run_example, [examples, tab, *settings], outs, api_name="example",
-                                        api_visibility="undocumented", show_progress="hidden", **queue_kw)
+                # Stop turns on (enabled, red) first, then the answer runs; it turns off after the answer ends
+                busy = dict(fn=ui.stop_busy, inputs=None, outputs=[stop_btn], api_visibility="private", queue=False,
+                            show_progress="hidden")
+                send_evt = textbox.submit(**busy).then(ui.send, [textbox, tab, *settings], outs, api_name="chat",
+                                                       api_visibility="undocumented", show_progress="hidden",
+                                                       **queue_kw)
+                regen_evt = regen_btn.click(**busy).then(ui.regenerate, [tab, *settings], outs, api_name="regenerate",
+                                                         api_visibility="undocumented", show_progress="hidden",
+                                                         **queue_kw)
+                ex_evt = examples.click(**busy).then(ui.run_example, [examples, tab, *settings], outs,
+                                                     api_name="example", api_visibility="undocumented",
+                                                     show_progress="hidden", **queue_kw)
                 model_events = [send_evt, regen_evt, ex_evt]
                 textbox.stop(None, None, None, cancels=model_events, api_visibility="private")
                 looked_io = dict(fn=ui.looked, inputs=[looked, layer, tab], outputs=[gallery, looked_status],
                                  api_visibility="private", show_progress="hidden", **queue_kw)
-                for trigger in (textbox.submit, regen_btn.click, examples.click):
-                    trigger(ui.stop_busy, None, [stop_btn], api_visibility="private", queue=False,
-                            show_progress="hidden")
                 for evt in model_events:
                     (evt.then(ui.refresh, [tab], outs, api_visibility="private", queue=False, show_progress="hidden")
                      .then(ui.stop_idle, None, [stop_btn], api_visibility="private", queue=False,
@@ -848,7 +851,7 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                                                samples=example_samples, type="index", layout="table",
                                                elem_id="compare-examples")
                     with gr.Column(scale=2):
-                        cgallery = gr.Gallery(label="Images in this conversation", columns=4, height=240,
+                        cgallery = gr.Gallery(label="Images in this conversation", columns=2, height=300,
                                               fit_columns=False, object_fit="contain", interactive=False,
                                               elem_id="compare-gallery")
                         with gr.Row(equal_height=True):
@@ -859,17 +862,17 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                                                  elem_id="compare-looked-layer", scale=1, min_width=120)
                         clooked_status = gr.HTML("", elem_classes="vc-status", elem_id="compare-looked-note")
                 couts = [chat_ca, chat_mm, cgallery, ctextbox, cstatus]
-                c_evt = ctextbox.submit(ui.compare_send, [ctextbox, tab, *settings], couts, api_name="compare",
-                                        api_visibility="undocumented", show_progress="hidden", **queue_kw)
-                cex_evt = cexamples.click(ui.compare_example, [cexamples, tab, *settings], couts,
-                                          api_name="compare_example", api_visibility="undocumented",
-                                          show_progress="hidden", **queue_kw)
+                cbusy = dict(busy, outputs=[cstop])
+                c_evt = ctextbox.submit(**cbusy).then(ui.compare_send, [ctextbox, tab, *settings], couts,
+                                                      api_name="compare", api_visibility="undocumented",
+                                                      show_progress="hidden", **queue_kw)
+                cex_evt = cexamples.click(**cbusy).then(ui.compare_example, [cexamples, tab, *settings], couts,
+                                                        api_name="compare_example", api_visibility="undocumented",
+                                                        show_progress="hidden", **queue_kw)
                 ctextbox.stop(None, None, None, cancels=[c_evt, cex_evt], api_visibility="private")
                 clooked_io = dict(fn=ui.compare_looked, inputs=[clooked, clayer, tab],
                                   outputs=[cgallery, clooked_status], api_visibility="private",
                                   show_progress="hidden", **queue_kw)
-                for trigger in (ctextbox.submit, cexamples.click):
-                    trigger(ui.stop_busy, None, [cstop], api_visibility="private", queue=False, show_progress="hidden")
                 for evt in (c_evt, cex_evt):
                     (evt.then(ui.compare_refresh, [tab], couts, api_visibility="private", queue=False,
                               show_progress="hidden")

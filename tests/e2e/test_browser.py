@@ -138,3 +138,79 @@ def test_chat_upload_two_images_stream_stop_and_compare(page):
     ca, mm = bot_texts(pg, "#chat-ca")[-1], bot_texts(pg, "#chat-mmca")[-1]
     assert ca and mm and ca != mm
     shot(pg, "6-compare.png")
+
+
+def classes(pg, sel):
+    return (pg.locator(sel).get_attribute("class") or "").split()
+
+
+def gallery_captions(pg, gallery):
+    return pg.locator(f"{gallery} .caption-label").all_inner_texts()
+
+
+def test_stop_trash_icon_and_where_it_looked_in_the_chat_tab(page, app_url):
+    pg = page
+    pg.goto(app_url)
+    pg.wait_for_selector("#message textarea")
+    # idle: Stop is neither enabled nor red
+    assert pg.locator("#stop").is_disabled() and "stop" not in classes(pg, "#stop")
+    attach_and_send(pg, "#message", [os.path.join(EXAMPLES, "shapes_2.png"), os.path.join(EXAMPLES, "shapes_3.png")],
+                    "What is different between Image 1 and Image 2?")
+    wait_for(lambda: pg.locator("#stop").is_enabled() and "stop" in classes(pg, "#stop"))  # while answering
+    wait_for(lambda: "tokens/s" in pg.locator("#status").inner_text(), timeout=60)
+    wait_for(lambda: pg.locator("#stop").is_disabled() and "stop" not in classes(pg, "#stop"))  # idle again
+    # where it looked: every gallery image gets its map and its share
+    pg.locator("#looked input[type=checkbox]").check()
+    wait_for(lambda: len([c for c in gallery_captions(pg, "#gallery") if c.endswith("%")]) == 2, timeout=60)
+    assert "Where it looked" in pg.locator("#looked-note").inner_text()
+    shares = [int(c.split(" · ")[1].split("%")[0]) for c in gallery_captions(pg, "#gallery")]
+    assert abs(sum(shares) - 100) <= 1
+    time.sleep(0.5)  # the overlays load
+    shot(pg, "7-chat-where-it-looked.png")
+    # the chat panel's trash icon clears like Clear: the gallery and the prompt too, and nothing comes back
+    pg.locator("#chatbot button[aria-label='Clear']").click()
+    wait_for(lambda: pg.locator("#gallery img").count() == 0 and pg.locator("#chatbot .bot-row").count() == 0)
+    pg.get_by_text("Prompt as the model sees it").click()
+    wait_for(lambda: "### Question" not in pg.locator("#prompt textarea").input_value())
+    pg.locator("#message textarea").fill("Hello?")
+    pg.locator("#message textarea").press("Enter")
+    wait_for(lambda: "tokens/s" in pg.locator("#status").inner_text(), timeout=60)
+    assert pg.locator("#chatbot .user-row").count() == 1 and pg.locator("#gallery img").count() == 0
+    assert "What is different" not in pg.locator("#prompt textarea").input_value()
+
+
+def test_compare_stop_note_trash_icon_and_both_maps(page, app_url):
+    pg = page
+    pg.goto(app_url)
+    pg.wait_for_selector("#message textarea")
+    pg.get_by_text("Generation settings").click()  # long answers (the settings serve both tabs), to stop one
+    box = pg.locator("#max-new-tokens input[type=number]")
+    box.fill("300")
+    box.press("Enter")
+    pg.get_by_role("tab", name="Compare CA vs MMCA").click()
+    pg.wait_for_selector("#compare-message textarea")
+    assert pg.locator("#compare-stop").is_disabled() and "stop" not in classes(pg, "#compare-stop")
+    attach_and_send(pg, "#compare-message", [os.path.join(EXAMPLES, "shapes_1.png")], "Describe Image 1 at length.")
+    wait_for(lambda: pg.locator("#compare-stop").is_enabled() and "stop" in classes(pg, "#compare-stop"))
+    wait_for(lambda: all(bot_texts(pg, c) and len(bot_texts(pg, c)[-1]) > 5 for c in ("#chat-ca", "#chat-mmca")))
+    pg.locator("#compare-stop").click()
+    wait_for(lambda: "Stopped" in pg.locator("#compare-status").inner_text(), timeout=30)
+    note = pg.locator("#compare-status").inner_text()
+    assert "Regenerate" not in note and "partial answer is kept" in note  # this tab has no Regenerate
+    wait_for(lambda: pg.locator("#compare-stop").is_disabled())
+    # a second round with a second image, answered in full; then both models' maps side by side
+    attach_and_send(pg, "#compare-message", [os.path.join(EXAMPLES, "shapes_4.png")],
+                    "Which image has more squares, Image 1 or Image 2?")
+    wait_for(lambda: pg.locator("#chat-ca .bot-row").count() == 2 and pg.locator("#compare-stop").is_disabled(),
+             timeout=90)
+    pg.locator("#compare-looked input[type=checkbox]").check()
+    wait_for(lambda: [c.rsplit(" ", 1)[0] for c in gallery_captions(pg, "#compare-gallery")] ==
+             ["Image 1 · CA", "Image 1 · MMCA", "Image 2 · CA", "Image 2 · MMCA"], timeout=60)
+    note = pg.locator("#compare-looked-note").inner_text()
+    assert "went to image tokens at all" in note and "MMCA uses MMCA" in note
+    time.sleep(0.5)
+    shot(pg, "8-compare-where-it-looked.png")
+    # a column's trash icon clears the comparison (both columns and the gallery)
+    pg.locator("#chat-ca button[aria-label='Clear']").click()
+    wait_for(lambda: pg.locator("#chat-ca .bot-row").count() == 0 and pg.locator("#chat-mmca .bot-row").count() == 0
+             and pg.locator("#compare-gallery img").count() == 0)
