@@ -184,3 +184,19 @@ def test_default_model_greedy_text_equal_in_fp16():
     ref = talk()
     assert lowp.convert_lm(vc.model.lm, "fp16") > 0
     assert talk() == ref
+
+
+def test_app_model_line_names_the_lm_weight_format(tmp_path, tiny_tokenizer, tiny_clip_dir, monkeypatch):
+    """Server.load (what app.py runs) on one CPU rank: --dtype auto converts the LM, and the model line
+    (``server.backend``) says which format it serves and why when it fell back."""
+    from tests.test_app_tp import make_tiny_checkpoints
+    from visualchat.serving import Server, ServeOptions
+
+    paths = make_tiny_checkpoints(str(tmp_path), tiny_tokenizer, tiny_clip_dir)
+    opts = ServeOptions(checkpoint=paths["chat"], device="cpu", deepspeed="off", compare=False)
+    if lowp.fp16_unsupported_reason() is None:
+        s = Server.load(opts)
+        assert s.chat.lm_weights == "fp16" and s.backend.endswith("cpu float32, LM weights fp16")
+    monkeypatch.setattr(lowp, "fp16_unsupported_reason", lambda: "simulated: no fbgemm")
+    s = Server.load(opts)
+    assert s.chat.lm_weights == "fp32" and "LM weights fp32 (fp16: simulated: no fbgemm)" in s.backend
