@@ -851,7 +851,7 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                                                samples=example_samples, type="index", layout="table",
                                                elem_id="compare-examples")
                     with gr.Column(scale=2):
-                        cgallery = gr.Gallery(label="Images in this conversation", columns=2, height=300,
+                        cgallery = gr.Gallery(label="Images in this conversation", columns=2, height=420,
                                               fit_columns=False, object_fit="contain", interactive=False,
                                               elem_id="compare-gallery")
                         with gr.Row(equal_height=True):
