@@ -148,7 +148,8 @@ class _Fp16(LowpLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(weight.shape[1], weight.shape[0])
         w = weight.detach().float()
-        if w.abs().max() > torch.finfo(torch.float16).max:
+        big = torch.finfo(torch.float16).max
+        if w.max() > big or w.min() < -big:  # (no abs(): that would copy the weight)
             raise ValueError("a weight is beyond float16's range; use fp32 or bf16")
         self.packed = torch.ops.quantized.linear_prepack_fp16(w, None if bias is None else bias.detach().float())
 
