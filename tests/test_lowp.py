@@ -200,3 +200,16 @@ def test_app_model_line_names_the_lm_weight_format(tmp_path, tiny_tokenizer, tin
     monkeypatch.setattr(lowp, "fp16_unsupported_reason", lambda: "simulated: no fbgemm")
     s = Server.load(opts)
     assert s.chat.lm_weights == "fp32" and "LM weights fp32 (fp16: simulated: no fbgemm)" in s.backend
+
+
+def test_eval_answer_match():
+    """train.eval --match: the share of rounds answered alike and the accuracy difference."""
+    from train.eval import answer_match
+
+    acc = lambda x: {"all": {"accuracy": x, "n": 4}}  # noqa: E731
+    a = {"seed": 0, "answers": ["1", "red", "2", "top"], "accuracy": acc(0.5), "lm_weights": "fp16"}
+    b = {"seed": 0, "answers": ["1", "red", "3", "top"], "accuracy": acc(0.75), "lm_weights": "fp32"}
+    m = answer_match(a, b)
+    assert (m["same_answers"], m["match_rate"], m["accuracy_delta_points"], m["other_lm_weights"]) == (3, 0.75, -25.0, "fp32")
+    with pytest.raises(ValueError, match="same test set"):
+        answer_match(a, {**b, "answers": b["answers"][:3]})
