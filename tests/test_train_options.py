@@ -218,3 +218,23 @@ def test_lock_of_a_reused_pid_is_taken_over(tmp_path, live_pid):
         json.dump({"pid": live_pid, "host": socket.gethostname(), "start_ticks": ticks}, f)
     with pytest.raises(OutputDirLocked):
         OutputLock(out).acquire()
+
+
+def test_a_staged_run_records_its_earlier_stages(tmp_path):
+    """--init_from: the new checkpoint's info lists every earlier stage (command, hardware, steps, wall
+    time), oldest first, read from the checkpoint it started from."""
+    import json
+
+    from train.trainer import earlier_stages
+
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    s1.mkdir()
+    s2.mkdir()
+    (s1 / "config.json").write_text(json.dumps({"info": {"command": "python -m train --preset a", "steps": 693,
+                                                         "wall_time_s": 3354.6, "hardware": "CPU"}}))
+    first = earlier_stages(str(s1))
+    assert first == [{"command": "python -m train --preset a", "steps": 693, "wall_time_s": 3354.6, "hardware": "CPU"}]
+    (s2 / "config.json").write_text(json.dumps({"info": {"command": "python -m train --preset b", "steps": 598,
+                                                         "earlier_stages": first}}))
+    assert [st["steps"] for st in earlier_stages(str(s2))] == [693, 598]
+    assert earlier_stages(str(tmp_path / "missing")) == []

@@ -33,6 +33,22 @@ class TrainError(Exception):
 
 
 # -- preflight ---------------------------------------------------------------------------------
+def earlier_stages(init_from: str) -> list[dict]:
+    """The provenance of the stages a run continues (``--init_from``): each earlier stage's command,
+    hardware, steps and wall time, oldest first, so a staged recipe's checkpoint records all of it."""
+    try:
+        with open(os.path.join(init_from, "config.json")) as f:
+            info = json.load(f).get("info", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(info, dict):
+        return []
+    keep = ("command", "hardware", "precision", "datasets", "train_samples", "global_batch", "lr", "seed", "steps",
+            "wall_time_s", "tokens_seen", "val_loss")
+    before = info.get("earlier_stages") if isinstance(info.get("earlier_stages"), list) else []
+    return before + [{k: info[k] for k in keep if k in info}]
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -747,7 +763,9 @@ def _run(args, plan: Plan, t_start: float) -> dict:
                 "datasets": plan.names, "train_samples": n_train, "val_samples": len(val_s),
                 "global_batch": plan.global_batch, "lr": args.lr, "seed": args.seed,
                 "projection_init": args.projection_init, "grounding": grounding,
-                "command": " ".join(["python -m train"] + list(getattr(args, "argv", [])))}
+                "command": " ".join(["python -m train"] + list(getattr(args, "argv", []))),
+                **({"init_from": args.init_from, "earlier_stages": earlier_stages(args.init_from)}
+                   if args.init_from else {})}
 
     best = client.get("best_val", float("inf"))
     best_step = client.get("best_step")
