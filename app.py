@@ -240,8 +240,8 @@ def stats_text(chat) -> str:
 def outcome_html(chat, regenerate: bool = True) -> str:
     """What the last request of this chat did, for the status line. ``regenerate``: the tab has a
     Regenerate button to point to (the Compare tab does not)."""
-    if chat.status == "stopped":
-        return status_html("warn", "Stopped. The partial answer is kept; "
+    if chat.status == "stopped":  # chat.error says why when the server stopped it (its time limit per answer)
+        return status_html("warn", "Stopped" + (f": {_esc(chat.error)}" if chat.error else "") + ". The partial answer is kept; "
                                    + ("Regenerate to try again." if regenerate else "ask again to try again."))
     if chat.status == "failed":
         return status_html("error", f"<b>The model failed while answering</b>: {_esc(chat.error)}. What it had "
