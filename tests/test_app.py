@@ -95,6 +95,8 @@ def last(gen):
 class Slow:
     """Make a model's forwards slow (so that Stop can land mid-answer) or fail after some calls."""
 
+    active, saved_env = 0, None
+
     def __init__(self, vc, delay=0.0, fail_after=None):
         self.vc, self.delay, self.fail_after, self.calls = vc, delay, fail_after, 0
         self.orig = vc.model.forward
@@ -108,10 +110,22 @@ class Slow:
             return self.orig(*a, **k)
 
         self.vc.model.forward = forward
+        # every decode step must go through model.forward to be slowed or failed: switch off the lean
+        # LLaMA decode step (visualchat/decode.py), which runs the layers itself
+        if Slow.active == 0:
+            Slow.saved_env = os.environ.get("VISUALCHAT_DECODE")
+            os.environ["VISUALCHAT_DECODE"] = "hf"
+        Slow.active += 1
         return self
 
     def __exit__(self, *exc):
         self.vc.model.forward = self.orig
+        Slow.active -= 1
+        if Slow.active == 0:  # the last one out restores what was there before the first came in
+            if Slow.saved_env is None:
+                os.environ.pop("VISUALCHAT_DECODE", None)
+            else:
+                os.environ["VISUALCHAT_DECODE"] = Slow.saved_env
 
 
 SETTINGS = (24, 0.0, 1.0, 1.0)  # max new tokens, temperature, top-p, repetition penalty

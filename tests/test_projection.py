@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import color_image, tiny_llama
+from tests.test_model import _logits
+from tests.test_model import _saved_base as _base
 from visualchat.checkpoint import WEIGHTS_NAME, CheckpointMismatch
 from visualchat.config import CONFIG_NAME, VisualChatConfig
 from visualchat.encoders import build_encoder
@@ -14,19 +16,6 @@ from visualchat.model import VisualChat
 from visualchat.projection import Projection, parse_spec
 
 SPECS = ["linear", "baseline", "mlp", "perceiver:4"]
-
-
-def _base(tmp_path, tok):
-    d = tmp_path / "lm"
-    tiny_llama(tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-def _logits(vc):
-    s = vc.new_session()
-    s.stream("Compare Image 1 and Image 2?", images=[color_image((200, 0, 0)), color_image((0, 0, 200))]).close()
-    return s._prefill(s._render())
 
 
 @pytest.mark.parametrize("spec", SPECS)
