@@ -126,13 +126,17 @@ def load_trainable(model, path: str, config: VisualChatConfig | None = None,
             raise CheckpointMismatch(f"{where}: embed_tokens.index lists a row more than once")
         rows = _checked_float(t.pop("embed_tokens.rows"), "embed_tokens.rows", (idx.numel(), emb.shape[1]), where)
         new[idx.to(new.device)] = rows.to(new.device, new.dtype)
-    try:  # checks every projection tensor before it copies any
-        model.projection.load_checkpoint_tensors(t, where)
-    except ValueError as e:
-        raise CheckpointMismatch(str(e)) from None
-    for name in [k for k in t if k.startswith("projection.")]:
-        del t[name]
-    emb.copy_(new)  # only now: a bad file leaves the model as it was
+    proj = {k: t.pop(k) for k in [k for k in t if k.startswith("projection.")]}
+    need = {k: tuple(v.shape) for k, v in model.projection.checkpoint_tensors().items()}
+    missing, unexpected = sorted(set(need) - set(proj)), sorted(set(proj) - set(need))
+    if missing or unexpected:
+        raise CheckpointMismatch(f"{where}: the {model.projection.spec!r} projection needs {sorted(need)}; "
+                                 + "; ".join(([f"missing {missing}"] if missing else [])
+                                             + ([f"unexpected {unexpected}"] if unexpected else [])))
+    for name, x in proj.items():
+        _checked_float(x, name, need[name], where)
+    model.projection.load_checkpoint_tensors(proj)  # only now: a bad file leaves the model as it was
+    emb.copy_(new)
     return t
 
 

@@ -122,25 +122,12 @@ class Projection(nn.Module):
         """The state_dict name of a module parameter in the checkpoint (``net.weight`` -> ``projection.weight``)."""
         return "projection." + _strip(name, self.kind)
 
-    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Copy ``projection.*`` tensors in, checking names, shapes and finiteness exactly (no broadcasting)."""
-        own = {self.checkpoint_key(k): v for k, v in self.state_dict().items()}
-        given = {k: v for k, v in tensors.items() if k.startswith("projection.")}
-        missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{where}: the {self.spec!r} projection needs {sorted(own)}; "
-                             + (f"missing {missing}" if missing else "") + ("; " if missing and unexpected else "")
-                             + (f"unexpected {unexpected}" if unexpected else ""))
-        for name, t in given.items():
-            if tuple(t.shape) != tuple(own[name].shape):
-                raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, the model needs {tuple(own[name].shape)}")
-            if not t.is_floating_point():
-                raise ValueError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{where}: {name} holds NaN or infinite values")
-        with torch.no_grad():
-            for k, p in self.state_dict(keep_vars=True).items():
-                p.copy_(given[self.checkpoint_key(k)].to(p.dtype))
+    @torch.no_grad()
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy in ``projection.*`` tensors named as :meth:`checkpoint_tensors` names them (the caller,
+        :func:`visualchat.checkpoint.load_trainable`, has checked names, shapes and values)."""
+        for k, p in self.state_dict(keep_vars=True).items():
+            p.copy_(tensors[self.checkpoint_key(k)].to(p.dtype))
 
 
 def _strip(name: str, kind: str) -> str:
