@@ -80,6 +80,9 @@ def _env_bool(name: str, default: bool = False) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from visualchat.serving import Limits
+
+    limits = Limits()  # the per-request limits' defaults are written once, in visualchat.serving.Limits
     p = argparse.ArgumentParser(
         prog="python app.py",
         description="VisualChat web app (Gradio): chat about several images over several rounds, compare a "
@@ -147,16 +150,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="largest upload Gradio accepts, and the largest data:/base64 image /generate decodes "
                         "(refused by its length first) [VISUALCHAT_MAX_FILE_SIZE]")
     lim = p.add_argument_group("limits per request (checked before any decoding or model work)")
-    lim.add_argument("--max-new-tokens-limit", type=int, default=int(_env("VISUALCHAT_MAX_NEW_TOKENS_LIMIT", 1024)),
+    lim.add_argument("--max-new-tokens-limit", type=int, default=int(_env("VISUALCHAT_MAX_NEW_TOKENS_LIMIT", limits.max_new_tokens)),
                      help="largest max_new_tokens a request may ask for; more is refused with a message "
                           "[VISUALCHAT_MAX_NEW_TOKENS_LIMIT]")
-    lim.add_argument("--max-question-chars", type=int, default=int(_env("VISUALCHAT_MAX_QUESTION_CHARS", 4000)),
+    lim.add_argument("--max-question-chars", type=int, default=int(_env("VISUALCHAT_MAX_QUESTION_CHARS", limits.max_question_chars)),
                      help="longest question, in characters (an API round's earlier answer: 4x this) "
                           "[VISUALCHAT_MAX_QUESTION_CHARS]")
-    lim.add_argument("--answer-seconds", type=float, default=float(_env("VISUALCHAT_ANSWER_SECONDS", 120)),
+    lim.add_argument("--answer-seconds", type=float, default=float(_env("VISUALCHAT_ANSWER_SECONDS", limits.answer_seconds)),
                      help="wall-clock limit per answer, checked between tokens: the answer so far is kept "
                           "[VISUALCHAT_ANSWER_SECONDS]")
-    lim.add_argument("--unread-seconds", type=float, default=float(_env("VISUALCHAT_UNREAD_SECONDS", 15)),
+    lim.add_argument("--unread-seconds", type=float, default=float(_env("VISUALCHAT_UNREAD_SECONDS", limits.unread_seconds)),
                      help="an API answer whose output nobody reads for this long (a POST to "
                           "/gradio_api/call/generate never fetched) is stopped [VISUALCHAT_UNREAD_SECONDS]")
     lim.add_argument("--max-request-size", default=_env("VISUALCHAT_MAX_REQUEST_SIZE", "64mb"),
