@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def scene_text(scene) -> str:
     """Everything a question can ask about one scene, as text."""
-    parts = [f"{o.position}: {'an' if o.color[0] in 'aeiou' else 'a'} {o.size} {o.color} {o.shape}"
+    parts = [f"{o.position}: a {o.size} {o.color} {o.shape}"
              for o in scene.objects]
     if scene.word:
         parts.append(f"the word {scene.word}")
