@@ -65,6 +65,7 @@ import random
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from visualchat.template import DEFAULT_SYSTEM, Conversation, Round
@@ -181,45 +182,154 @@ def _font(px: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=px)
 
 
-def draw(scene: Scene, size: int = 224) -> Image.Image:
-    """Render a scene as a ``size`` x ``size`` RGB image (deterministic)."""
+#: Bounds of the varied drawing style (see :class:`Drawing`); the plain style is the all-neutral Drawing().
+CANVAS = (160, 384)          # canvas side in px (the encoder resizes)
+SMALL_SCALE = (0.7, 1.25)    # radius scale of small objects: 0.154-0.275 of a cell's side
+LARGE_SCALE = (0.8, 1.05)    # radius scale of large objects: 0.32-0.42, always above any small one
+MAX_OUTLINE = 0.02           # outline width, as a fraction of a cell's side
+MARGIN = 0.04                # space an object keeps from its cell's border, as a fraction of its side
+MAX_SHADE, MAX_TINT = 30, 12  # background jitter: all channels by +-shade, each channel by +-tint
+MAX_NOISE = 6.0              # std of the Gaussian pixel noise, on the 0-255 scale
+WORD_SCALE = (0.85, 1.15)    # size of the written word, relative to the plain drawing's
+
+
+def _in(name: str, value, lo, hi) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"Drawing.{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """How a scene is drawn. ``Drawing()`` is the plain drawing (every object centred in its cell,
+    the two fixed radii, flat backgrounds, 224 px); :func:`random_drawing` varies every field within
+    bounds that keep the scene graph true: an object never leaves its cell and small stays smaller
+    than large.
+
+    ``offsets[cell]`` is ``(dx, dy)`` in [-1, 1]: the share of the room an object leaves inside its
+    cell (after ``MARGIN``) by which it moves right/down. ``small``/``large`` scale the radii,
+    ``shade``/``tint`` shift the background's channels, ``noise`` adds Gaussian pixel noise (seeded
+    by ``seed``), ``outline`` draws each shape's border in the word's ink colour, ``word_scale``
+    sizes the written word. Frozen and hashable; ``id`` names it in file names and cache keys."""
+
+    size: int = 224
+    offsets: tuple[tuple[float, float], ...] = ((0.0, 0.0),) * 9
+    small: float = 1.0
+    large: float = 1.0
+    shade: int = 0
+    tint: tuple[int, int, int] = (0, 0, 0)
+    noise: float = 0.0
+    outline: float = 0.0
+    word_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 16:
+            raise ValueError(f"Drawing.size must be an int >= 16 (px), got {self.size!r}")
+        if len(self.offsets) != 9 or any(len(o) != 2 or not all(-1 <= v <= 1 for v in o) for o in self.offsets):
+            raise ValueError(f"Drawing.offsets must be 9 (dx, dy) pairs in [-1, 1], one per cell, got {self.offsets!r}")
+        _in("small", self.small, *SMALL_SCALE)
+        _in("large", self.large, *LARGE_SCALE)
+        _in("shade", self.shade, -MAX_SHADE, MAX_SHADE)
+        if len(self.tint) != 3:
+            raise ValueError(f"Drawing.tint must be 3 channel shifts, got {self.tint!r}")
+        for t in self.tint:
+            _in("tint", t, -MAX_TINT, MAX_TINT)
+        _in("noise", self.noise, 0.0, MAX_NOISE)
+        _in("outline", self.outline, 0.0, MAX_OUTLINE)
+        _in("word_scale", self.word_scale, *WORD_SCALE)
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:10]
+
+    def radius(self, size: str) -> float:
+        """An object's radius, as a fraction of a cell's side."""
+        return RADIUS[size] * (self.small if size == "small" else self.large)
+
+    def center(self, o: Obj) -> tuple[float, float]:
+        """Centre of object ``o``, in cell units (the grid is 3 x 3 cells)."""
+        room = max(0.0, 0.5 - MARGIN - self.radius(o.size) - self.outline)
+        dx, dy = self.offsets[o.cell]
+        return o.cell % 3 + 0.5 + dx * room, o.cell // 3 + 0.5 + dy * room
+
+    def background_rgb(self, background: str) -> tuple[int, int, int]:
+        return tuple(min(255, max(0, c + self.shade + t)) for c, t in zip(BACKGROUNDS[background], self.tint))
+
+
+PLAIN = Drawing()
+
+
+def random_drawing(rng: random.Random) -> Drawing:
+    """A varied :class:`Drawing`, drawn from ``rng`` (deterministic in its state)."""
+    u = lambda lo, hi: round(rng.uniform(lo, hi), 3)  # noqa: E731
+    return Drawing(
+        size=rng.randint(*CANVAS),
+        offsets=tuple((u(-1, 1), u(-1, 1)) for _ in range(9)),
+        small=u(*SMALL_SCALE), large=u(*LARGE_SCALE),
+        shade=rng.randint(-MAX_SHADE, MAX_SHADE),
+        tint=tuple(rng.randint(-MAX_TINT, MAX_TINT) for _ in range(3)),
+        noise=u(1.0, MAX_NOISE) if rng.random() < 0.5 else 0.0,
+        outline=u(0.005, MAX_OUTLINE) if rng.random() < 0.5 else 0.0,
+        word_scale=u(*WORD_SCALE),
+        seed=rng.randrange(2 ** 31))
+
+
+def draw(scene: Scene, size: int | None = None, drawing: Drawing | None = None) -> Image.Image:
+    """Render a scene as a ``size`` x ``size`` RGB image (deterministic). ``drawing=None`` is the plain
+    drawing; ``size`` defaults to the drawing's (224 for the plain one) and overrides it when given."""
+    drawing = drawing or PLAIN
+    size = size or drawing.size
     s = 2 * size  # draw at 2x and downsample, for smooth edges
-    im = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
+    im = Image.new("RGB", (s, s), drawing.background_rgb(scene.background))
     d = ImageDraw.Draw(im)
     cell = s / 3
+    ink = INK[scene.background]
+    line = {"outline": ink, "width": max(1, round(drawing.outline * cell))} if drawing.outline else {}
     for o in scene.objects:
-        cx, cy = (o.cell % 3 + 0.5) * cell, (o.cell // 3 + 0.5) * cell
-        r, fill = RADIUS[o.size] * cell, COLORS[o.color]
+        cx, cy = (v * cell for v in drawing.center(o))
+        r, fill = drawing.radius(o.size) * cell, COLORS[o.color]
         if o.shape == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, **line)
         elif o.shape == "square":
             h = 0.85 * r
-            d.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+            d.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill, **line)
         elif o.shape == "triangle":  # pointing up, shifted down so it sits centred in its cell
             pts = [(cx + r * math.cos(a), cy + 0.25 * r + r * math.sin(a))
                    for a in (math.radians(-90), math.radians(30), math.radians(150))]
-            d.polygon(pts, fill=fill)
+            d.polygon(pts, fill=fill, **line)
         else:  # five-pointed star
             pts = [(cx + rr * math.cos(a), cy + rr * math.sin(a))
                    for i in range(10)
                    for rr, a in [(r if i % 2 == 0 else 0.45 * r, math.radians(-90 + 36 * i))]]
-            d.polygon(pts, fill=fill)
+            d.polygon(pts, fill=fill, **line)
     if scene.word:
-        ink = INK[scene.background]
-        d.text((s / 2, s / 2), scene.word, fill=ink, font=_font(int(0.2 * s)), anchor="mm",
+        d.text((s / 2, s / 2), scene.word, fill=ink, font=_font(int(0.2 * s * drawing.word_scale)), anchor="mm",
                stroke_width=max(1, s // 160), stroke_fill=ink)
-    return im.resize((size, size), Image.LANCZOS)
+    im = im.resize((size, size), Image.LANCZOS)
+    if drawing.noise:
+        a = np.asarray(im).astype(np.float32)
+        a += np.random.default_rng(drawing.seed).normal(0.0, drawing.noise, a.shape).astype(np.float32)
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    return im
 
 
 @dataclass(frozen=True)
 class LazyImage:
-    """An image of a conversation, drawn only when ``load()`` is called."""
+    """An image of a conversation, drawn only when ``load()`` is called; ``drawing`` None = plain."""
 
     scene: Scene
     size: int = 224
+    drawing: Drawing | None = None
 
     def load(self) -> Image.Image:
-        return draw(self.scene, self.size)
+        return draw(self.scene, self.size, self.drawing)
+
+    @property
+    def file_name(self) -> str:
+        """``<scene id>.png`` for the plain drawing, ``<scene id>-<drawing id>-<size>.png`` otherwise."""
+        if self.drawing is None and self.size == 224:
+            return f"{self.scene.id}.png"
+        return f"{self.scene.id}-{(self.drawing or PLAIN).id}-{self.size}.png"
 
 
 # -----------------------------------------------------------------------------------------------
