@@ -3,9 +3,10 @@
     python app.py                      # the embedded default model on http://127.0.0.1:7860
     deepspeed --num_gpus 2 app.py      # DeepSpeed-Inference AutoTP over 2 ranks (torchrun works too)
 
-This file is only the UI. Loading, DeepSpeed, the multi-rank lockstep, ZeroGPU and the per-tab
-conversations live in visualchat/serving.py. The event handlers are plain methods of ``ChatUI``
-(inputs in, output values out), so tests call them without a browser.
+This file is the UI and its entry point; its Gradio-specific helpers are in the ``webapp`` package
+beside it. Loading and ZeroGPU live in visualchat/serving.py, DeepSpeed and the multi-rank lockstep in
+visualchat/tensor_parallel.py, a tab's conversation in visualchat/chat_session.py. The event handlers
+are plain methods of ``ChatUI`` (inputs in, output values out), so tests call them without a browser.
 """
 from __future__ import annotations
 
@@ -359,7 +360,7 @@ class ChatUI:
         from PIL import Image
 
         from visualchat.attention_maps import overlay
-        from visualchat.serving import _remove
+        from visualchat.chat_session import _remove
 
         for p in self._overlays.pop(owner, []):
             _remove(p)
@@ -501,7 +502,7 @@ class ChatUI:
 
     @staticmethod
     def _rejected(chat, e: Exception) -> str:
-        from visualchat.serving import INPUT_ERRORS
+        from visualchat.session import INPUT_ERRORS
 
         if not isinstance(e, INPUT_ERRORS + (RuntimeError,)):
             log.exception("request failed")
@@ -639,8 +640,9 @@ class ChatUI:
         streaming client sees it grow). Every field is checked against the server's limits first."""
         import gradio as gr
 
-        from visualchat.serving import (INPUT_ERRORS, AbandonedError, bounded, forget_request_inputs, unread_probe,
-                                        validate_api_request)
+        from visualchat.serving import AbandonedError, bounded
+        from visualchat.session import INPUT_ERRORS
+        from webapp.api import forget_request_inputs, unread_probe, validate_api_request
 
         limits = self.server.limits
         try:
@@ -680,7 +682,7 @@ def _model_line(server) -> str:
     lm = vc.config.lm
     lm = "SmolLM2-135M-Instruct (embedded)" if lm in ("default", None) else os.path.basename(str(lm).rstrip("/"))
     vision = vc.config.vision.split(":", 1)[0] if ":" in vc.config.vision else vc.config.vision
-    ckpt = getattr(vc, "path", None)
+    ckpt = vc.path
     ckpt = os.path.relpath(ckpt, HERE) if ckpt and ckpt.startswith(HERE) else (ckpt or "none")
     return (f"**Model** {_esc(lm)} + {_esc(vision)} · **checkpoint** `{_esc(ckpt)}` ({vc.config.attention.upper()}, "
             f"K={vc.config.image_tokens} tokens per image, up to {vc.config.max_images} images) · "
@@ -698,7 +700,8 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
     may give the (CA, MMCA) pair). The handlers are at ``demo.ui`` (a ChatUI)."""
     import gradio as gr
 
-    from visualchat.serving import Server, TabState
+    from visualchat.serving import Server
+    from webapp.state import TabState
 
     if isinstance(model, Server):
         server = model
@@ -710,7 +713,7 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
                                    "given to this app.")
     ui = ChatUI(server, max_new_tokens)
     # the chat fills the window height, leaving room for the header, the input box and the buttons
-    below = 370 + (55 if getattr(server.chat, "untrained", False) else 0)
+    below = 370 + (55 if server.chat.untrained else 0)
     queue_kw = dict(concurrency_id="model", concurrency_limit=max(1, int(concurrency)))
     example_samples = [[t] for t, _ in EXAMPLES]
     layer_choices = _layer_choices(server.chat)
@@ -726,11 +729,11 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
             shapes = trained_on_shapes(server.chat)
             if shapes:
                 gr.HTML(status_html("info", SHAPES_NOTE), elem_classes="vc-status", elem_id="vc-knows")
-            if getattr(server.chat, "untrained", False):
+            if server.chat.untrained:
                 gr.HTML(status_html("warn", "<b>Untrained projection</b>: no trained checkpoint was found "
                                             "(<code>assets/checkpoints/shapes-mmca</code> is missing), so answers come "
                                             "from the language model alone and ignore the images."),
-                        elem_classes="vc-status")
+                        elem_classes="vc-status", elem_id="vc-untrained")
 
         with gr.Tabs():
             # ---------------------------------------------------------------- Chat
@@ -933,7 +936,7 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, queue_size: int = 16
     if serving is not None:  # refuse an oversized API body before Gradio reads it into memory
         from starlette.middleware import Middleware
 
-        from visualchat.serving import RequestSizeLimit
+        from webapp.api import RequestSizeLimit
 
         app_kwargs = dict(kw.pop("app_kwargs", None) or {})
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),

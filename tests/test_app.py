@@ -140,7 +140,7 @@ def msg(text, files=()):
 
 
 def test_two_rounds_three_images_gallery_chat_and_prompt(demo, tmp_path):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     ims = image_files(tmp_path, 3)
@@ -167,7 +167,7 @@ def test_two_rounds_three_images_gallery_chat_and_prompt(demo, tmp_path):
 
 def test_streaming_stop_keeps_partial_then_regenerate_undo_clear(demo, tmp_path):
     import app
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     vc = demo.serving.chat
@@ -201,7 +201,7 @@ def test_streaming_stop_keeps_partial_then_regenerate_undo_clear(demo, tmp_path)
 
 def test_examples_play_whole_conversations(demo):
     import app
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     for i, (title, rounds) in enumerate(app.EXAMPLES):
@@ -217,7 +217,7 @@ def test_examples_play_whole_conversations(demo):
 
 @pytest.mark.parametrize("case", ["text", "corrupt", "bomb", "too_many", "empty", "context", "settings"])
 def test_bad_input_is_refused_visibly_and_keeps_the_conversation(demo, tmp_path, case):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     ims = image_files(tmp_path, 9)
@@ -249,7 +249,7 @@ def test_bad_input_is_refused_visibly_and_keeps_the_conversation(demo, tmp_path,
 
 
 def test_exception_during_generation_keeps_partial_and_recovers(demo):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     with Slow(demo.serving.chat, fail_after=5):
@@ -265,7 +265,7 @@ def test_exception_during_generation_keeps_partial_and_recovers(demo):
 
 
 def test_tabs_are_isolated(demo, tmp_path):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui = demo.ui
     a, b = TabState(), TabState()
@@ -283,7 +283,7 @@ def test_tabs_are_isolated(demo, tmp_path):
 
 
 def test_compare_streams_both_models(demo, tmp_path):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     ims = image_files(tmp_path, 2)
@@ -307,7 +307,7 @@ def test_compare_tab_says_what_is_missing(tiny_models):
 
     demo = app.build_demo(tiny_models[0], compare_missing=["assets/checkpoints/shapes-ca",
                                                            "assets/checkpoints/shapes-mmca"])
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     out = list(demo.ui.compare_send(msg("Hi"), TabState(), *SETTINGS))
     assert "shapes-ca" in out[-1][4] and "shapes-mmca" in out[-1][4] and "missing" in out[-1][4]
@@ -364,7 +364,7 @@ def test_api_generate_whole_conversation(demo, tmp_path, monkeypatch):
     # the same conversation in a chat session (greedy) gives the same answer
     s = demo.serving.chat.new_session()
     s.add_round("What is in Image 1?", [ims[0]], "A square.")
-    from visualchat.serving import api_image
+    from webapp.api import api_image
 
     assert answer == s.ask("Compare Image 1, Image 2 and Image 3.", [ims[1], api_image(data_url)], max_new_tokens=12)
     for model in ("ca", "mmca"):
@@ -395,7 +395,7 @@ def test_zero_gpu_replay_matches_stateful_and_pickles_everything(tiny_models, tm
     """On ZeroGPU, spaces.GPU runs the function in a forked worker with pickled arguments. A fake
     ``spaces`` that pickles both ways proves that the chat needs no shared state with the worker."""
     import app
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     calls = []
 
@@ -447,7 +447,7 @@ def test_zero_gpu_replay_matches_stateful_and_pickles_everything(tiny_models, tm
 
 def test_deepspeed_inference_wraps_one_rank_and_logits_match(tiny_models):
     pytest.importorskip("deepspeed")
-    from visualchat.serving import wrap_deepspeed
+    from visualchat.tensor_parallel import wrap_deepspeed
 
     vc = tiny_models[0]
     ids = torch.tensor([list(range(3, 30))])
@@ -462,10 +462,10 @@ def test_deepspeed_inference_wraps_one_rank_and_logits_match(tiny_models):
 
 
 def test_without_deepspeed_the_app_logs_it_and_serves_with_pytorch(tiny_models, monkeypatch, caplog):
-    from visualchat.serving import wrap_deepspeed
+    from visualchat.tensor_parallel import wrap_deepspeed
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now raises ImportError
-    with caplog.at_level(logging.WARNING, logger="visualchat.serving"):
+    with caplog.at_level(logging.WARNING, logger="visualchat.tensor_parallel"):
         backend = wrap_deepspeed(tiny_models[0].model.lm, "auto", 1, torch.float32)
     assert backend.startswith("PyTorch (DeepSpeed unavailable")
     assert "DeepSpeed could not be loaded" in caplog.text and "plain PyTorch" in caplog.text
@@ -479,7 +479,7 @@ def test_shm_allreduce_is_routed_through_the_process_group(monkeypatch):
     import deepspeed.comm as dscomm
     import torch.distributed as dist
 
-    from visualchat.serving import route_inference_all_reduce_through_process_group
+    from visualchat.tensor_parallel import route_inference_all_reduce_through_process_group
 
     monkeypatch.setattr(dscomm, "inference_all_reduce", dscomm.inference_all_reduce)
     seen = []
@@ -573,8 +573,23 @@ def test_page_says_what_the_default_knows_and_steers_to_shapes_questions(tiny_mo
     assert "shapes scenes" in _elem(d, "examples")["props"]["label"]
 
 
+
+def test_untrained_banner_follows_the_models_attribute(tiny_models, monkeypatch):
+    """The page warns about an untrained projection when the model says so (``VisualChat.untrained``, set by
+    from_pretrained when no checkpoint was loaded), not by reading captured warnings."""
+    import app
+
+    chat, ca, mm = tiny_models
+    assert chat.untrained is False and chat.path is None  # built from parts: both set in __init__
+    has_banner = lambda d: any(c.get("props", {}).get("elem_id") == "vc-untrained"  # noqa: E731
+                               for c in d.config["components"])
+    assert not has_banner(app.build_demo(chat, compare=(ca, mm)))
+    monkeypatch.setattr(chat, "untrained", True)
+    d = app.build_demo(chat, compare=(ca, mm))
+    assert "Untrained projection" in _elem(d, "vc-untrained")["props"]["value"]
+
 def test_chat_trash_icon_clears_like_clear(demo, tmp_path):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     last(ui.send(msg("What is in Image 1?", image_files(tmp_path, 1)), tab, *SETTINGS))
@@ -588,7 +603,7 @@ def test_chat_trash_icon_clears_like_clear(demo, tmp_path):
 
 
 def test_compare_trash_icons_clear_both_columns(demo, tmp_path):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     last(ui.compare_send(msg("What is in Image 1?", image_files(tmp_path, 1)), tab, *SETTINGS))
@@ -628,7 +643,7 @@ def test_stop_is_enabled_and_red_only_while_answering(demo, tab_name, stop, trig
 
 
 def test_compare_stop_note_does_not_point_to_regenerate(demo, tmp_path):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     _, ca_vc, mm_vc = demo.serving.chat, demo.serving.compare.ca, demo.serving.compare.mmca
@@ -646,7 +661,7 @@ def test_compare_stop_note_does_not_point_to_regenerate(demo, tmp_path):
 def test_where_it_looked_chat_tab(demo, tmp_path):
     from PIL import Image
 
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     gallery, note = ui.looked(True, -1, tab)
@@ -677,7 +692,7 @@ def app_gallery(chat):
 
 
 def test_where_it_looked_compare_tab_side_by_side(demo, tmp_path):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     last(ui.compare_send(msg("What is different between Image 1 and Image 2?", image_files(tmp_path, 2)), tab,
@@ -697,7 +712,7 @@ def test_where_it_looked_is_the_same_on_the_stateless_path(tiny_models, tmp_path
     import numpy as np
 
     import app
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     chat, ca, mm = tiny_models
     ims = image_files(tmp_path, 2)

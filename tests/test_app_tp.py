@@ -47,7 +47,8 @@ def _worker(ckpt_root: str, out_path: str) -> None:
     from PIL import Image
 
     from visualchat.model import VisualChat
-    from visualchat.serving import ChatSession, Server, ServeOptions
+    from visualchat.chat_session import ChatSession
+    from visualchat.serving import Server, ServeOptions
 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)

@@ -84,7 +84,7 @@ def test_malformed_generate_requests_name_the_field(demo, case):
 
 
 def test_inline_image_over_the_size_limit_is_refused_before_decoding(demo, monkeypatch):
-    import visualchat.serving as serving
+    import webapp.api as serving
 
     demo.serving.limits.max_image_bytes, before = 1000, demo.serving.limits.max_image_bytes
     decoded = []
@@ -104,7 +104,7 @@ def test_inline_image_over_the_size_limit_is_refused_before_decoding(demo, monke
 
 def test_the_chat_tab_has_the_same_limits(demo):
     """The /chat endpoint can be called directly, past the UI's 4,000-character box and sliders."""
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     for message, settings, expect in [
@@ -118,7 +118,7 @@ def test_the_chat_tab_has_the_same_limits(demo):
 
 
 def test_answer_time_limit_stops_between_tokens(demo):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     server = demo.serving
     server.limits.answer_seconds, before = 0.3, server.limits.answer_seconds
@@ -139,7 +139,7 @@ def test_answer_time_limit_stops_between_tokens(demo):
 
 
 def test_kv_cache_budget_drops_least_recently_used_tabs_and_they_rebuild(demo):
-    from visualchat.serving import TabState
+    from webapp.state import TabState
 
     ui, server = demo.ui, demo.serving
     tabs = [TabState() for _ in range(3)]

@@ -14,7 +14,7 @@ a kill, a timeout) the file stays, and every later run that needs the op sleeps 
   (nobody has for ``VISUALCHAT_EXTENSION_LOCK_GRACE`` seconds, default 30): it waits for the first
   and raises :class:`StaleExtensionLock`, naming the lock file, for the second.
 
-Importing this module imports neither DeepSpeed nor gradio.
+Importing this module imports neither DeepSpeed nor Gradio.
 """
 from __future__ import annotations
 

@@ -177,22 +177,27 @@ def config_for(model: VisualChatModel, lm_spec: str, **config_kw) -> VisualChatC
     """The config that describes ``model`` (its encoder, projection, attention, K and dims): the one
     place a :class:`VisualChatConfig` is assembled from a built model."""
     emb = model.base_embedding
+    shape = getattr(emb, "ds_shape", emb.shape)  # a partitioned ZeRO-3 parameter holds only its share
     return VisualChatConfig(lm=lm_spec, vision=model.encoder.spec(), attention=model.attention_mode,
                             vis_proj=model.projection.spec, image_tokens=model.image_tokens,
-                            vision_hidden_size=model.encoder.hidden_size, lm_hidden_size=emb.shape[1],
-                            vocab_size=emb.shape[0], **config_kw)
+                            vision_hidden_size=model.encoder.hidden_size, lm_hidden_size=shape[1],
+                            vocab_size=shape[0], **config_kw)
 
 
 class VisualChat:
     """A loaded model ready to chat: ``vc.new_session().ask("What is in Image 1?", images=[img])``."""
 
-    def __init__(self, model: VisualChatModel, tokenizer, config: VisualChatConfig):
+    def __init__(self, model: VisualChatModel, tokenizer, config: VisualChatConfig, path: str | None = None,
+                 untrained: bool = False):
         if model.image_tokens != config.image_tokens:
             raise ValueError(f"config says K={config.image_tokens} but the model gives {model.image_tokens} rows per image")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.template = Template(tokenizer, config.image_tokens)
+        self.path = path  # the checkpoint directory it was loaded from (None: built from parts)
+        self.untrained = untrained  # True: no checkpoint was loaded, the projection is random
+        self.lm_weights, self.lm_weights_note = None, None  # the LM's linear-weight format (visualchat.lowp)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -245,8 +250,7 @@ class VisualChat:
                 load_lora(model, config.lora, rest)
         else:
             config = config_for(model, lm or "default")
-        vc = cls(model, tok, config)
-        vc.path = path
+        vc = cls(model, tok, config, path=path, untrained=path is None)
         from . import lowp
 
         vc.lm_weights, vc.lm_weights_note = lowp.apply(base_lm, lm_weights, device)

@@ -16,7 +16,7 @@ import torch
 
 from .decode import lean_decoder
 from .generation import GenerationConfig, TextStreamer, sample_stream
-from .images import open_image
+from .images import ImageError, open_image
 from .template import Conversation, Rendered, Round
 
 
@@ -47,6 +47,9 @@ def check_context(r: Rendered, ctx: int) -> None:
             f"the conversation needs {len(r)} tokens ({sum(r.is_image)} of them image tokens) but the "
             f"context window is {ctx} tokens; undo or clear earlier rounds, or start a new chat")
 
+
+#: The errors that mean "the user's input is not acceptable"; their message is for the user.
+INPUT_ERRORS = (ImageError, TooManyImagesError, ContextWindowError, ValueError)
 
 _uids = itertools.count()
 #: Generation stops when the answer starts a new template section (``\n### ``), which an

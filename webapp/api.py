@@ -1,0 +1,239 @@
+"""The stateless API's input and the web server's request plumbing (Gradio-specific): the images of a
+``/generate`` request (uploaded files, data URLs, base64), the whole request checked up front, noticing
+an answer nobody reads, dropping Gradio's copy of a finished request, and an ASGI cap on request bodies."""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from typing import Callable
+
+from visualchat.images import ImageError
+from visualchat.serving import Limits, check_generation, check_text
+
+
+class RequestSizeLimit:
+    """ASGI middleware: refuse (413, with a message) a POST body over ``max_bytes`` before the web app
+    parses it. Gradio caps file uploads (``max_file_size``, the /upload route, left alone here) but
+    reads any JSON body whole into memory and keeps it while the request waits in the queue."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, receive, send, size_text: str, more: bool = True) -> None:
+        import json
+
+        while more:  # read the rest without keeping it, so the client gets to read the answer
+            msg = await receive()
+            more = msg["type"] == "http.request" and msg.get("more_body", False)
+
+        body = json.dumps({"detail": f"the request body is {size_text} bytes; this server accepts at most "
+                                     f"{self.max_bytes:,} (--max-request-size). Send large images with "
+                                     "gradio_client.handle_file(...) instead of inline base64"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path", "").rstrip("/").endswith("/upload"):
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n > self.max_bytes:
+                return await self._refuse(receive, send, f"{n:,}")
+            return await self.app(scope, receive, send)
+        chunks, total = [], 0  # no length given (chunked): read up to the limit, then replay
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            chunks.append(msg.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.max_bytes:
+                return await self._refuse(receive, send, f"over {self.max_bytes:,}", bool(msg.get("more_body")))
+            if not msg.get("more_body"):
+                break
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+        return await self.app(scope, replay, send)
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# API input
+
+
+#: The media types a ``data:`` URL may declare (the formats visualchat.images opens).
+DATA_URL_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/gif", "image/webp", "image/bmp")
+
+
+def _b64_payload(text: str, field: str, limits: Limits) -> bytes:
+    """Decode base64 image data, refusing it by its length before decoding when it is too large."""
+    size = len(text) * 3 // 4
+    if size > limits.max_image_bytes:
+        raise ImageError(f"{field} holds about {size:,} bytes of image data; this server accepts images of up to "
+                         f"{limits.max_image_bytes:,} bytes (--max-file-size)")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"{field} is not valid base64: {e}") from None
+
+
+def api_image(item, upload_dir: str | None = None, limits: Limits | None = None, field: str = "image"):
+    """One image of a ``/generate`` request: a Gradio file (a dict with a ``path`` inside Gradio's upload
+    folder, which is what ``gradio_client.handle_file`` turns into), a ``data:image/...;base64,`` URL or
+    a ``base64:`` string. Server paths outside the upload folder are refused; inline data larger than
+    ``limits.max_image_bytes`` is refused by its length, before it is decoded."""
+    limits = limits or Limits.from_env()
+    if isinstance(item, dict) and "path" in item:
+        from gradio.utils import get_upload_folder, is_in_or_equal
+
+        if not isinstance(item["path"], str) or not item["path"]:
+            raise ImageError(f"{field}: a file's path must be text, got {type(item['path']).__name__}")
+        path = item["path"]
+        name = item.get("orig_name") if isinstance(item.get("orig_name"), str) else os.path.basename(path)
+        if not is_in_or_equal(path, upload_dir or get_upload_folder()):
+            raise ImageError(f"{field} ({name!r}) was not uploaded through this server; send it with "
+                             "gradio_client.handle_file(...) or as a data:image/...;base64, URL")
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise ImageError(f"{field} ({name!r}) is not on this server (upload it again)") from None
+        if size > limits.max_image_bytes:
+            raise ImageError(f"{field} ({name!r}) is {size:,} bytes; this server accepts images of up to "
+                             f"{limits.max_image_bytes:,} bytes (--max-file-size)")
+        return path
+    if isinstance(item, str) and item.startswith("data:"):
+        head, sep, payload = item.partition(",")
+        parts = head[len("data:"):].split(";")
+        mime = parts[0].strip().lower()
+        if not sep or "base64" not in [p.strip().lower() for p in parts[1:]]:
+            raise ImageError(f"{field}: a data URL must be data:<image type>;base64,<data>")
+        if mime not in DATA_URL_TYPES:
+            raise ImageError(f"{field}: a data URL's media type must be one of image/png, image/jpeg, image/gif, "
+                             f"image/webp or image/bmp, got {mime or 'none'!r}")
+        return _b64_payload(payload, field, limits)
+    if isinstance(item, str) and item.startswith("base64:"):
+        return _b64_payload(item[len("base64:"):], field, limits)
+    got = "null" if item is None else ("a dict without 'path'" if isinstance(item, dict) else type(item).__name__)
+    raise ImageError(f"{field} must be a file (gradio_client.handle_file(path)), a data:image/...;base64, URL "
+                     f"or a 'base64:...' string, got {got}")
+
+
+def parse_api_conversation(conversation, limits: Limits | None = None,
+                           upload_dir: str | None = None) -> tuple[list[dict], str, list]:
+    """``[{"question": ..., "images": [...], "answer": ...}, ...]`` -> (history, question, images).
+    Every round but the last may carry its answer; the last round is the one to answer. Every field is
+    checked for its type and size before anything is decoded; messages name the round and the field."""
+    limits = limits or Limits.from_env()
+    if isinstance(conversation, dict) and "rounds" in conversation:
+        conversation = conversation["rounds"]
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError("conversation must be a non-empty list of rounds: "
+                         '[{"question": "...", "images": [...]}, ...]')
+    rounds = []
+    for i, r in enumerate(conversation, 1):
+        if isinstance(r, str):
+            r = {"question": r}
+        if not isinstance(r, dict):
+            raise ValueError(f"round {i} must be an object with a question (and optionally images, answer), "
+                             f"got {type(r).__name__}")
+        unknown = set(r) - {"question", "images", "answer"}
+        if unknown:
+            raise ValueError(f"round {i} has unknown keys {sorted(map(str, unknown))}; use question, images, answer")
+        q = check_text(r.get("question"), f"the question of round {i}", limits.max_question_chars)
+        if not q.strip():
+            raise ValueError(f"the question of round {i} is empty")
+        answer = check_text(r.get("answer"), f"the answer of round {i}", limits.max_answer_chars, required=False)
+        images = r.get("images")
+        if images is None:
+            images = []
+        elif not isinstance(images, list):
+            images = [images]
+        rounds.append({"question": q, "images": images, "answer": answer})
+    if rounds[-1]["answer"].strip():
+        raise ValueError("the last round already has an answer; append the round to answer")
+    n = 0
+    for i, r in enumerate(rounds, 1):  # decoded only once every round's text has passed
+        opened = []
+        for x in r["images"]:
+            n += 1
+            opened.append(api_image(x, upload_dir, limits, field=f"image {n} (round {i})"))
+        r["images"] = opened
+    last = rounds.pop()
+    return rounds, last["question"], last["images"]
+
+
+def validate_api_request(server, conversation, max_new_tokens=128, temperature=0.0, top_p=1.0,
+                         repetition_penalty=1.0, seed=None, model="chat") -> tuple[str, list[dict], str, list, dict]:
+    """Everything ``/generate`` receives, checked up front (types, finiteness, ranges, sizes) with a message
+    naming the field: (model, history, question, images, generation settings)."""
+    if not isinstance(model, str) or model not in server.models:
+        got = repr(model) if isinstance(model, str) else ("null" if model is None else type(model).__name__)
+        raise ValueError(f"model must be one of {sorted(server.models)}, got {got}"
+                         + ("" if server.compare.ready else f" ({server.compare.note})"))
+    gen = check_generation(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed), server.limits)
+    history, question, images = parse_api_conversation(conversation, server.limits)
+    return model, history, question, images, gen
+
+
+
+def unread_probe(request, seconds: float) -> Callable[[], bool] | None:
+    """For a queued Gradio request, a function that is true once the request's session has left its
+    output unread for ``seconds`` (a POST to /gradio_api/call/generate whose result is never fetched: its
+    messages pile up in the session's queue). None when the request carries no session to watch.
+
+    Gradio itself stops a generator whose reader disconnects (it marks the event dead), but an event
+    that was never read stays alive and would hold a worker to the end; this closes that gap. A live
+    reader (gradio_client, the browser, a curl GET) drains the queue within milliseconds of each piece."""
+    import time
+
+    try:
+        session = request.session_hash
+        queue = request.request.app.get_blocks()._queue
+    except Exception:  # not a queued Gradio request (a test calling the handler directly)
+        return None
+    if not session:
+        return None
+    state = {"drained": time.monotonic()}
+
+    def unread() -> bool:
+        q = queue.pending_messages_per_session.get(session)
+        now = time.monotonic()
+        if q is None or q.qsize() <= 1:  # read (or nothing to read): the reader is keeping up
+            state["drained"] = now
+            return False
+        return now - state["drained"] > seconds
+    return unread
+
+
+def forget_request_inputs(request, api_name: str) -> int:
+    """Drop the copy of a finished request's inputs that Gradio keeps in its per-session state (the
+    component values of the session's config, kept for up to 10,000 sessions): every POST to
+    /gradio_api/call/<api_name> is a session of its own, so without this each request's conversation
+    (a 50 MB data URL included) stayed in memory after its answer. Returns how many values were dropped."""
+    try:
+        blocks = request.request.app.get_blocks()
+        state = blocks.state_holder.session_data.get(request.session_hash)
+        fns = [f for f in blocks.fns.values() if getattr(f, "api_name", None) == api_name]
+    except Exception:  # not a queued Gradio request (a test calling the handler directly)
+        return 0
+    n = 0
+    for fn in fns if state is not None else ():
+        for block in fn.inputs:
+            cfg = state.config_values.get(block._id)
+            if isinstance(cfg, dict) and isinstance(cfg.get("props"), dict) and cfg["props"].get("value") is not None:
+                cfg["props"]["value"] = None
+                n += 1
+    return n
