@@ -117,3 +117,76 @@ def test_varied_backgrounds_stay_near_their_colour():
         seen.add(tuple(px[0]))
         assert np.abs(px[0].astype(int) - S.BACKGROUNDS["gray"]).max() <= S.MAX_SHADE + S.MAX_TINT
     assert len(seen) > 15
+
+
+# -- varied samples -------------------------------------------------------------------------------
+
+PINNED_TEST = "5af6bfb22506b864"  # tests/test_shapes.py's PINNED[1]: generate("test", 100) fingerprint
+
+
+def _images(s):
+    return list(s.conversation.images)
+
+
+def test_varied_samples_ask_the_same_questions_about_the_same_scenes():
+    assert S.SHAPES_VERSION == 1
+    plain, varied = S.generate("test", 100), S.generate("test", 100, drawing="varied")
+    assert S.fingerprint(plain) == S.fingerprint(varied) == PINNED_TEST
+    assert S.fingerprint(S.generate("test", 100, drawing="plain")) == PINNED_TEST
+    for p, v in zip(plain, varied):
+        assert p.round_types == v.round_types and p.scenes == v.scenes
+        assert [(r.question, r.answer) for r in p.conversation.rounds] == \
+               [(r.question, r.answer) for r in v.conversation.rounds]
+        assert all(im == S.LazyImage(im.scene) for im in _images(p))  # plain: exactly as before
+        assert p.drawings == [None] * len(p.scenes)
+        ims = _images(v)
+        assert [im.drawing for im in ims] == v.drawings and all(d is not None for d in v.drawings)
+        assert all(im.size == im.drawing.size for im in ims)
+        assert len(set(v.drawings)) == len(v.drawings)  # each image its own drawing
+    dense = S.generate("train", 20, style="dense")
+    assert S.fingerprint(dense) == S.fingerprint(S.generate("train", 20, style="dense", drawing="varied"))
+    with pytest.raises(ValueError, match="drawing"):
+        S.make_sample("test", 0, drawing="fancy")
+
+
+def test_varied_drawings_are_deterministic_per_split_seed_and_index():
+    a = S.generate("validation", 8, seed=3, drawing="varied")
+    assert S.make_sample("validation", 7, 3, drawing="varied").drawings == a[7].drawings
+    assert [s.drawings for s in S.generate("validation", 8, seed=3, drawing="varied")] == [s.drawings for s in a]
+    others = [S.make_sample("validation", 6, 3, drawing="varied"), S.make_sample("validation", 7, 4, drawing="varied"),
+              S.make_sample("train", 7, 3, drawing="varied"), S.make_sample("validation", 7, 3, "dense", "varied")]
+    assert all(o.drawings[0] != a[7].drawings[0] for o in others)
+    x, y = a[7].materialize().images, S.make_sample("validation", 7, 3, drawing="varied").materialize().images
+    assert all(np.array_equal(np.asarray(i), np.asarray(j)) for i, j in zip(x, y))
+    plain = S.make_sample("validation", 7, 3).materialize().images
+    assert all(i.size != j.size or not np.array_equal(np.asarray(i), np.asarray(j)) for i, j in zip(x, plain))
+
+
+def test_feature_cache_keys_tell_the_drawings_apart():
+    from train.features import image_key
+
+    p, v = S.make_sample("test", 2), S.make_sample("test", 2, drawing="varied")
+    for a, b in zip(_images(p), _images(v)):
+        assert a.scene == b.scene
+        assert image_key(a) == f"shapes-v{S.SHAPES_VERSION}-{a.scene.id}-224"  # plain keys as before
+        assert image_key(b) != image_key(a) and b.drawing.id in image_key(b)
+        same_size = S.LazyImage(b.scene, b.size)  # even at the same size, the plain drawing is another image
+        assert image_key(same_size) != image_key(b)
+
+
+def test_save_jsonl_writes_varied_images_under_their_own_names(tmp_path):
+    import json
+
+    from PIL import Image
+
+    plain, varied = S.generate("validation", 4), S.generate("validation", 4, drawing="varied")
+    S.save_jsonl(plain + varied, str(tmp_path))
+    recs = [json.loads(line) for line in open(tmp_path / "conversations.jsonl")]
+    files = [[f for r in rec["rounds"] for f in r["images"]] for rec in recs]
+    for fs, s in zip(files[:4], plain):
+        assert fs == [f"images/{sc.id}.png" for sc in s.scenes]
+    for fs, s in zip(files[4:], varied):
+        assert len(fs) == len(s.scenes) and not set(fs) & {f for f2 in files[:4] for f in f2}
+        for f, im in zip(fs, _images(s)):
+            got = np.asarray(Image.open(tmp_path / f).convert("RGB"))
+            assert got.shape == (im.size, im.size, 3) and np.array_equal(got, np.asarray(im.load()))

@@ -3,7 +3,8 @@
 The encoder is frozen (unless ``--vision_lora_rank``), so its output for an image never changes
 during a run: it is computed once per image and stored as
 ``<root>/<encoder key>/<image key>.safetensors``. The encoder key hashes the encoder's spec and its
-weights; the image key is ``shapes-v<SHAPES_VERSION>-<scene id>-<size>`` for a shapes scene, a hash
+weights; the image key is ``shapes-v<SHAPES_VERSION>-<scene id>-<size>`` for a shapes scene in the
+plain drawing (``...-<size>-d<drawing id>`` in a varied one: its own features), a hash
 of path + size + mtime for a file, a hash of the data for a base64 image.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ def image_key(ref: Any) -> str | None:
     if is_lazy(ref):
         from train.data.shapes import SHAPES_VERSION
 
-        return f"shapes-v{SHAPES_VERSION}-{ref.scene.id}-{ref.size}"
+        drawing = getattr(ref, "drawing", None)
+        return f"shapes-v{SHAPES_VERSION}-{ref.scene.id}-{ref.size}" + (f"-d{drawing.id}" if drawing else "")
     if hasattr(ref, "cache_key"):  # a Base64Slice: its file, place and length (never reads the data)
         try:
             return "b64slice-" + ref.cache_key()

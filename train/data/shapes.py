@@ -485,14 +485,16 @@ class ShapesSample:
     conversation: Conversation  # Round.images hold LazyImage objects
     round_types: list[str]      # one "<category>/<type>" tag per round
     scenes: list[Scene]         # scene of Image 1, Image 2, ...
+    drawings: list[Drawing | None] | None = None  # drawing of Image 1, Image 2, ... (None: all plain)
 
     @property
     def scene_ids(self) -> list[str]:
         return [s.id for s in self.scenes]
 
-    def materialize(self, size: int = 224) -> Conversation:
-        """The conversation with every LazyImage drawn as a PIL image."""
-        rounds = [Round(r.question, [draw(im.scene, size) for im in r.images], r.answer)
+    def materialize(self, size: int | None = None) -> Conversation:
+        """The conversation with every LazyImage drawn as a PIL image (at ``size`` px when given, else
+        at its own size: 224 for the plain drawing)."""
+        rounds = [Round(r.question, [draw(im.scene, size or im.size, im.drawing) for im in r.images], r.answer)
                   for r in self.conversation.rounds]
         return Conversation(rounds, self.conversation.system)
 
@@ -504,14 +506,21 @@ def category(tag: str) -> str:
 #: Conversation shapes: "mixed" (the default, and the test set's) and "dense" (fewer images, more
 #: rounds: about 2.5 times as many answers per token, for training on a small compute budget).
 STYLES = ("mixed", "dense")
+#: How the images are drawn: "plain" (every scene the same way: the test set's) or "varied" (each
+#: image its own seeded :class:`Drawing`; the same questions and scenes as "plain").
+DRAWINGS = ("plain", "varied")
 
 
-def make_sample(split: str, index: int, seed: int = 0, style: str = "mixed") -> ShapesSample:
-    """Sample ``index`` of ``(split, seed, style)``; depends on nothing else (and not on global random)."""
+def make_sample(split: str, index: int, seed: int = 0, style: str = "mixed", drawing: str = "plain") -> ShapesSample:
+    """Sample ``index`` of ``(split, seed, style)``; depends on nothing else (and not on global random).
+    ``drawing="varied"`` draws each image with its own :func:`random_drawing`, from a random stream of
+    its own: the questions, answers and scenes are those of the plain sample."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+    if drawing not in DRAWINGS:
+        raise ValueError(f"unknown drawing {drawing!r}; expected one of {DRAWINGS}")
     if style == "mixed":
         rng = random.Random(f"shapes-v{SHAPES_VERSION}/{split}/{seed}/{index}")
         n_images = rng.choices((1, 2, 3, 4), weights=(3, 3, 2, 2))[0]
@@ -529,6 +538,11 @@ def make_sample(split: str, index: int, seed: int = 0, style: str = "mixed") -> 
         scene = scene or random_scene(rng, split)
         if scene not in scenes:
             scenes.append(scene)
+    drawings: list[Drawing | None] = [None] * n_images
+    if drawing == "varied":
+        drng = random.Random(f"shapes-v{SHAPES_VERSION}/drawing/{style}/{split}/{seed}/{index}")
+        drawings = [random_drawing(drng) for _ in range(n_images)]
+    images = [LazyImage(sc, d.size, d) if d else LazyImage(sc) for sc, d in zip(scenes, drawings)]
     rounds, types, asked = [], [], set()
     for r in range(n_rounds):
         new = [k for k, a in enumerate(arrivals) if a == r]
@@ -538,14 +552,14 @@ def make_sample(split: str, index: int, seed: int = 0, style: str = "mixed") -> 
             if q not in asked:
                 break
         asked.add(q)
-        rounds.append(Round(q, [LazyImage(scenes[k]) for k in new], a))
+        rounds.append(Round(q, [images[k] for k in new], a))
         types.append(tag)
-    return ShapesSample(Conversation(rounds, DEFAULT_SYSTEM), types, scenes)
+    return ShapesSample(Conversation(rounds, DEFAULT_SYSTEM), types, scenes, drawings)
 
 
-def generate(split: str, n: int, seed: int = 0, style: str = "mixed") -> list[ShapesSample]:
-    """``n`` samples of ``split``; cheap (no drawing) and deterministic in (split, n, seed, style)."""
-    return [make_sample(split, i, seed, style) for i in range(n)]
+def generate(split: str, n: int, seed: int = 0, style: str = "mixed", drawing: str = "plain") -> list[ShapesSample]:
+    """``n`` samples of ``split``; cheap (no drawing) and deterministic in (split, n, seed, style, drawing)."""
+    return [make_sample(split, i, seed, style, drawing) for i in range(n)]
 
 
 def fingerprint(samples: list[ShapesSample]) -> str:
@@ -559,24 +573,27 @@ def fingerprint(samples: list[ShapesSample]) -> str:
 
 def to_record(sample: ShapesSample, image_dir: str = "images") -> dict:
     return {"system": sample.conversation.system,
-            "rounds": [{"images": [f"{image_dir}/{im.scene.id}.png" for im in r.images],
+            "rounds": [{"images": [f"{image_dir}/{im.file_name}" for im in r.images],
                         "question": r.question, "answer": r.answer, "type": t}
                        for r, t in zip(sample.conversation.rounds, sample.round_types)]}
 
 
 def save_jsonl(samples: list[ShapesSample], out_dir: str, name: str = "conversations.jsonl",
                size: int = 224) -> str:
-    """Write each distinct scene once as ``out_dir/images/<id>.png`` and one conversation a line to
-    ``out_dir/<name>`` (image paths relative to ``out_dir``). Returns the jsonl path."""
+    """Write each distinct image once as ``out_dir/images/<file name>`` (``<scene id>.png`` for a plain
+    drawing, drawn at ``size``; ``<scene id>-<drawing id>-<px>.png`` for a varied one, at its own
+    size) and one conversation a line to ``out_dir/<name>`` (image paths relative to ``out_dir``).
+    Returns the jsonl path."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     done: set[str] = set()
     path = os.path.join(out_dir, name)
     with open(path, "w") as f:
         for s in samples:
-            for scene in s.scenes:
-                if scene.id not in done:
-                    draw(scene, size).save(os.path.join(out_dir, "images", f"{scene.id}.png"))
-                    done.add(scene.id)
+            for im in s.conversation.images:
+                if im.file_name not in done:
+                    draw(im.scene, size if im.drawing is None else im.size, im.drawing).save(
+                        os.path.join(out_dir, "images", im.file_name))
+                    done.add(im.file_name)
             f.write(json.dumps(to_record(s)) + "\n")
     return path
 
@@ -640,6 +657,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--style", choices=STYLES, default="mixed", help="dense: 1-3 images, 5-8 rounds")
+    p.add_argument("--drawing", choices=DRAWINGS, default="plain",
+                   help="varied: each image drawn with its own seeded offsets, radii, background, noise, size")
     p.add_argument("--out", help="output folder")
     p.add_argument("--examples", help="instead, save example images (shapes_1.png ...) to this folder")
     args = p.parse_args()
@@ -647,7 +666,7 @@ def main() -> None:
         for names, qas in save_examples(args.examples):
             print(names, qas)
     elif args.out:
-        print(save_jsonl(generate(args.split, args.n, args.seed, args.style), args.out))
+        print(save_jsonl(generate(args.split, args.n, args.seed, args.style, args.drawing), args.out))
     else:
         p.error("give --out or --examples")
 
