@@ -190,3 +190,22 @@ def test_save_jsonl_writes_varied_images_under_their_own_names(tmp_path):
         for f, im in zip(fs, _images(s)):
             got = np.asarray(Image.open(tmp_path / f).convert("RGB"))
             assert got.shape == (im.size, im.size, 3) and np.array_equal(got, np.asarray(im.load()))
+
+
+# -- training data --------------------------------------------------------------------------------
+
+def test_shapes_varied_is_a_generated_data_set():
+    from train.data import load_dataset
+    from train.samples import DataStats, load_splits
+
+    st = {}
+    convs = load_dataset("shapes_varied", None, split="validation", n=5, seed=3, stats=st)
+    assert st["loaded"] == 5
+    ref = S.generate("validation", 5, 3)
+    assert [[r.question for r in c.rounds] for c in convs] == [[r.question for r in s.conversation.rounds] for s in ref]
+    assert all(im.drawing is not None and im.scene in s.scenes for c, s in zip(convs, ref) for im in c.images)
+    # needs no --data_path, and brings its own validation split, like shapes
+    train, val = load_splits(["shapes", "shapes_varied"], None, {"shapes": 6, "shapes_varied": 6}, 0.5, 0, 8, DataStats())
+    assert len(train["shapes_varied"]) == 6 and len(val["shapes_varied"]) == 3
+    assert all(im.drawing is None for c in train["shapes"] for im in c.images)
+    assert all(im.drawing is not None for c in train["shapes_varied"] + val["shapes_varied"] for im in c.images)

@@ -22,7 +22,7 @@ from .features import is_lazy, open_ref
 log = logging.getLogger("train.samples")
 
 #: Data sets that need no ``--data_path`` (generated).
-GENERATED = ("shapes", "shapes_dense")
+GENERATED = ("shapes", "shapes_dense", "shapes_varied")
 #: Conversations drawn from a generated set when ``--dataset_samples all``.
 SHAPES_DEFAULT_N = 2000
 

@@ -24,7 +24,11 @@ The original code's other sets (see :mod:`train.data.vqa` for their files): ``mi
 
 ``jsonl`` reads our own format (see :mod:`train.data.jsonl`); ``shapes`` is the synthetic set of
 :mod:`train.data.shapes` (``data_path`` unused; options ``split``, ``n``, ``seed``, ``style``);
-``shapes_dense`` is the same world with 5-8 rounds about 1-3 images per conversation.
+``shapes_dense`` is the same world with 5-8 rounds about 1-3 images per conversation;
+``shapes_varied`` is ``shapes`` with every image drawn its own way (``drawing="varied"``: objects
+moved inside their cells, other radii, backgrounds, noise, outlines and canvas sizes). With the same
+seed its conversations are those of ``shapes``, so mixing both shows each conversation in both
+drawings (options as ``shapes``; ``style="dense"`` also works).
 
 Common options: ``max_images`` (default 8; trailing rounds are dropped to stay within it) and
 ``stats`` (a dict the loader fills with its counts of loaded and skipped samples).
@@ -46,9 +50,9 @@ from .vqa import load_aokvqa, load_coco_caption, load_minigpt4, load_ocr_vqa, lo
 
 
 def load_shapes(data_path: str | None = None, *, split: str = "train", n: int = 1000, seed: int = 0,
-                style: str = "mixed", max_images: int | None = DEFAULT_MAX_IMAGES,
+                style: str = "mixed", drawing: str = "plain", max_images: int | None = DEFAULT_MAX_IMAGES,
                 stats: dict | None = None) -> list[Conversation]:
-    """The synthetic shapes set (``train.data.shapes.generate(split, n, seed, style)``), imported on use."""
+    """The synthetic shapes set (``train.data.shapes.generate(split, n, seed, style, drawing)``), imported on use."""
     try:
         from . import shapes  # noqa: PLC0415 - written separately; imported only when asked for
     except ModuleNotFoundError as e:
@@ -56,9 +60,9 @@ def load_shapes(data_path: str | None = None, *, split: str = "train", n: int = 
             raise
         raise ImportError("data set 'shapes' needs train/data/shapes.py (generate(split, n, seed)), "
                           "which is not there yet") from None
-    st = LoadStats("shapes" if style == "mixed" else f"shapes_{style}")
+    st = LoadStats("shapes" + ("" if style == "mixed" else f"_{style}") + ("" if drawing == "plain" else f"_{drawing}"))
     out = []
-    for s in shapes.generate(split, n, seed, style):
+    for s in shapes.generate(split, n, seed, style, drawing):
         conv = limit_images(s.conversation, max_images)
         if conv is None:
             st.skip("too_many_images")
@@ -70,6 +74,11 @@ def load_shapes(data_path: str | None = None, *, split: str = "train", n: int = 
 def load_shapes_dense(data_path: str | None = None, **opts) -> list[Conversation]:
     """``shapes`` in its dense style: 5-8 rounds about 1-3 images (more answers per training token)."""
     return load_shapes(data_path, style="dense", **opts)
+
+
+def load_shapes_varied(data_path: str | None = None, **opts) -> list[Conversation]:
+    """``shapes`` with each image drawn its own seeded way (``drawing="varied"``); same conversations."""
+    return load_shapes(data_path, drawing="varied", **opts)
 
 
 DATASETS: dict[str, Callable[..., list[Conversation]]] = {
@@ -90,6 +99,7 @@ DATASETS: dict[str, Callable[..., list[Conversation]]] = {
     "jsonl": load_jsonl,
     "shapes": load_shapes,
     "shapes_dense": load_shapes_dense,
+    "shapes_varied": load_shapes_varied,
 }
 
 
