@@ -213,9 +213,8 @@ def test_lora_smoke_trains_and_export_holds_only_adapters(tmp_path):
     assert not any(k.startswith("lora.") and "lora_" not in k for k in t)  # no base weights stored
     from visualchat import VisualChat
 
-    vc = VisualChat.from_pretrained(str(tmp_path / "final"), device="cpu")  # applies the adapters
-    names = {n for n, _ in vc.model.named_parameters() if "lora_" in n}
-    assert names == {k[len("lora."):] for k in lora}
+    vc = VisualChat.from_pretrained(str(tmp_path / "final"), device="cpu")  # folds the adapters into the base
+    assert not [n for n, _ in vc.model.named_parameters() if "lora_" in n]  # (tests/test_lora_merge.py: same logits)
     s = summary(tmp_path)
     assert s["val_loss_last"] < s["val_loss_first"]
 

@@ -52,3 +52,19 @@ def load_lora(vcm, lora_config: dict[str, Any] | None, tensors: dict[str, torch.
     return len(params)
 
 
+@torch.no_grad()
+def merge_lora(module: nn.Module) -> int:
+    """Fold every LoRA adapter under ``module`` into its base layer's weight and put the plain base
+    layer (``nn.Linear``, a conv) back in its place, so the model serves with its own classes and
+    every inference path that rewrites plain linear layers (low-precision weights, fused projections,
+    the lean decode step) applies to it. For inference only: the trainer keeps the adapters apart.
+    Returns how many layers were merged."""
+    wrapped = [(n, m) for n, m in module.named_modules() if hasattr(m, "base_layer") and hasattr(m, "merge")]
+    for name, m in wrapped:
+        m.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, m.get_base_layer())
+    return len(wrapped)
+
+

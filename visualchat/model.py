@@ -245,9 +245,10 @@ class VisualChat:
                 if share_with is not None:
                     raise ValueError(f"{path} holds LoRA adapters, which change the LM itself: it cannot share "
                                      "another model's LM; load it on its own")
-                from .lora import load_lora
+                from .lora import load_lora, merge_lora
 
                 load_lora(model, config.lora, rest)
+                merge_lora(model)  # served as plain layers: low-precision weights and the lean decode apply
         else:
             config = config_for(model, lm or "default")
         vc = cls(model, tok, config, path=path, untrained=path is None)
