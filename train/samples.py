@@ -447,8 +447,9 @@ def build_samples(names: list[str], data_path: str | None, *, template: Template
         stats.add(f"{name}/packed_samples", len(convs))
     if conversations_out is not None:
         conversations_out.update(train)
-    tr = render_samples(train, template, max_seq_len, stats)
-    va = render_samples(val, template, max_seq_len, stats)
+    from .token_cache import render_cached  # tokenized once per node, cached (train/token_cache.py)
+
+    tr, va = render_cached([train, val], template, max_seq_len, stats, render_samples)
     stats.add("train_samples", len(tr))
     stats.add("val_samples", len(va))
     if not tr:
