@@ -49,7 +49,7 @@ def _logits(vc, steps=(5, 9, 13)):
     """Logits after a prefill with two images, a few decode steps, a crop of the cache by 2 tokens (as
     undo and regenerate do) and two more steps."""
     s = vc.new_session()
-    s._append_round("What is in Image 1?", [color_image((255, 0, 0)), color_image((0, 0, 255))], None)
+    s.commit(s.prepare_round("What is in Image 1?", [color_image((255, 0, 0)), color_image((0, 0, 255))]))
     out = [s._prefill(s._render())]
     for t in steps:
         out.append(s._step(t))
@@ -71,6 +71,37 @@ def test_lowp_logits_close_to_fp32_on_tiny_model(tiny_tokenizer, tiny_clip_dir, 
     err = (got - ref).abs().max().item()
     scale = ref.abs().max().item()
     assert 0 < err <= rtol * scale, (err, scale)
+
+
+def test_fused_parts_share_one_gemm_and_match_separate_layers():
+    """q/k/v (and gate/up) become one stacked fp16 matrix: the three calls on one input run one GEMM,
+    each part gives its own layer's output, and an input changed in place (or a new one) is recomputed."""
+    if lowp.fp16_unsupported_reason() is not None:
+        pytest.skip(f"fp16 not supported here: {lowp.fp16_unsupported_reason()}")
+    torch.manual_seed(0)
+    attn = nn.Module()
+    for name, out in (("q_proj", 16), ("k_proj", 8), ("v_proj", 8), ("o_proj", 16)):
+        setattr(attn, name, nn.Linear(16, out, bias=name == "k_proj"))
+    attn.requires_grad_(False)
+    ref = {n: lowp._Fp16(getattr(attn, n).weight, getattr(attn, n).bias) for n in ("q_proj", "k_proj", "v_proj")}
+    assert lowp.convert_lm(attn, "fp16") == 4
+    group = lowp.fused_group(attn.q_proj, attn.k_proj, attn.v_proj)
+    assert group is not None and group.sizes == [16, 8, 8] and lowp.fused_group(attn.k_proj, attn.q_proj) is None
+    assert type(attn.o_proj) is lowp._Fp16  # no sibling reads its input: converted alone
+    calls = []
+    inner = group.linear
+    group.linear = lambda x: calls.append(1) or inner(x)
+    x = torch.randn(2, 3, 16)
+    for n in ("q_proj", "k_proj", "v_proj"):
+        torch.testing.assert_close(getattr(attn, n)(x), ref[n](x), rtol=1e-6, atol=1e-6)
+    assert len(calls) == 1 and group._last is None  # one GEMM; the memo dropped once all parts had it
+    attn.q_proj(x)
+    x.mul_(2)  # changed in place: the memo must not answer for it
+    torch.testing.assert_close(attn.k_proj(x), ref["k_proj"](x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(attn.v_proj(x.clone()), ref["v_proj"](x), rtol=1e-6, atol=1e-6)
+    assert len(calls) == 4
+    torch.testing.assert_close(group(x), torch.cat([ref[n](x) for n in ("q_proj", "k_proj", "v_proj")], -1),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_lean_decode_step_matches_transformers(tiny_tokenizer, tiny_clip_dir, monkeypatch):

@@ -84,10 +84,16 @@ def unsupported_reason(model) -> str | None:
 
 
 class LeanDecoder:
-    """``step(token, cache, key_is_image)`` -> float32 logits ``[V]`` for one new text token."""
+    """``step(token, cache, key_is_image)`` -> float32 logits ``[V]`` for one new text token.
+
+    Per layer: one RMSNorm, one GEMM for q/k/v (a :class:`visualchat.lowp.Fused` matrix where the LM
+    was converted; else the three layers and a ``cat``), the rotary embedding of q and k as one small
+    matmul with a 64 x 64 rotation built once per step, the KV append, MMCA's two masked softmaxes over
+    one score matrix (masks built once per step), ``o_proj``, one RMSNorm, one GEMM for gate/up, SiLU,
+    ``down_proj``: about 20 tensor operations where transformers' layer takes about 60."""
 
     def __init__(self, model):
-        from .lowp import lm_format
+        from .lowp import fused_group, lm_format
 
         self.model = model
         lm = model.lm
@@ -101,37 +107,58 @@ class LeanDecoder:
         self.hidden = cfg.hidden_size
         self.eps = cfg.rms_norm_eps
         self.layers = []
-        for i, layer in enumerate(self.dec.layers):
+        for layer in self.dec.layers:
             at, mlp = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm.weight, at.q_proj, at.k_proj, at.v_proj, at.o_proj,
+            qkv = fused_group(at.q_proj, at.k_proj, at.v_proj) or (at.q_proj, at.k_proj, at.v_proj)
+            gate_up = fused_group(mlp.gate_proj, mlp.up_proj) or (mlp.gate_proj, mlp.up_proj)
+            self.layers.append((layer.input_layernorm.weight, qkv, at.o_proj,
                                 getattr(at, "scaling", self.head_dim ** -0.5),
-                                layer.post_attention_layernorm.weight, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+                                layer.post_attention_layernorm.weight, gate_up, mlp.down_proj))
+        # the rotary embedding as out = x @ R: R[j, j] = cos_j, and rotate_half's terms off the diagonal
+        d, half = self.head_dim, self.head_dim // 2
+        j = torch.arange(d)
+        self._rot_src = torch.cat([j[half:], j[:half]])  # out_j takes x[src_j] * (-sin_j or +sin_j)
+        self._rot_sign = torch.cat([-torch.ones(half), torch.ones(half)])
+        self._diag = j
+
+    def _rotation(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """``[D, D]``: ``v @ R`` is the rotary embedding of a ``[.., D]`` vector at position ``pos``."""
+        cos, sin = self.dec.rotary_emb(x, torch.tensor([[pos]], device=x.device))  # [1, 1, D] each
+        cos, sin = cos.view(-1).to(x.dtype), sin.view(-1).to(x.dtype)
+        dev = x.device
+        r = torch.zeros(self.head_dim, self.head_dim, dtype=x.dtype, device=dev)
+        r[self._diag.to(dev), self._diag.to(dev)] = cos
+        r[self._rot_src.to(dev), self._diag.to(dev)] = sin * self._rot_sign.to(dev, x.dtype)
+        return r
 
     @torch.no_grad()
     def step(self, token: int, cache, key_is_image: torch.Tensor) -> torch.Tensor:
         m = self.model
         dev = m.embed_tokens.weight.device
-        ids = torch.tensor([[token]], device=dev)
-        x = m.embed_tokens(ids)  # [1, 1, H]: a text token's row of the trainable embedding copy
-        pos = torch.tensor([[cache.get_seq_length()]], device=dev)
-        cos, sin = self.dec.rotary_emb(x, pos)  # [1, 1, D]
-        half = self.head_dim // 2
-        cos = cos[:, None]  # [1, 1, 1, D]
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, None]  # rotate_half's sign folded in
+        x = m.embed_tokens(torch.tensor([[token]], device=dev))  # [1, 1, H]: a text token's row of the embedding copy
+        rot = self._rotation(x, cache.get_seq_length())
         mode = m.attention_mode
+        plan = attention._decode_masks(key_is_image) if mode == "mmca" else "causal"
         nh, nkv, d, hsz = self.n_heads, self.n_kv, self.head_dim, (self.hidden,)
-        for i, (w1, q_proj, k_proj, v_proj, o_proj, scaling, w2, gate, up, down) in enumerate(self.layers):
+        g, nq = nh // nkv, nh * d
+        for i, (w1, qkv_proj, o_proj, scaling, w2, gate_up, down) in enumerate(self.layers):
             h = F.rms_norm(x, hsz, w1, self.eps)
-            q = q_proj(h).view(1, nh, 1, d)  # one token: [1, 1, nh*d] is [1, nh, 1, d] already
-            k = k_proj(h).view(1, nkv, 1, d)
-            v = v_proj(h).view(1, nkv, 1, d)
-            q = q * cos + q.roll(half, -1) * sin
-            k = k * cos + k.roll(half, -1) * sin
-            k, v = append_kv(cache, i, k, v)
-            a = attention.mmca_attention(q, k, v, key_is_image, None, scaling, mode)  # [1, nh, 1, d]
-            x = x + o_proj(a.view(1, 1, nh * d))
+            qkv = qkv_proj(h) if not isinstance(qkv_proj, tuple) else torch.cat([f(h) for f in qkv_proj], -1)
+            qk = torch.matmul(qkv[0, :, :nq + nkv * d].view(nh + nkv, d), rot)  # q and k rotated: [nh + nkv, D]
+            k = qk[nh:].view(1, nkv, 1, d)
+            v = qkv[0, :, nq + nkv * d:].view(1, nkv, 1, d)
+            k, v = append_kv(cache, i, k, v)  # [1, nkv, L, D]
+            if plan is None or isinstance(plan, str):  # text keys only, causal mode, or not the branch's case
+                a = attention.mmca_attention(qk[:nh].view(1, nh, 1, d), k, v, key_is_image, None, scaling, mode)
+            else:  # MMCA: the text-key and image-key softmaxes over one score matrix, added
+                scores = torch.matmul(qk[:nh].view(nkv, g, d), k[0].transpose(-1, -2))  # [nkv, g, L]
+                probs = torch.softmax(torch.add(plan[:, 0], scores, alpha=scaling), dim=-1)  # [2, nkv, g, L]
+                a = torch.matmul(probs.sum(0), v[0])  # [nkv, g, D]
+            x = x + o_proj(a.view(1, 1, nq))
             h = F.rms_norm(x, hsz, w2, self.eps)
-            x = x + down(F.silu(gate(h)) * up(h))
+            gu = gate_up(h) if not isinstance(gate_up, tuple) else torch.cat([f(h) for f in gate_up], -1)
+            n_int = gu.shape[-1] // 2
+            x = x + down(F.silu(gu[..., :n_int]) * gu[..., n_int:])
         x = F.rms_norm(x, hsz, self.dec.norm.weight, self.eps)
         return self.head(x)[0, -1].float()
 

@@ -159,12 +159,72 @@ class _Fp16(LowpLinear):
 
 _CLASSES = {"bf16": _Bf16, "fp16": _Fp16}
 
+#: Sibling linear layers that read the same input and are converted into one matrix (one GEMM call
+#: instead of three or two: each call has a fixed cost that dominates a decode step's small GEMMs).
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class Fused:
+    """Several linear layers that read the same input, stored as one converted matrix (their rows
+    stacked). ``fused(x)`` gives all their outputs side by side (what the lean decode step uses);
+    each layer's :class:`_Part` gives its own slice. A plain object, not a module: its bytes are
+    counted once, through its parts."""
+
+    def __init__(self, fmt: str, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
+        self.fmt = fmt
+        self.sizes = [w.shape[0] for w in weights]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        self.linear = _CLASSES[fmt](torch.cat([w.detach() for w in weights]), bias)
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        # (input, its version, output, parts handed out): the last input's fused output, so that the
+        # parts called one after the other on the same tensor (transformers' q_proj(h), k_proj(h),
+        # v_proj(h)) share one GEMM. Dropped once every part has had it (prefill outputs are large).
+        self._last = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        last = self._last  # one read: a tuple replaced whole, never changed in place
+        if last is not None and last[0] is x and last[1] == x._version:
+            out, taken = last[2], last[3] | {i}
+        else:
+            out, taken = self.linear(x), frozenset((i,))
+        self._last = None if len(taken) == len(self.sizes) else (x, x._version, out, taken)
+        return out[..., self.offsets[i]:self.offsets[i] + self.sizes[i]]
+
+
+class _Part(LowpLinear):
+    """One layer of a :class:`Fused` group (its rows of the stacked matrix)."""
+
+    def __init__(self, group: Fused, i: int, in_features: int):
+        super().__init__(in_features, group.sizes[i])
+        self.fmt = group.fmt
+        self.index = i
+        self.group = group  # a plain object (not a submodule), shared by the group's parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.part(self.index, x)
+
+
+def fused_group(*modules) -> Fused | None:
+    """The :class:`Fused` group that ``modules`` are, in this order, all its parts; else None."""
+    group = getattr(modules[0], "group", None)
+    if not isinstance(group, Fused) or len(modules) != len(group.sizes):
+        return None
+    if any(not isinstance(m, _Part) or m.group is not group or m.index != i for i, m in enumerate(modules)):
+        return None
+    return group
+
 
 def convert_lm(lm: nn.Module, fmt: str) -> int:
     """Replace every ``nn.Linear`` of the frozen LM (attention and MLP projections and the output head)
     by a :class:`LowpLinear` in ``fmt`` (a format :func:`resolve` returned). Returns how many were
     replaced. The LM's input embedding is not a linear layer and stays as it is (also when the output
-    head was tied to it). ``fp32`` changes nothing."""
+    head was tied to it). Siblings of :data:`GROUPS` (q/k/v, gate/up) become the parts of one
+    :class:`Fused` matrix. ``fp32`` changes nothing."""
     fmt = normalize(fmt)
     if fmt == "fp32":
         return 0
@@ -176,6 +236,18 @@ def convert_lm(lm: nn.Module, fmt: str) -> int:
     for name, m in targets:
         if m.weight.device.type != "cpu":
             raise ValueError(f"{name} is on {m.weight.device}; the {fmt} weight format is CPU-only")
+    done = set()
+    for parent in list(lm.modules()):  # sibling layers with one input: one stacked matrix
+        for names in GROUPS:
+            ms = [getattr(parent, n, None) for n in names]
+            if all(type(m) is nn.Linear for m in ms) and len({m.in_features for m in ms}) == 1:
+                group = Fused(fmt, [m.weight for m in ms], [m.bias for m in ms])
+                for i, (n, m) in enumerate(zip(names, ms)):
+                    done.add(id(m))
+                    setattr(parent, n, _Part(group, i, m.in_features))
+    for name, m in targets:
+        if id(m) in done:
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm
         setattr(parent, child, _CLASSES[fmt](m.weight, m.bias))
