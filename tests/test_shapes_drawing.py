@@ -209,3 +209,60 @@ def test_shapes_varied_is_a_generated_data_set():
     assert len(train["shapes_varied"]) == 6 and len(val["shapes_varied"]) == 3
     assert all(im.drawing is None for c in train["shapes"] for im in c.images)
     assert all(im.drawing is not None for c in train["shapes_varied"] + val["shapes_varied"] for im in c.images)
+
+
+# -- evaluation on scenes drawn differently --------------------------------------------------------
+
+class _RecordingVC:
+    """Answers every question right and records the images it was shown."""
+
+    path = None
+
+    def __init__(self, samples):
+        self.script = [(r.question, r.answer) for s in samples for r in s.conversation.rounds]
+        self.images = []
+
+    def new_session(self, system=None):
+        vc = self
+
+        class Session:
+            def ask(self, q, images, max_new_tokens):
+                vc.images += list(images)
+                question, answer = vc.script.pop(0)
+                assert question == q
+                return answer
+
+        return Session()
+
+
+def test_eval_scores_the_same_questions_drawn_varied():
+    from train.eval import score_shapes
+
+    samples = S.generate("test", 4)
+    runs = {}
+    for drawing in ("plain", "varied"):
+        vc = _RecordingVC(samples)
+        res = score_shapes(vc, n=4, progress=False, drawing=drawing)
+        assert res["drawing"] == drawing and res["accuracy"]["all"]["accuracy"] == 1.0
+        runs[drawing] = (res, vc.images)
+    (plain, p_ims), (varied, v_ims) = runs["plain"], runs["varied"]
+    assert plain["accuracy"]["all"]["n"] == varied["accuracy"]["all"]["n"]
+    assert [e["question"] for e in plain["examples"]] == [e["question"] for e in varied["examples"]]
+    assert len(p_ims) == len(v_ims) and all(im.size == (224, 224) for im in p_ims)
+    assert all(a.size != b.size or not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(p_ims, v_ims))
+
+
+def test_eval_cli_drawing_varied_on_a_tiny_model(tiny_vc, tmp_path, monkeypatch):
+    import json
+
+    from train import eval as E
+    from visualchat.model import VisualChat
+
+    monkeypatch.setattr(VisualChat, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_vc))
+    out = tmp_path / "varied.json"
+    assert E.main(["--n", "2", "--drawing", "varied", "--max_new_tokens", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["drawing"] == "varied" and res["n_conversations"] == 2
+    assert res["accuracy"]["all"]["n"] == sum(len(s.conversation.rounds) for s in S.generate("test", 2))
+    with pytest.raises(SystemExit):
+        E.main(["--n", "2", "--drawing", "fancy"])

@@ -2,12 +2,16 @@
 conversation files in the reference format written to CSV.
 
     python -m train.eval --checkpoint assets/checkpoints/shapes-mmca --n 200 --out eval.json
+    python -m train.eval --checkpoint assets/checkpoints/shapes-mmca --n 150 --drawing varied
     python -m train.eval --checkpoint CKPT --conversations eval_single.json --image_root DIR --out answers.csv
 
 Shapes scoring runs every conversation as a real chat (greedy, the model's own earlier answers stay in
 the history) and compares each answer with the canonical one after normalising case, surrounding
 space and a final full stop. It reports accuracy per fine type (``single/count`` ...), per category
-(``single``, ``cross``, ``refer_back``) and overall, prints a table and writes JSON.
+(``single``, ``cross``, ``refer_back``) and overall, prints a table and writes JSON. ``--drawing
+varied`` scores the same questions about the same scenes drawn another way (each image with its own
+seeded offsets, radii, background, noise, outline and canvas size: ``train.data.shapes.Drawing``), a
+test of scenes drawn differently from the training generator's plain drawing.
 
 Reference format: a JSON object whose keys name conversations, each a list of rounds ``[question]`` or
 ``[question, image_paths]``, where ``image_paths`` is one path or several separated by spaces (as the
@@ -55,14 +59,16 @@ def object_f1(answer: str, expected: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, progress: bool = True) -> dict:
-    """Exact-match accuracy of ``vc`` on the first ``n`` conversations of the shapes test split."""
+def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, progress: bool = True,
+                 drawing: str = "plain") -> dict:
+    """Exact-match accuracy of ``vc`` on the first ``n`` conversations of the shapes test split, drawn
+    ``drawing`` ("plain" or "varied": the same questions and scenes either way)."""
     from train.data.shapes import SHAPES_VERSION, category, generate
 
     hits: dict[str, list[int]] = defaultdict(list)
     f1s: dict[str, list[float]] = defaultdict(list)
     examples, answers = [], []
-    for sample in tqdm(generate("test", n, seed), desc="eval", disable=not progress):
+    for sample in tqdm(generate("test", n, seed, drawing=drawing), desc="eval", disable=not progress):
         conv = sample.materialize()
         session = vc.new_session(system=conv.system)
         for rnd, tag in zip(conv.rounds, sample.round_types):
@@ -78,7 +84,7 @@ def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, prog
     acc = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items())}
     for k, v in f1s.items():
         acc[k]["object_f1"] = sum(v) / len(v)
-    return {"shapes_version": SHAPES_VERSION, "n_conversations": n, "seed": seed,
+    return {"shapes_version": SHAPES_VERSION, "n_conversations": n, "seed": seed, "drawing": drawing,
             "checkpoint": getattr(vc, "path", None), "lm_weights": getattr(vc, "lm_weights", "fp32"),
             "accuracy": acc, "examples": examples, "answers": answers}
 
@@ -161,6 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--n", type=int, default=200, help="shapes test conversations to score")
     p.add_argument("--seed", type=int, default=0, help="shapes test split seed (0 = the versioned test set)")
+    p.add_argument("--drawing", choices=("plain", "varied"), default="plain",
+                   help="shapes: draw the test scenes as the generator does (plain) or each its own way "
+                        "(varied: other positions in the cells, sizes, backgrounds, noise, image sizes)")
     p.add_argument("--conversations", default=None, help="reference-format JSON file (instead of shapes)")
     p.add_argument("--image_root", default=".", help="folder that reference image paths resolve against")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default 32 for shapes, 128 otherwise")
@@ -184,7 +193,7 @@ def main(argv=None) -> int:
         counts = run_conversations(vc, convs, args.image_root, out, args.max_new_tokens or 128)
         print(f"{counts['conversations']} conversations answered, {counts['failed']} failed -> {out}")
         return 0
-    result = score_shapes(vc, args.n, args.seed, args.max_new_tokens or 32)
+    result = score_shapes(vc, args.n, args.seed, args.max_new_tokens or 32, drawing=args.drawing)
     result["seconds"] = round(time.time() - t0, 1)
     print_table(result)
     if args.match:
