@@ -11,6 +11,18 @@ across the middle row; such scenes keep their objects in the top and bottom rows
 is a frozen, hashable dataclass; ``draw(scene, size=224)`` renders it deterministically (drawn at
 2x, then downsampled, with Pillow's scalable default font).
 
+Drawings
+--------
+The plain drawing (``draw(scene)``, ``drawing=None``; every split's default and the versioned test
+set's) puts each object at the centre of its cell with one of two fixed radii on a flat background,
+224 px. A :class:`Drawing` varies that without changing what the scene graph says:
+``random_drawing(rng)`` moves each object inside its cell (never out of it, ``MARGIN`` from its
+border), scales the radii (``SMALL_SCALE``, ``LARGE_SCALE``: any small object stays smaller than
+any large one), shades and tints the background (+-``MAX_SHADE``, +-``MAX_TINT`` per channel),
+half the time adds light Gaussian noise (std <= ``MAX_NOISE``) and half the time an outline in the
+word's ink colour, sizes the word (``WORD_SCALE``) and picks the canvas size (``CANVAS``, 160-384 px;
+the encoder resizes). ``draw(scene, size, drawing)``; ``Drawing()`` draws exactly as the plain drawing.
+
 Conversations
 -------------
 ``generate(split, n, seed)`` returns ``n`` :class:`ShapesSample` objects. Each holds a
@@ -21,6 +33,10 @@ are :class:`LazyImage` objects: they keep the scene and render only on ``.load()
 50k conversations costs no drawing. ``sample.materialize()`` gives the conversation with PIL images.
 ``generate(..., style="dense")`` draws 5-8 rounds about 1-3 images instead (most questions then
 refer back): about 2.5 times as many answers per training token, from its own random streams.
+``generate(..., drawing="varied")`` asks the same questions about the same scenes (the fingerprint
+is the plain one's) and draws each image with its own :class:`Drawing`, from a random stream of its
+own keyed by ``(SHAPES_VERSION, style, split, seed, index)``; ``LazyImage.drawing`` keeps it
+(``None``: plain), and the feature cache's image key includes its id.
 
 Question types (answers are short and canonical, so they can be scored by exact match):
 
@@ -49,10 +65,11 @@ state is never touched), so ``generate(s, 10)`` is a prefix of ``generate(s, 100
 is ``generate("test", n, seed=0)``; any change to the generator that changes its output must bump
 ``SHAPES_VERSION`` (tests pin a fingerprint of the test split per version).
 
-Files: ``save_jsonl(samples, out_dir)`` writes ``out_dir/images/<scene id>.png`` and
+Files: ``save_jsonl(samples, out_dir)`` writes ``out_dir/images/<scene id>.png`` (a varied image:
+``<scene id>-<drawing id>-<px>.png``) and
 ``out_dir/conversations.jsonl``, one conversation a line:
 ``{"system": ..., "rounds": [{"images": ["images/....png"], "question": ..., "answer": ..., "type": ...}]}``.
-CLI: ``python -m train.data.shapes --split test --n 500 --out data/shapes_test``.
+CLI: ``python -m train.data.shapes --split test --n 500 --out data/shapes_test [--drawing varied]``.
 """
 from __future__ import annotations
 
