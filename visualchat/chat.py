@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from .images import ImageError, open_image
     from .model import VisualChat
-    from .session import ContextWindowError, TooManyImagesError
+    from .session import INPUT_ERRORS, TooManyImagesError
 
     print("loading the model ...", file=sys.stderr)
     vc = VisualChat.from_pretrained(args.checkpoint, lm=args.lm, vision=args.vision, device=args.device)
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     if args.ask is not None:
         try:
             answer(session.stream(args.ask, pending, **gen))
-        except (ImageError, TooManyImagesError, ContextWindowError, ValueError) as e:
+        except INPUT_ERRORS as e:  # checked by Session.prepare_round before anything changed
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                 stream = session.stream(line, pending, **gen)  # raises on bad input, before printing
                 pending = []
                 answer(stream, "vc> ")
-        except (ImageError, TooManyImagesError, ContextWindowError, ValueError) as e:
+        except INPUT_ERRORS as e:
             print(f"  error: {e} (the conversation is unchanged)")
             if isinstance(e, (ImageError, TooManyImagesError)) and pending:
                 pending.clear()  # a refused attachment is dropped, so the next question works

@@ -28,10 +28,7 @@ import torch
 
 from .assets import DEFAULT_CA_CHECKPOINT, DEFAULT_CHECKPOINT, shipped_checkpoint
 from .config import VisualChatConfig
-from .generation import GenerationConfig
-from .images import open_image
-from .session import check_context, check_image_count, check_question
-from .template import Conversation, Round
+from .session import Session
 from .tensor_parallel import Lockstep, dist_env, init_distributed, wrap_deepspeed
 
 log = logging.getLogger("visualchat.serving")
@@ -261,12 +258,9 @@ _REGISTRY: dict[str, Any] = {}  # model key -> VisualChat, read by stream_conver
 
 def stream_conversation(key: str, history: list[dict], question: str, images: Sequence, gen: dict) -> Iterator[str]:
     """Answer ``question`` (with ``images``) after ``history`` (dicts with question, images, answer) on
-    the registered model ``key``: a fresh session, nothing kept. Only plain data in and text out, so
-    ``spaces.GPU`` can run it in its forked worker."""
-    vc = _REGISTRY[key]
-    session = vc.new_session()
-    for r in history:
-        session.add_round(r["question"], r.get("images") or (), r.get("answer") or "")
+    the registered model ``key``: a session built from the history, nothing kept. Only plain data in and
+    text out, so ``spaces.GPU`` can run it in its forked worker."""
+    session = Session.from_history(_REGISTRY[key], history)
     yield from session.stream(question, images, **gen)
 
 
@@ -452,19 +446,16 @@ class Server:
 
     # -- stateless generation ------------------------------------------------------------------
     def stream(self, name: str, history: list[dict], question: str, images: Sequence, gen: dict) -> Iterator[str]:
-        """Validate in this process (clear errors, no GPU time spent on bad input), then stream the
-        answer from a fresh session (on ZeroGPU in its worker)."""
-        vc = self.models[name]
-        conv = Conversation(system=vc.config.system)
-        for r in history:
-            conv.rounds.append(Round(check_question(r.get("question")), [open_image(im) for im in r.get("images") or ()],
-                                     (r.get("answer") or "").strip()))
-        q = check_question(question)
-        GenerationConfig(**gen)
-        conv.rounds.append(Round(q, [open_image(im) for im in images]))
-        check_fits(vc, conv)
-        hist = [{"question": r.question, "images": r.images, "answer": r.answer} for r in conv.rounds[:-1]]
-        return self._remote(self.key(name), hist, q, conv.rounds[-1].images, dict(gen))
+        """Answer the last round of a whole conversation, nothing kept (the ``/generate`` API): a session
+        is built from ``history`` and the round prepared (:meth:`Session.prepare_round`) in this process,
+        so bad input raises here before any model (or GPU) time is spent; then the answer streams from
+        that session, or on ZeroGPU from the same conversation replayed in the GPU worker."""
+        session = Session.from_history(self.models[name], history)
+        prepared = session.prepare_round(question, images, **gen)
+        if not self.stateless:
+            return session.generate(prepared)
+        hist = [{"question": r.question, "images": r.images, "answer": r.answer} for r in session.conversation.rounds]
+        return self._remote(self.key(name), hist, prepared.round.question, prepared.round.images, dict(gen))
 
 
 def _missing_note(missing: Sequence[str]) -> str:
@@ -481,11 +472,6 @@ def _same_base(cfg: VisualChatConfig, chat_cfg: VisualChatConfig, opts: ServeOpt
     v_a, v_b = opts.vision or cfg.vision, opts.vision or chat_cfg.vision
     return lm_a == lm_b and norm.get(v_a, v_a) == norm.get(v_b, v_b)
 
-
-def check_fits(vc, conv: Conversation) -> None:
-    """Raise TooManyImagesError / ContextWindowError as a session would, without running the model."""
-    check_image_count(len(conv.images), vc.config.max_images)
-    check_context(vc.template.render(conv), vc.context_window)
 
 
 # ---------------------------------------------------------------------------------------------------

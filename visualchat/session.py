@@ -1,15 +1,25 @@
-"""A conversation's state: rounds, images, the KV cache; ask, stream, undo, regenerate.
+"""The conversation engine: a conversation's state (rounds, images, the KV cache); ask, stream, undo,
+regenerate. Every way of talking to a model drives a :class:`Session`: a browser tab
+(:class:`visualchat.chat_session.ChatSession`), the stateless ``/generate`` API and the ZeroGPU replay
+(:meth:`visualchat.serving.Server.stream`, :func:`visualchat.serving.stream_conversation`, which build
+one from the given history), the CLI chat (:mod:`visualchat.chat`) and the eval runner (``train.eval``).
+
+A round is checked in one place, :meth:`Session.prepare_round`, before anything changes: the question,
+the generation settings, the images opened, their count, and whether the conversation with it fits
+the context window. Everything that adds or redoes a round goes through it.
 
 The session keeps the LM's KV cache between rounds (a prefix cache). Every token of the rendered
 conversation has a key (its id, or ``(image uid, row)`` for an image slot); before each forward the
 cache is cropped to the longest prefix whose keys still match and only the rest is fed. So round k
 encodes only its own new images and question; Undo and Regenerate crop the cache and recompute
-nothing that is still valid. Images are run through the encoder once, when they arrive.
+nothing that is still valid. Images are run through the encoder once, at the first forward after they
+arrive (so a session that only holds a conversation, e.g. to check it, never runs the model).
 """
 from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -62,12 +72,26 @@ def _marker_overlap(text: str) -> int:
     return max((k for k in range(1, len(STOP_MARKER)) if text.endswith(STOP_MARKER[:k])), default=0)
 
 
+@dataclass
+class PreparedRound:
+    """A round checked against the conversation it joins (:meth:`Session.prepare_round`), nothing changed
+    yet: the round (stripped question, opened images, the given answer or None), its generation
+    settings, and the whole conversation rendered with it."""
+
+    round: Round
+    config: GenerationConfig
+    rendered: Rendered
+    answer_ids: list[int] | None  # a given answer's ids (a history round); None: to be generated
+    redo: bool  # it replaces the last round's answer (Regenerate)
+    at: int  # how many rounds the conversation had when it was prepared
+
+
 class Session:
     def __init__(self, vc, system: str | None = None):
         self.vc = vc
         self.conversation = Conversation(system=system if system is not None else vc.config.system)
         self._answer_ids: list[list[int] | None] = []  # exact generated ids per round (EOS included)
-        self._features: list[torch.Tensor] = []  # [K, d_vis] per image, in conversation order
+        self._features: list[torch.Tensor] = []  # [K, d_vis] per encoded image, in conversation order
         self._uids: list[int] = []
         self._cache = None
         self._cache_keys: list = []  # one key per token in the cache
@@ -97,6 +121,7 @@ class Session:
         rounds = self.conversation.rounds
         if not rounds or rounds[-1].answer is None:
             raise ValueError("there is no answer yet to show where it looked; ask something first")
+        self._encode_new_images()
         feats = torch.stack(self._features) if self._features else None
         return compute(self.vc, self._render(), feats)
 
@@ -111,17 +136,19 @@ class Session:
             return None
         rnd = self.conversation.rounds.pop()
         self._answer_ids.pop()
-        n = len(rnd.images)
-        if n:
-            del self._features[-n:], self._uids[-n:]
+        n = len(self.images)
+        del self._features[n:], self._uids[n:]
         return rnd
 
     # -- rendering -----------------------------------------------------------------------------
-    def _render(self) -> Rendered:
+    def _render(self, rounds: Sequence[Round] | None = None, answer_ids: Sequence | None = None) -> Rendered:
+        """The conversation as the model is fed it (or ``rounds`` with their ``answer_ids``)."""
+        if rounds is None:
+            rounds, answer_ids = self.conversation.rounds, self._answer_ids
         t = self.vc.template
         out = t.render_system(self.conversation.system)
         first = 1
-        for rnd, ids in zip(self.conversation.rounds, self._answer_ids):
+        for rnd, ids in zip(rounds, answer_ids):
             out.extend(t.render_round(rnd, first, answer_ids=ids))
             first += len(rnd.images)
         return out
@@ -141,8 +168,16 @@ class Session:
 
     # -- model calls ---------------------------------------------------------------------------
     @torch.no_grad()
+    def _encode_new_images(self) -> None:
+        """Run the images that arrived since the last forward through the encoder (each image once)."""
+        new = self.images[len(self._features):]
+        if new:
+            self._features += list(self.vc.model.encode_images(new).cpu())
+
+    @torch.no_grad()
     def _prefill(self, r: Rendered) -> torch.Tensor:
         """Feed what the cache lacks of ``r``; return the logits after its last token."""
+        self._encode_new_images()
         keys, rows = self._keys_and_rows(r)
         p = 0
         for a, b in zip(self._cache_keys, keys):
@@ -194,61 +229,107 @@ class Session:
         return logits[0, -1]
 
     # -- public --------------------------------------------------------------------------------
+    @classmethod
+    def from_history(cls, vc, history: Sequence[dict] = (), system: str | None = None) -> "Session":
+        """A session holding ``history`` (dicts with question, images, answer), each round checked by
+        :meth:`prepare_round`; nothing is run (the first forward encodes and prefills it)."""
+        session = cls(vc, system)
+        for r in history:
+            session.add_round(r.get("question"), r.get("images") or (), r.get("answer") or "")
+        return session
+
+    def prepare_round(self, question, images: Sequence = (), *, answer: str | None = None, redo: bool = False,
+                      **gen) -> PreparedRound:
+        """Check a round against this conversation and return it ready to add, changing nothing. THE
+        check of a round: :meth:`stream`, :meth:`add_round` and :meth:`regenerate` call it, and so does
+        every path that drives a session. In this order, raising the first that fails:
+
+        1. the question: ``ValueError`` when it is empty (it is stripped);
+        2. the generation settings: ``ValueError`` naming the field (:class:`GenerationConfig`);
+        3. the images, opened: :class:`~visualchat.images.ImageError`;
+        4. the image count: :class:`TooManyImagesError`;
+        5. the conversation with this round fits the context window: :class:`ContextWindowError`.
+
+        ``answer``: the round's given answer (a history round; nothing is generated). ``redo``: the round
+        replaces the last one's answer (``images`` are then that round's, already open)."""
+        question = check_question(question)
+        config = GenerationConfig(**gen)
+        rounds, ids = list(self.conversation.rounds), list(self._answer_ids)
+        if redo:
+            if not rounds:
+                raise ValueError("there is no round to regenerate")
+            opened = list(images)
+            rounds, ids = rounds[:-1], ids[:-1]
+        else:
+            opened = [open_image(im) for im in images]
+        check_image_count(sum(len(r.images) for r in rounds) + len(opened), self.vc.config.max_images)
+        eos = self.vc.template.eos_id
+        if ids and ids[-1] is None:  # stopped before its first token: it joins as an empty answer
+            ids[-1] = [eos]
+        answer_ids = None
+        if answer is not None:
+            answer = answer.strip()
+            # escaped like every user text: a marker or special-token string in it is never structure
+            answer_ids = self.vc.template.answer_ids(answer) if answer else [eos]
+        rnd = Round(question, images=opened, answer=answer)
+        rendered = self._render(rounds + [rnd], ids + [answer_ids])
+        check_context(rendered, self.vc.context_window)
+        return PreparedRound(rnd, config, rendered, answer_ids, redo, len(self.conversation.rounds))
+
+    def commit(self, p: PreparedRound) -> Round:
+        """Add a prepared round (or, for ``redo``, reopen the last one's answer); runs nothing."""
+        rounds = self.conversation.rounds
+        if p.at != len(rounds):
+            raise RuntimeError("the conversation changed after this round was prepared; prepare it again")
+        if p.redo:
+            rounds[-1].answer, self._answer_ids[-1] = None, None
+            return rounds[-1]
+        if rounds and self._answer_ids[-1] is None:  # stopped before its first token
+            rounds[-1].answer = ""
+            self._answer_ids[-1] = [self.vc.template.eos_id]
+        rounds.append(p.round)
+        self._answer_ids.append(p.answer_ids)
+        self._uids += [next(_uids) for _ in p.round.images]
+        return p.round
+
+    def generate(self, p: PreparedRound) -> Iterator[str]:
+        """Add a prepared round and return the generator of its answer (:meth:`stream` is
+        :meth:`prepare_round` then this)."""
+        if p.answer_ids is not None:
+            raise ValueError("this round already has its answer; add it with add_round")
+        self.commit(p)
+        return self._run(p.rendered, p.config, min(p.config.max_new_tokens, self.vc.context_window - len(p.rendered)),
+                         new_round=not p.redo)
+
     def stream(self, question: str, images: Sequence = (), **gen) -> Iterator[str]:
         """Add a round and yield its answer in text pieces as they are generated. Closing the
         generator early (a Stop button) keeps the partial answer. Bad input raises before anything
-        changes: :class:`~visualchat.images.ImageError`, :class:`TooManyImagesError`,
-        :class:`ContextWindowError`, ``ValueError`` for an empty question."""
-        cfg = GenerationConfig(**gen)
-        self._append_round(question, images, None)
-        try:
-            return self._generate(cfg, new_round=True)
-        except BaseException:
-            self.undo()
-            raise
+        changes (:meth:`prepare_round`): :class:`~visualchat.images.ImageError`,
+        :class:`TooManyImagesError`, :class:`ContextWindowError`, ``ValueError`` for an empty question
+        or a bad generation setting."""
+        return self.generate(self.prepare_round(question, images, **gen))
 
     def add_round(self, question: str, images: Sequence = (), answer: str = "") -> Round:
         """Append a finished round with a given answer, generating nothing (an API caller's history,
-        or a conversation replayed in a fresh process). Checks its input like :meth:`stream`; the
-        next forward prefills it."""
-        answer = (answer or "").strip()
-        # escaped like every user text: a marker or special-token string in it is never structure
-        ids = self.vc.template.answer_ids(answer) if answer else [self.vc.template.eos_id]
-        return self._append_round(question, images, ids, answer)
+        or a conversation replayed in a fresh process). Checked by :meth:`prepare_round` like
+        :meth:`stream`; the next forward prefills it."""
+        return self.commit(self.prepare_round(question, images, answer=answer or ""))
 
-    def _append_round(self, question, images, answer_ids: list[int] | None, answer: str | None = None) -> Round:
-        """Check the input (raising before anything changes), encode the new images once, append."""
-        question = check_question(question)
-        opened = [open_image(im) for im in images]
-        check_image_count(len(self.images) + len(opened), self.vc.config.max_images)
-        if self.conversation.rounds and self._answer_ids[-1] is None:  # stopped before its first token
-            self.conversation.rounds[-1].answer = ""
-            self._answer_ids[-1] = [self.vc.template.eos_id]
-        feats = list(self.vc.model.encode_images(opened).cpu()) if opened else []
-        rnd = Round(question, images=opened, answer=answer)
-        self.conversation.rounds.append(rnd)
-        self._answer_ids.append(answer_ids)
-        self._features += feats
-        self._uids += [next(_uids) for _ in feats]
-        return rnd
+    def set_answer(self, text: str) -> None:
+        """Give the open last round the answer generated elsewhere (the ZeroGPU replay's worker)."""
+        text = (text or "").strip()
+        self.conversation.rounds[-1].answer = text
+        self._answer_ids[-1] = self.vc.template.answer_ids(text) if text else [self.vc.template.eos_id]
 
     def regenerate(self, **gen) -> Iterator[str]:
         """Drop the last answer and generate it again (the images are not re-encoded)."""
         if not self.conversation.rounds:
             raise ValueError("there is no round to regenerate")
-        self.conversation.rounds[-1].answer = None
-        self._answer_ids[-1] = None
-        return self._generate(GenerationConfig(**gen))
+        last = self.conversation.rounds[-1]
+        return self.generate(self.prepare_round(last.question, last.images, redo=True, **gen))
 
     def ask(self, question: str, images: Sequence = (), **gen) -> str:
         return "".join(self.stream(question, images, **gen))
-
-    def _generate(self, cfg: GenerationConfig, new_round: bool = False) -> Iterator[str]:
-        """Checks the context window now (eagerly), then returns the token generator."""
-        r = self._render()
-        ctx = self.vc.context_window
-        check_context(r, ctx)
-        return self._run(r, cfg, min(cfg.max_new_tokens, ctx - len(r)), new_round)
 
     def _run(self, r: Rendered, cfg: GenerationConfig, max_tokens: int, new_round: bool) -> Iterator[str]:
         rnd = self.conversation.rounds[-1]
