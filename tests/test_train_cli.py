@@ -6,6 +6,7 @@ import os
 import pytest
 
 from train import cli, memory
+from train import preflight as preflight_module
 from train import trainer as T
 from train.resume import COMPLETE
 
@@ -74,7 +75,7 @@ def test_errors_before_compute(tmp_path, monkeypatch):
     ds.write_text(json.dumps({"train_batch_size": 7}))
     with pytest.raises(T.TrainError, match="does not divide"):
         T.preflight(args_for("--engine", "deepspeed", "--deepspeed_config", str(ds), tmp_path=tmp_path))
-    monkeypatch.setattr(T, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(preflight_module, "bf16_supported", lambda device: False)
     with pytest.raises(T.TrainError, match="bf16 is not supported"):
         T.preflight(args_for("--precision", "bf16", tmp_path=tmp_path))
     if not T.D.device().type == "cuda":

@@ -5,7 +5,7 @@ folder that has ``complete.json``.
 
 State: the trainable weights, optimiser and scheduler (the DeepSpeed engine's own checkpoint with
 ``exclude_frozen_parameters``, or ``state.safetensors`` for the plain engine), the step (which fixes
-the data order, see ``trainer.Batcher``), per-rank RNG states (``rng-rank{r}.safetensors``) and the
+the data order, see ``train.batches.Batcher``), per-rank RNG states (``rng-rank{r}.safetensors``) and the
 run's bookkeeping (best loss, tokens; ``complete.json``).
 
 Nothing is unpickled, so a run directory from someone else cannot run code:
@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import dist as D
+from .errors import TrainError
 
 COMPLETE = "complete.json"
 DS_TAG = "ds"
@@ -50,16 +51,6 @@ DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                           "deepspeed.runtime.zero.config.ZeroStageEnum",
                           "deepspeed.utils.tensor_fragment.fragment_address")
 _STEP = re.compile(r"^step-(\d+)$")
-
-
-class ResumeError(ValueError):
-    pass
-
-
-def _error(msg: str):
-    from .trainer import TrainError
-
-    return TrainError(msg)
 
 
 def is_complete(path: str) -> bool:
@@ -86,9 +77,9 @@ def find_resume(spec: str | None, output_dir: str) -> str | None:
     if os.path.isdir(path) and not is_complete(path) and os.path.isdir(os.path.join(path, "checkpoints")):
         path = newest_complete(os.path.join(path, "checkpoints")) or path  # an output_dir was given
     if not os.path.isdir(path):
-        raise _error(f"--resume {spec!r}: no such checkpoint directory")
+        raise TrainError(f"--resume {spec!r}: no such checkpoint directory")
     if not is_complete(path):
-        raise _error(f"--resume {spec!r} is not a complete training checkpoint (no {COMPLETE}); "
+        raise TrainError(f"--resume {spec!r} is not a complete training checkpoint (no {COMPLETE}); "
                      "it may have been cut off while saving")
     return path
 
@@ -103,7 +94,7 @@ def check_meta(path: str, meta: dict) -> None:
     saved = read_info(path).get("meta", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in meta.items() if saved.get(k) != v]
     if diffs:
-        raise _error(f"--resume {path} does not match this run ({'; '.join(diffs)}); "
+        raise TrainError(f"--resume {path} does not match this run ({'; '.join(diffs)}); "
                      "use the same flags, another --output_dir, or --resume none")
 
 
@@ -167,10 +158,10 @@ def unpack(tree, tensors, where: str = "state"):
             return {unpack(k, tensors, where): unpack(v, tensors, where) for k, v in tree["__dict__"]}
         if set(tree) == {"__tuple__"}:
             return tuple(unpack(v, tensors, where) for v in tree["__tuple__"])
-        raise ResumeError(f"{where}: unknown entry {sorted(tree)[:4]} in the saved state")
+        raise TrainError(f"{where}: unknown entry {sorted(tree)[:4]} in the saved state")
     if tree is None or isinstance(tree, (bool, int, float, str)):
         return tree
-    raise ResumeError(f"{where}: unexpected {type(tree).__name__} in the saved state")
+    raise TrainError(f"{where}: unexpected {type(tree).__name__} in the saved state")
 
 
 def save_state(obj, path: str) -> None:
@@ -181,18 +172,18 @@ def save_state(obj, path: str) -> None:
 
 
 def load_state(path: str):
-    """Read a file written by :func:`save_state` (no pickle anywhere); ResumeError names the file."""
+    """Read a file written by :func:`save_state` (no pickle anywhere); TrainError names the file."""
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT or "state" not in meta:
-                raise ResumeError(f"{path} is not a {FORMAT} state file (its format is {meta.get('format')!r})")
+                raise TrainError(f"{path} is not a {FORMAT} state file (its format is {meta.get('format')!r})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         return unpack(json.loads(meta["state"]), tensors, os.path.basename(path))
-    except ResumeError:
+    except TrainError:
         raise
     except Exception as e:  # a truncated or corrupt file
-        raise ResumeError(f"{path} could not be read as a resumable state file: {e}") from None
+        raise TrainError(f"{path} could not be read as a resumable state file: {e}") from None
 
 
 @contextlib.contextmanager
@@ -238,7 +229,7 @@ def _restricted_load(path: str, what: str):
             return torch.load(path, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _error(f"--resume: {path} ({what}, an older checkpoint format) holds something other than "
+        raise TrainError(f"--resume: {path} ({what}, an older checkpoint format) holds something other than "
                      f"tensors and plain data, so it is not loaded: unpickling it could run code ({first[:300]}). "
                      "Resume only run directories you made with this version, or start afresh with "
                      "--resume none / another --output_dir") from None
@@ -302,7 +293,7 @@ class Checkpointer:
     def load(self, path: str, module, opt, sched, engine) -> tuple[int, dict]:
         info = read_info(path)
         if info.get("trainable") != self.names:
-            raise _error(f"--resume {path}: its trainable tensors differ from this model's "
+            raise TrainError(f"--resume {path}: its trainable tensors differ from this model's "
                          f"({len(info.get('trainable', []))} vs {len(self.names)}); was it another model or LoRA setting?")
         if engine is not None:
             try:
@@ -311,7 +302,7 @@ class Checkpointer:
                                            load_lr_scheduler_states=True)
             except pickle.UnpicklingError as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
-                raise _error(f"--resume {path}: a DeepSpeed checkpoint file under {DS_TAG}/ holds something other "
+                raise TrainError(f"--resume {path}: a DeepSpeed checkpoint file under {DS_TAG}/ holds something other "
                              f"than tensors and plain data, so it is not loaded: unpickling it could run code "
                              f"({first[:300]}). Resume only run directories you made, or start afresh with "
                              "--resume none / another --output_dir") from None
@@ -320,23 +311,23 @@ class Checkpointer:
             if os.path.isfile(new):
                 try:
                     st = load_state(new)
-                except ResumeError as e:
-                    raise _error(f"--resume {path}: {e}") from None
+                except TrainError as e:
+                    raise TrainError(f"--resume {path}: {e}") from None
             elif os.path.isfile(old):
                 st = _restricted_load(old, "the plain engine's state")
             else:
-                raise _error(f"--resume {path}: no {STATE_FILE} (the plain engine's weights and optimizer state); "
+                raise TrainError(f"--resume {path}: no {STATE_FILE} (the plain engine's weights and optimizer state); "
                              "was it written by the DeepSpeed engine? Use the same --engine")
             if not isinstance(st, dict) or not {"trainable", "optimizer", "scheduler"} <= set(st):
-                raise _error(f"--resume {path}: its state lacks trainable/optimizer/scheduler entries")
+                raise TrainError(f"--resume {path}: its state lacks trainable/optimizer/scheduler entries")
             params = dict(module.named_parameters())
             with torch.no_grad():
                 for n, t in st["trainable"].items():
                     if n not in params or not isinstance(t, torch.Tensor):
-                        raise _error(f"--resume {path}: its state holds {n!r}, which is not a trainable tensor "
+                        raise TrainError(f"--resume {path}: its state holds {n!r}, which is not a trainable tensor "
                                      "of this model")
                     if tuple(params[n].shape) != tuple(t.shape):
-                        raise _error(f"--resume {path}: {n} is {tuple(t.shape)}, the model has {tuple(params[n].shape)}")
+                        raise TrainError(f"--resume {path}: {n} is {tuple(t.shape)}, the model has {tuple(params[n].shape)}")
                     params[n].copy_(t)
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
@@ -345,8 +336,8 @@ class Checkpointer:
         if os.path.isfile(rng):
             try:
                 set_rng_state(load_state(rng))
-            except (ResumeError, KeyError, TypeError, ValueError) as e:
-                raise _error(f"--resume {path}: the RNG state {rng} is not usable: {e}") from None
+            except (TrainError, KeyError, TypeError, ValueError) as e:
+                raise TrainError(f"--resume {path}: the RNG state {rng} is not usable: {e}") from None
         elif os.path.isfile(old):
             set_rng_state(_restricted_load(old, "an RNG state"))
         return int(info["step"]), info.get("client", {})

@@ -5,19 +5,23 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .template import DEFAULT_SYSTEM, TEMPLATE_VERSION
 
 CONFIG_NAME = "config.json"
 FORMAT = "visualchat-checkpoint"
 
+#: the attention modes: multi-modal causal attention (the paper's) or plain causal (the baseline)
+AttentionMode = Literal["mmca", "causal"]
+ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
+
 
 @dataclass
 class VisualChatConfig:
     lm: str = "default"  # HF id or local path, or "default" (the embedded SmolLM2-135M-Instruct)
     vision: str = "efficientnet-lite0"  # encoders.build_encoder spec
-    attention: str = "mmca"  # "mmca" | "causal"
+    attention: AttentionMode = "mmca"
     vis_proj: str = "linear"  # visualchat.projection spec; configs from before it existed are linear
     template_version: int = TEMPLATE_VERSION
     image_tokens: int = 49  # K
@@ -43,8 +47,8 @@ class VisualChatConfig:
         for name in ("lm", "vision", "system"):
             if not isinstance(getattr(self, name), str) or (name != "system" and not getattr(self, name)):
                 bad(name, "a non-empty string" if name != "system" else "a string")
-        if self.attention not in ("mmca", "causal"):
-            bad("attention", "'mmca' or 'causal'")
+        if self.attention not in ATTENTION_MODES:
+            bad("attention", " or ".join(repr(m) for m in ATTENTION_MODES))
         try:
             parse_spec(self.vis_proj)
         except ValueError as e:
