@@ -28,8 +28,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .attention_shapes import check_shapes  # noqa: F401 - part of this module's API
+from .config import ATTENTION_MODES
+
 ATTN_IMPLEMENTATION = "visualchat"
-MODES = ("mmca", "causal")
+MODES = ATTENTION_MODES  # visualchat.config.AttentionMode
 
 
 def _masked_sdpa(q, k, v, mask, scale):
@@ -148,23 +151,6 @@ def _mmca_decode(q, k, v, key_is_image, scale):
     scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, Hkv, g, Lk]
     probs = torch.softmax(scores.float() + plan, dim=-1).sum(0)  # text term + image term, float32
     return torch.matmul(probs.to(v.dtype), v).reshape(b, hq, 1, d)
-
-
-def check_shapes(query, key, value, key_is_image, key_padding_mask=None) -> None:
-    """Raise ValueError unless q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (Hq a multiple of Hkv,
-    Lq <= Lk), key_is_image and key_padding_mask ``[B, Lk]`` fit together."""
-    b, hq, lq, _ = query.shape
-    bk, hkv, lk, _ = key.shape
-    if bk != b or value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} disagree")
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if lq > lk:
-        raise ValueError(f"more queries ({lq}) than keys ({lk})")
-    if tuple(key_is_image.shape) != (b, lk):
-        raise ValueError(f"key_is_image has shape {tuple(key_is_image.shape)}, expected {(b, lk)}")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
-        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected {(b, lk)}")
 
 
 def mmca_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_is_image: torch.Tensor,

@@ -54,6 +54,8 @@ import os
 
 import torch
 
+from .attention_shapes import check_shapes
+
 try:  # triton is optional: importing this module (or visualchat) never requires it
     import triton
     import triton.language as tl
@@ -63,7 +65,8 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
+_LOG2E = 1.4426950408889634  # log2(e): the kernels work in log2 units (exp2), lse is stored in natural log
+_LN2 = 0.6931471805599453  # ln(2) = 1 / log2(e)
 
 #: whether this module's kernels were built for triton's CPU interpreter (TRITON_INTERPRET=1 is read
 #: by ``triton.jit`` when the kernels below are decorated, i.e. when this module is imported)
@@ -85,6 +88,29 @@ def supports(query: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    LOG2E = tl.constexpr(_LOG2E)  # the same constants inside the kernels (triton reads constexpr globals)
+    LN2 = tl.constexpr(_LN2)
+
+    @triton.jit
+    def _online_softmax_step(m, l, acc, s, v, PREC: tl.constexpr):
+        """One key tile of an online softmax (log2 units): running max ``m`` and sum ``l`` ``[M]`` and
+        the weighted sum of values ``acc`` ``[M, D]`` updated with scores ``s`` ``[M, N]`` (-inf where a
+        key is not in the term) and the tile's values ``v`` ``[N, D]``. Rows with every key masked so far
+        stay at m = -inf, l = 0, acc = 0 (no -inf - -inf)."""
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return m_new, l, acc
+
+    @triton.jit
+    def _recompute_probs(s, in_t, in_i, lse_t, lse_i):
+        """The forward's probabilities again, for the backward: ``exp2(s - lse)`` with each (key, query)
+        pair's own term's lse (log2 units, broadcast to ``s``; finite whenever the pair is in the term).
+        Pairs in neither term get lse = +inf, so p = exp2(s - inf) = 0 (scores are always finite)."""
+        return tl.exp2(s - tl.where(in_t, lse_t, tl.where(in_i, lse_i, float("inf"))))
 
     @triton.jit
     def _mmca_fwd(Q, K, V, KIND, O, OI, LSE_T, LSE_I,
@@ -139,23 +165,11 @@ if triton is not None:
 
             if tl.max(k_text.to(tl.int32), axis=0) > 0:  # text term: text keys at j <= i
                 s_t = tl.where(k_text[None, :] & (earlier | (offs_k[None, :] == pos_m[:, None])), s, float("-inf"))
-                m_new = tl.maximum(m_t, tl.max(s_t, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
-                alpha = tl.exp2(m_t - m_use)
-                p = tl.exp2(s_t - m_use[:, None])
-                l_t = l_t * alpha + tl.sum(p, axis=1)
-                acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-                m_t = m_new
+                m_t, l_t, acc_t = _online_softmax_step(m_t, l_t, acc_t, s_t, v, PREC)
 
             if tl.max(k_img.to(tl.int32), axis=0) > 0:  # image term: image keys at j < i
                 s_i = tl.where(k_img[None, :] & earlier, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s_i, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_use)
-                p = tl.exp2(s_i - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc_i = acc_i * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-                m_i = m_new
+                m_i, l_i, acc_i = _online_softmax_step(m_i, l_i, acc_i, s_i, v, PREC)
 
         o_t = acc_t / tl.where(l_t > 0, l_t, 1.0)[:, None]
         o_i = acc_i / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -168,10 +182,8 @@ if triton is not None:
         tl.store(O + o_off, out.to(O.dtype.element_ty), mask=o_mask)
         if STORE_OI:
             tl.store(OI + o_off, tl.where(q_text[:, None], o_i, 0.0).to(OI.dtype.element_ty), mask=o_mask)
-            lse_t = tl.where(q_text & (l_t > 0), (m_t + tl.log2(tl.where(l_t > 0, l_t, 1.0))) * 0.6931471805599453,
-                             float("-inf"))
-            lse_i = tl.where(q_text & (l_i > 0), (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
-                             float("-inf"))
+            lse_t = tl.where(q_text & (l_t > 0), (m_t + tl.log2(tl.where(l_t > 0, l_t, 1.0))) * LN2, float("-inf"))
+            lse_i = tl.where(q_text & (l_i > 0), (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2, float("-inf"))
             lse_off = pid_bh.to(tl.int64) * LQ + offs_m  # lse tensors are contiguous [B, HQ, LQ]
             tl.store(LSE_T + lse_off, lse_t, mask=row_ok)
             tl.store(LSE_I + lse_off, lse_i, mask=row_ok)
@@ -227,17 +239,14 @@ if triton is not None:
                     q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=qd_mask, other=0.0)
                     do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=qd_mask, other=0.0)
                     row = bh.to(tl.int64) * LQ + offs_m
-                    lse_t = tl.load(LSE_T + row, mask=row_ok, other=0.0)
-                    lse_i = tl.load(LSE_I + row, mask=row_ok, other=0.0)
+                    lse_t = tl.load(LSE_T + row, mask=row_ok, other=0.0) * LOG2E
+                    lse_i = tl.load(LSE_I + row, mask=row_ok, other=0.0) * LOG2E
                     d_t = tl.load(DT + row, mask=row_ok, other=0.0)
                     d_i = tl.load(DI + row, mask=row_ok, other=0.0)
                     st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [N, M], log2 units
                     in_t = k_text[:, None] & q_text[None, :] & (offs_k[:, None] <= pos_m[None, :])
                     in_i = k_img[:, None] & q_text[None, :] & (offs_k[:, None] < pos_m[None, :])
-                    # each pair uses its term's lse (finite whenever the pair is in the term); pairs in
-                    # neither term get lse = +inf, so p = exp2(s - inf) = 0 (scores are always finite)
-                    lse = tl.where(in_t, lse_t[None, :], tl.where(in_i, lse_i[None, :], float("inf")))
-                    p = tl.exp2(st - lse * 1.4426950408889634)
+                    p = _recompute_probs(st, in_t, in_i, lse_t[None, :], lse_i[None, :])
                     dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)
                     dp = tl.dot(v, tl.trans(do), input_precision=PREC)  # [N, M]
                     ds = p * (dp - tl.where(in_t, d_t[None, :], d_i[None, :]))
@@ -283,8 +292,8 @@ if triton is not None:
         do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_d[None, :],
                      mask=qd_mask, other=0.0)
         row = pid_bh.to(tl.int64) * LQ + offs_m
-        lse_t = tl.load(LSE_T + row, mask=row_ok, other=0.0) * 1.4426950408889634
-        lse_i = tl.load(LSE_I + row, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse_t = tl.load(LSE_T + row, mask=row_ok, other=0.0) * LOG2E
+        lse_i = tl.load(LSE_I + row, mask=row_ok, other=0.0) * LOG2E
         d_t = tl.load(DT + row, mask=row_ok, other=0.0)
         d_i = tl.load(DI + row, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -301,7 +310,7 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [M, N], log2 units
             in_t = q_text[:, None] & (kind_k == 1)[None, :] & (offs_k[None, :] <= pos_m[:, None])
             in_i = q_text[:, None] & (kind_k == 2)[None, :] & (offs_k[None, :] < pos_m[:, None])
-            p = tl.exp2(s - tl.where(in_t, lse_t[:, None], tl.where(in_i, lse_i[:, None], float("inf"))))  # as dK/dV
+            p = _recompute_probs(s, in_t, in_i, lse_t[:, None], lse_i[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - tl.where(in_t, d_t[:, None], d_i[:, None]))
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -395,8 +404,6 @@ def mmca_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.T
     Differentiable in query, key and value. ``block_m``/``block_n`` override the tile sizes."""
     if triton is None:
         raise RuntimeError("mmca_attention_triton needs triton (pip install triton)")
-    from .attention import check_shapes
-
     check_shapes(query, key, value, key_is_image, key_padding_mask)
     b, hq, lq, d = query.shape
     if value.shape != key.shape or key.shape[-1] != d:

@@ -1,0 +1,97 @@
+"""The import graph of the library and the trainer has no cycles (issue 17): every ``import`` between
+modules of ``visualchat`` and ``train``, those inside functions included, read from the source."""
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("visualchat", "train")
+
+
+def modules() -> dict[str, str]:
+    """Dotted module name -> file, for every .py file of PACKAGES."""
+    out = {}
+    for pkg in PACKAGES:
+        for d, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(d, f), ROOT)[:-3].split(os.sep)
+                    name = ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
+                    out[name] = os.path.join(d, f)
+    return out
+
+
+def imports_of(name: str, path: str, known: dict) -> set[str]:
+    """The modules of ``known`` that module ``name`` imports anywhere in its source."""
+    is_pkg = path.endswith("__init__.py")
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                mod = ".".join(base[:len(base) - node.level + 1] + ([mod] if mod else []))
+            subs = [f"{mod}.{a.name}" for a in node.names]
+            # ``from pkg import submodule`` imports the submodule; ``from module import name``, the module
+            targets = [t for t in subs if t in known] or [mod]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # a name inside a module: the module
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports_of(name, path, known) for name, path in known.items()}
+
+
+def test_the_checker_sees_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    g = graph()
+    assert "train.dist" in g["train.resume"] and "visualchat.config" in g["train.config"]
+
+
+def test_no_import_cycles():
+    found = cycles(graph())
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_resume_and_trainer_do_not_import_each_other():
+    g = graph()
+    assert "train.trainer" not in g["train.resume"] and "train.resume" in g["train.trainer"]
