@@ -35,7 +35,8 @@ def teacher_nll(vc, pairs: list[tuple[str, str]]) -> float:
     for q, a in pairs:
         r = vc.template.render(Conversation([Round(q, [], a)]))
         ids = torch.tensor([r.input_ids], device=vc.device)
-        loss, n = vc.model(ids, torch.zeros_like(ids, dtype=torch.bool), labels=torch.tensor([r.labels], device=vc.device))
+        out = vc.model(ids, torch.zeros_like(ids, dtype=torch.bool), labels=torch.tensor([r.labels], device=vc.device))
+        loss, n = out.loss, out.n_tokens
         total += float(loss) * n
         count += n
     return total / max(count, 1)

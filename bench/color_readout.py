@@ -39,7 +39,7 @@ def readout(vc, scenes, colors) -> dict:
         ids = torch.tensor([r.input_ids], device=vc.device)
         is_img = torch.tensor([r.is_image], device=vc.device)
         for j, is_true in ((i, True), ((i + len(scenes) // 2) % len(scenes), False)):
-            logits, _ = vc.model(ids, is_img, feats[j][None], logits_to_keep=1)
+            logits = vc.model(ids, is_img, feats[j][None], logits_to_keep=1).logits
             guess = colors[int(logits[0, -1, first].argmax())]
             if is_true:
                 right += guess == obj.color

@@ -50,17 +50,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import write_json  # noqa: E402
+from train.tiny import TINY_CLIP, TINY_LM, random_clip, random_lm  # noqa: E402 - the one random-model factory
 
 #: LLaMA-2-7B shapes (Touvron et al. 2023 / meta-llama/Llama-2-7b-hf config.json)
 LLAMA7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                tie_word_embeddings=False)
-#: a tiny LLaMA for CPU smoke runs (vocab: the tiny tokenizer's)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=None, max_position_embeddings=1024, tie_word_embeddings=True)
+#: a tiny LLaMA for CPU smoke runs: ``--lm tiny``'s shapes (vocab: the tiny tokenizer's)
+TINY = dict(TINY_LM, vocab_size=None)
 #: CLIP ViT-L/14 vision tower shapes (K = (image_size / 14)^2 = 256 at 224 px)
 CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
-CLIP_TINY = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
+CLIP_TINY = {k: TINY_CLIP[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                      "patch_size")}
 
 QUESTIONS = [
     "What is in Image 1?",
@@ -78,26 +79,12 @@ QUESTIONS = [
 def random_llama(shape: dict, tokenizer=None, device="cpu", dtype=torch.float32, seed: int = 0):
     """A randomly initialised ``LlamaForCausalLM`` with the given shapes, built directly on ``device``
     in ``dtype`` (no checkpoint on disk). ``vocab_size=None`` takes the tokenizer's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kw = dict(shape)
-    if kw.get("vocab_size") is None:
-        kw["vocab_size"] = len(tokenizer)
-    if tokenizer is not None:
-        kw.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
-    cfg = LlamaConfig(**kw)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        lm = LlamaForCausalLM._from_config(cfg, dtype=dtype)
-    return lm.eval()
+    return random_lm(tokenizer, "llama", seed, device=device, dtype=dtype, keep_rng=False, **shape)
 
 
 def random_clip_encoder(shape: dict, image_tokens: int, device="cpu", dtype=torch.float32, seed: int = 0):
     """visualchat's CLIP encoder around a random ``CLIPVisionModel`` giving ``image_tokens`` patch tokens
     (a square number: image_size = patch_size * sqrt(K))."""
-    from transformers import CLIPVisionConfig
-
     from visualchat.encoders.clip import CLIPEncoder
 
     side = int(round(image_tokens ** 0.5))
@@ -105,10 +92,10 @@ def random_clip_encoder(shape: dict, image_tokens: int, device="cpu", dtype=torc
         raise ValueError(f"--image_tokens must be a square number (patches of a square image), got {image_tokens}")
     kw = dict(shape)
     patch = kw.pop("patch_size")
-    cfg = CLIPVisionConfig(image_size=side * patch, patch_size=patch, projection_dim=kw["hidden_size"], **kw)
-    torch.manual_seed(seed)
-    with torch.device(device):  # initialise on the device (a ViT-L is slow to initialise on a CPU)
-        enc = CLIPEncoder.from_config(cfg)
+    # initialised on the device (a ViT-L is slow to initialise on a CPU)
+    tower = random_clip(seed, device=device, keep_rng=False, image_size=side * patch, patch_size=patch,
+                        projection_dim=kw["hidden_size"], **kw)
+    enc = CLIPEncoder(tower)
     enc.path = f"random-clip-{side * patch}px-p{patch}"  # only names it in the (unsaved) config
     return enc.to(device=device, dtype=dtype)
 

@@ -29,49 +29,38 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_llama(tokenizer, seed=0, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
+#: the tests' tiny LM shapes (smaller than ``--lm tiny``'s); the models come from train.tiny's factory
+TEST_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=512)
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **kw)
-    return LlamaForCausalLM(cfg).eval()
+
+def tiny_llama(tokenizer, seed=0, **kw):
+    from train.tiny import random_lm
+
+    return random_lm(tokenizer, "llama", seed, keep_rng=False, **{**TEST_LM, "tie_word_embeddings": True, **kw})
 
 
 def tiny_qwen2(tokenizer, seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from train.tiny import random_lm
 
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return Qwen2ForCausalLM(cfg).eval()
+    return random_lm(tokenizer, "qwen2", seed, keep_rng=False, **TEST_LM, tie_word_embeddings=False, bos_token_id=None)
 
 
 def tiny_mistral(tokenizer, seed=0, sliding_window=8):
     """A tiny Mistral: LLaMA-like, but its attention layers have a sliding window."""
-    from transformers import MistralConfig, MistralForCausalLM
+    from train.tiny import random_lm
 
-    torch.manual_seed(seed)
-    cfg = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        sliding_window=sliding_window, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return MistralForCausalLM(cfg).eval()
+    return random_lm(tokenizer, "mistral", seed, keep_rng=False, **TEST_LM, tie_word_embeddings=False,
+                     sliding_window=sliding_window)
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random CLIP vision tower saved to disk, so it has a path (checkpoints name it)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from train.tiny import random_clip
 
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
-                           num_hidden_layers=2, num_attention_heads=2, projection_dim=24)
     path = tmp_path_factory.mktemp("clip")
-    CLIPVisionModel(cfg).save_pretrained(path)
+    random_clip(0, keep_rng=False).save_pretrained(path)
     return str(path)
 
 

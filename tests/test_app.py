@@ -453,12 +453,12 @@ def test_deepspeed_inference_wraps_one_rank_and_logits_match(tiny_models):
     ids = torch.tensor([list(range(3, 30))])
     is_img = torch.zeros_like(ids, dtype=torch.bool)
     with torch.no_grad():
-        before = vc.model(ids, is_img)[0]
+        before = vc.model(ids, is_img).logits
     backend = wrap_deepspeed(vc.model.lm, "auto", 1, torch.float32)
     assert backend.startswith("DeepSpeed-Inference") and "kernel injection off" in backend
     assert vc.model.lm.config._attn_implementation == "visualchat"  # our attention is still the one used
     with torch.no_grad():
-        assert torch.equal(vc.model(ids, is_img)[0], before)
+        assert torch.equal(vc.model(ids, is_img).logits, before)
 
 
 def test_without_deepspeed_the_app_logs_it_and_serves_with_pytorch(tiny_models, monkeypatch, caplog):

@@ -75,7 +75,7 @@ def _worker(ckpt_root: str, out_path: str) -> None:
     is_img[0, 5:5 + ref["chat"].config.image_tokens] = True
     rows = ref["chat"].model.encode_images(ims[:1])
     with torch.no_grad():
-        ref_logits = {name: vc.model(ids, is_img, rows)[0] for name, vc in ref.items()}
+        ref_logits = {name: vc.model(ids, is_img, rows).logits for name, vc in ref.items()}
     ref_answers = scenario(lambda name, q, im: ref_sessions[name].ask(q, im, **gen))
     undo_regen_ref = ref_sessions["chat"]
     undo_regen_ref.undo()
@@ -100,7 +100,7 @@ def _worker(ckpt_root: str, out_path: str) -> None:
     diffs = {}
     for name, vc in server.models.items():
         with torch.no_grad():
-            logits = vc.model(ids, is_img, vc.model.encode_images(ims[:1]))[0]
+            logits = vc.model(ids, is_img, vc.model.encode_images(ims[:1])).logits
         diffs[name] = float((logits - ref_logits[name]).abs().max() / ref_logits[name].abs().max())  # relative
     answers = scenario(lambda name, q, im: "".join(chats[name].send(q, im, **gen)))
     # Stop mid-answer, Undo, Regenerate: the followers crop their caches the same way

@@ -294,3 +294,26 @@ def test_sparse_store_ignores_rounding_of_a_lower_precision_base():
     t = embedding_tensors(trained, base32.to(torch.bfloat16))  # the LM was cast to bf16 for training
     assert t["embed_tokens.index"].tolist() == [3, 7]
     torch.testing.assert_close(t["embed_tokens.rows"], trained[[3, 7]])
+
+
+def test_forward_returns_a_named_output_for_each_use(tiny_vc):
+    """Issue 17: the loss path and the logits path each return their own dataclass, not a tuple whose
+    meaning depends on the arguments."""
+    from visualchat.model import LogitsOutput, LossOutput
+
+    m = tiny_vc.model
+    ids = torch.randint(3, 50, (1, 12))
+    is_img = torch.zeros_like(ids, dtype=torch.bool)
+    labels = torch.full_like(ids, -100)
+    labels[0, 8:] = ids[0, 8:]
+    with torch.no_grad():
+        lo = m(ids, is_img, labels=labels)
+        out = m(ids, is_img, past_key_values=m.new_cache(), use_cache=True, logits_to_keep=1)
+        full = m(ids, is_img)
+    assert type(lo) is LossOutput and lo.n_tokens == 4 and lo.loss.ndim == 0 and torch.isfinite(lo.loss)
+    assert type(out) is LogitsOutput and out.logits.shape == (1, 1, m.lm.config.vocab_size)
+    assert out.cache.get_seq_length() == 12 and full.logits.shape[1] == 12
+    torch.testing.assert_close(out.logits[0, -1], full.logits[0, -1])
+    # the loss is the mean cross-entropy of the label positions, from the same logits
+    ref = torch.nn.functional.cross_entropy(full.logits[0, 7:11], ids[0, 8:12])
+    torch.testing.assert_close(lo.loss, ref, atol=1e-5, rtol=1e-5)

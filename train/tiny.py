@@ -10,6 +10,7 @@ path that ``VisualChat.from_pretrained`` and the app can load:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -70,30 +71,75 @@ def build_tokenizer(vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def build_lm(seed: int = 0, tokenizer=None):
-    """(tiny random LlamaForCausalLM, its tokenizer)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+#: the tiny LLaMA of ``--lm tiny`` (hidden 64, so that 4-bit blocks of 64 fit for QLoRA); also the
+#: shapes of bench/prefix_cache.py's tiny model. Tests pass smaller ones to :func:`random_lm`.
+TINY_LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+#: the tiny CLIP vision tower of ``--vision tiny`` and the tests (32 px, patch 8: K = 16)
+TINY_CLIP = dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=2, projection_dim=24)
+#: model families :func:`random_lm` builds: (config class, model class) in transformers
+LM_FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+               "mistral": ("MistralConfig", "MistralForCausalLM")}
 
-    tok = tokenizer or build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
-    g = torch.random.fork_rng()
-    with g:
+
+@contextlib.contextmanager
+def _seeded(seed: int, keep_rng: bool):
+    """torch's RNG seeded with ``seed`` inside; restored afterwards when ``keep_rng``, else left seeded."""
+    if keep_rng:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            yield
+    else:
         torch.manual_seed(seed)
-        lm = LlamaForCausalLM(cfg).eval()
-    return lm, tok
+        yield
+
+
+def random_lm(tokenizer, family: str = "llama", seed: int = 0, *, device=None, dtype=None, keep_rng: bool = True,
+              **shape):
+    """The one factory of random causal LMs (tests, ``--lm tiny``, benchmarks): a ``family`` model
+    (see :data:`LM_FAMILIES`) with :data:`TINY_LM`'s shapes overridden by ``shape``, ``tokenizer``'s
+    vocabulary (``vocab_size=None`` or absent) and special tokens (``shape`` may override them), initialised from ``seed``, in eval mode.
+    ``device`` / ``dtype``: built there directly (a 7B-shaped model is slow to initialise on a CPU in
+    fp32). ``keep_rng``: leave torch's global RNG as it was (else it stays seeded with ``seed``)."""
+    import transformers
+
+    if family not in LM_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(LM_FAMILIES)}")
+    config_cls, model_cls = (getattr(transformers, n) for n in LM_FAMILIES[family])
+    special = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                  pad_token_id=tokenizer.pad_token_id)
+    kw = {**TINY_LM, **special, **shape}
+    if kw.get("vocab_size") is None:
+        kw["vocab_size"] = len(tokenizer)
+    cfg = config_cls(**kw)
+    with _seeded(seed, keep_rng):
+        if device is None and dtype is None:
+            lm = model_cls(cfg)
+        else:
+            with torch.device(device or "cpu"):
+                lm = model_cls._from_config(cfg, dtype=dtype or torch.float32)
+    return lm.eval()
+
+
+def random_clip(seed: int = 0, *, device=None, keep_rng: bool = True, **shape):
+    """The one factory of random CLIP vision towers: :data:`TINY_CLIP`'s shapes overridden by ``shape``,
+    initialised from ``seed`` (on ``device`` when given), in eval mode."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(**{**TINY_CLIP, **shape})
+    with _seeded(seed, keep_rng), (torch.device(device) if device is not None else contextlib.nullcontext()):
+        return CLIPVisionModel(cfg).eval()
+
+
+def build_lm(seed: int = 0, tokenizer=None):
+    """(tiny random LlamaForCausalLM of ``--lm tiny``, its tokenizer)."""
+    tok = tokenizer or build_tokenizer()
+    return random_lm(tok, "llama", seed), tok
 
 
 def build_clip(seed: int = 0):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    cfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
-                           num_hidden_layers=2, num_attention_heads=2, projection_dim=24)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return CLIPVisionModel(cfg).eval()
+    return random_clip(seed)
 
 
 def _materialize(name: str, build_and_save) -> str:

@@ -45,7 +45,8 @@ log = logging.getLogger("train")
 
 # -- model -------------------------------------------------------------------------------------
 class TrainModule(nn.Module):
-    """What the engine runs: images (as cached features or pixels) + tokens -> (loss, n_labels)."""
+    """What the engine runs: images (as cached features or pixels) + tokens -> (loss, n_labels) (a plain
+    tuple: DeepSpeed's ZeRO-3 hooks look for tensors in tuples)."""
 
     def __init__(self, vcm, train_encoder: bool = False):
         super().__init__()
@@ -56,7 +57,8 @@ class TrainModule(nn.Module):
         if pixel_values is not None:
             with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
                 image_feats = self.vcm.encoder(pixel_values.to(next(self.vcm.encoder.parameters()).dtype))
-        return self.vcm(input_ids, is_image, image_feats, padding_mask, labels)
+        out = self.vcm(input_ids, is_image, image_feats, padding_mask, labels)
+        return out.loss, out.n_tokens
 
 
 def enable_gradient_checkpointing(lm: nn.Module) -> int:

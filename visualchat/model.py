@@ -9,7 +9,8 @@ import functools
 import inspect
 import logging
 import warnings
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 
 from . import attention
 from .assets import resolve_lm, shipped_checkpoint
-from .config import VisualChatConfig
+from .config import AttentionMode, VisualChatConfig
 from .encoders import VisionEncoder, build_encoder
 from .projection import Projection
 from .template import IGNORE_INDEX, Template
@@ -38,13 +39,32 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+@dataclass
+class LossOutput:
+    """:meth:`VisualChatModel.forward` with labels: the mean cross-entropy per label token (a scalar
+    tensor) and the number of label tokens it is the mean over."""
+
+    loss: torch.Tensor
+    n_tokens: int
+
+
+@dataclass
+class LogitsOutput:
+    """:meth:`VisualChatModel.forward` without labels: float32 logits ``[B, L', vocab]`` and the LM's KV
+    cache after this forward (None unless ``use_cache``)."""
+
+    logits: torch.Tensor
+    cache: Any = None
+
+
 class VisualChatModel(nn.Module):
     """Frozen encoder -> trainable ``projection`` (``vis_proj``: see :mod:`visualchat.projection`) ->
     image rows; trainable ``embed_tokens`` copy for text rows; frozen causal LM with MMCA (or causal)
     attention. The LM's own input embedding stays untouched: it is the base the checkpoint's sparse
     embedding rows are measured against, and the output head when the LM ties them."""
 
-    def __init__(self, lm: nn.Module, encoder: VisionEncoder, attention_mode: str = "mmca", vis_proj: str = "linear"):
+    def __init__(self, lm: nn.Module, encoder: VisionEncoder, attention_mode: AttentionMode = "mmca",
+                 vis_proj: str = "linear"):
         super().__init__()
         if attention_mode not in attention.MODES:
             raise ValueError(f"attention must be one of {attention.MODES}, got {attention_mode!r}")
@@ -112,10 +132,10 @@ class VisualChatModel(nn.Module):
 
     def forward(self, input_ids, is_image, image_rows=None, padding_mask=None, labels=None,
                 past_key_values=None, key_is_image=None, use_cache=False, logits_to_keep: int = 0,
-                attention_mode: str | None = None, image_embeds=None):
-        """One forward. With ``labels`` (aligned with input_ids, -100 = no loss) returns
-        ``(loss, n_label_tokens)``: the head runs only at label positions. Else returns
-        ``(logits of the last logits_to_keep positions (all if 0), past_key_values)``.
+                attention_mode: AttentionMode | None = None, image_embeds=None) -> LossOutput | LogitsOutput:
+        """One forward. With ``labels`` (aligned with input_ids, -100 = no loss) returns a
+        :class:`LossOutput`: the head runs only at label positions. Else a :class:`LogitsOutput` (the
+        logits of the last ``logits_to_keep`` positions, all if 0, and the KV cache).
         ``key_is_image`` covers cached + new keys (defaults to ``is_image`` without a cache)."""
         embeds = self.embed(input_ids, is_image, image_rows, image_embeds)
         decoder = self.lm.get_decoder()
@@ -134,9 +154,9 @@ class VisualChatModel(nn.Module):
             logits = head(h).float()
             n = int(where.sum())
             loss = F.cross_entropy(logits, target[where], reduction="sum") / max(n, 1)
-            return loss, n
+            return LossOutput(loss, n)
         h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        return head(h).float(), getattr(out, _cache_kw(type(decoder)))
+        return LogitsOutput(head(h).float(), getattr(out, _cache_kw(type(decoder))))
 
     @staticmethod
     def new_cache():

@@ -205,9 +205,9 @@ class Session:
         kis = torch.tensor([r.is_image], device=dev)
         if self._cache is None:
             self._cache = self.vc.model.new_cache()
-        logits, self._cache = self.vc.model(ids, is_img, image_rows, past_key_values=self._cache,
-                                            key_is_image=kis, use_cache=True, logits_to_keep=1,
-                                            image_embeds=image_embeds)
+        out = self.vc.model(ids, is_img, image_rows, past_key_values=self._cache, key_is_image=kis, use_cache=True,
+                            logits_to_keep=1, image_embeds=image_embeds)
+        logits, self._cache = out.logits, out.cache
         self._cache_keys = keys
         self._cache_is_image = list(r.is_image)
         self.last_stats["prefill_tokens"] = len(keys) - p
@@ -222,10 +222,11 @@ class Session:
         lean = lean_decoder(self.vc)  # fewer ops per layer for LLaMA LMs (visualchat/decode.py)
         if lean is not None:
             return lean.step(token, self._cache, kis)
-        logits, self._cache = self.vc.model(torch.tensor([[token]], device=dev),
-                                            torch.zeros(1, 1, dtype=torch.bool, device=dev),
-                                            past_key_values=self._cache, key_is_image=kis,
-                                            use_cache=True, logits_to_keep=1)
+        out = self.vc.model(torch.tensor([[token]], device=dev),
+                            torch.zeros(1, 1, dtype=torch.bool, device=dev),
+                            past_key_values=self._cache, key_is_image=kis,
+                            use_cache=True, logits_to_keep=1)
+        logits, self._cache = out.logits, out.cache
         return logits[0, -1]
 
     # -- public --------------------------------------------------------------------------------

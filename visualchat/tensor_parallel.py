@@ -231,9 +231,10 @@ class Lockstep:
                         "args": wire})
             self.forwards += 1
             out = orig(past_key_values=cache, **call)
-            if cache is None and isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "get_seq_length"):
-                out[1]._visualchat_lockstep_id = cid  # the LM made a new cache: the followers bind theirs to cid
-                weakref.finalize(out[1], self._freed.append, cid)
+            new_cache = getattr(out, "cache", None)  # a LogitsOutput's KV cache
+            if cache is None and hasattr(new_cache, "get_seq_length"):
+                new_cache._visualchat_lockstep_id = cid  # the LM made a new cache: the followers bind theirs to cid
+                weakref.finalize(new_cache, self._freed.append, cid)
             return out
 
     def _ping_loop(self, every: float) -> None:
@@ -291,5 +292,5 @@ class Lockstep:
             self.forwards += 1
             with torch.no_grad():
                 out = model(past_key_values=cache, **call)
-            if isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "get_seq_length"):
-                caches[cid] = out[1]
+            if hasattr(getattr(out, "cache", None), "get_seq_length"):
+                caches[cid] = out.cache
