@@ -53,17 +53,6 @@ class LoadStats:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def require_files(*paths: str, what: str = "") -> None:
-    """Raise one FileNotFoundError naming every missing file of ``paths``."""
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        label = f"{what}: " if what else ""
-        raise FileNotFoundError(
-            f"{label}missing data file(s): " + ", ".join(missing)
-            + " (the expected data_path layout is described in train/data/__init__.py)"
-        )
-
-
 def require_dir(path: str, what: str = "") -> None:
     if not os.path.isdir(path):
         label = f"{what}: " if what else ""

@@ -504,10 +504,6 @@ class ShapesSample:
     scenes: list[Scene]         # scene of Image 1, Image 2, ...
     drawings: list[Drawing | None] | None = None  # drawing of Image 1, Image 2, ... (None: all plain)
 
-    @property
-    def scene_ids(self) -> list[str]:
-        return [s.id for s in self.scenes]
-
     def materialize(self, size: int | None = None) -> Conversation:
         """The conversation with every LazyImage drawn as a PIL image (at ``size`` px when given, else
         at its own size: 224 for the plain drawing)."""
