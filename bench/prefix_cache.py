@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import write_json  # noqa: E402
 from train.tiny import TINY_CLIP, TINY_LM, random_clip, random_lm  # noqa: E402 - the one random-model factory
+from visualchat.config import ATTENTION_MODES  # noqa: E402
 
 #: LLaMA-2-7B shapes (Touvron et al. 2023 / meta-llama/Llama-2-7b-hf config.json)
 LLAMA7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -261,7 +262,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                     help="random models only (default bf16 on CUDA, fp32 on CPU); the default model picks its own")
-    ap.add_argument("--attention", choices=("mmca", "causal"), default="mmca", help="random models only")
+    ap.add_argument("--attention", choices=ATTENTION_MODES, default="mmca", help="random models only")
     ap.add_argument("--image_tokens", type=int, default=None, help="K per image for the random encoder "
                     "(a square; default 256 for llama7b-random, 16 for tiny)")
     ap.add_argument("--vision_layers", type=int, default=None, help="layers of the random CLIP (default 24 / 2)")

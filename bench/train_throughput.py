@@ -69,6 +69,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import write_json  # noqa: E402
+from visualchat.config import ATTENTION_MODES  # noqa: E402
 
 PEAKS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0)]
 
@@ -305,7 +306,7 @@ def parse_args(argv=None):
     ap.add_argument("--answer_frac", type=float, default=0.5, help="share of each text chunk that is answer (labels)")
     ap.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=2)
-    ap.add_argument("--attention", choices=("mmca", "causal"), default="mmca")
+    ap.add_argument("--attention", choices=ATTENTION_MODES, default="mmca")
     ap.add_argument("--gc", nargs="+", choices=("off", "on"), default=["off", "on"], help="gradient checkpointing settings")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
