@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import get_args
 
+import torch
+
 from .config import Scheduler
 
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
@@ -52,12 +54,10 @@ def lr_lambda(total: int, warmup: int, kind: str, *, cycles: float = 1.0, power:
     return LRSchedule(total, warmup, kind, cycles, power)
 
 
-def lambda_lr(optimizer, schedule: LRSchedule) -> "torch.optim.lr_scheduler.LambdaLR":
+def lambda_lr(optimizer, schedule: LRSchedule) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` driven by ``schedule``. Through a plain function: LambdaLR would store a callable
     object's attributes in its state, and a resumed run would then take the saved ``total`` instead of
     its own flags'."""
-    import torch
-
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
 
 
