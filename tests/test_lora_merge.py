@@ -44,3 +44,46 @@ def test_merge_changes_the_weights_by_the_adapters_product(tiny_tokenizer):
     merge_lora(lm)
     expect = w0 + (6 / 2) * (q.lora_B["default"].weight @ q.lora_A["default"].weight)
     assert torch.allclose(lm.model.layers[0].self_attn.q_proj.weight, expect, atol=1e-6)
+
+
+def _lora_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir):
+    """A tiny checkpoint whose LM has (non-zero) LoRA adapters, saved the way the trainer exports one."""
+    from train.export import export_checkpoint
+    from visualchat.model import VisualChat
+
+    lm_dir = tmp_path / "lm"
+    tiny_llama(tiny_tokenizer).save_pretrained(lm_dir)
+    tiny_tokenizer.save_pretrained(lm_dir)
+    plain = VisualChat.from_pretrained(None, lm=str(lm_dir), vision="clip:" + tiny_clip_dir, device="cpu")
+    plain.save_pretrained(str(tmp_path / "plain"))
+    adapted = VisualChat.from_pretrained(str(tmp_path / "plain"), lm=str(lm_dir), device="cpu")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    inject(adapted.model.lm, lora)
+    with torch.no_grad():
+        for p in lora_parameters(adapted.model).values():
+            p.copy_(torch.randn_like(p) * 0.2)
+    adapted.config.lora = {"lm": lora}
+    export_checkpoint(adapted.model, str(tmp_path / "lora"), adapted.config)
+    return str(lm_dir), str(tmp_path / "plain"), str(tmp_path / "lora")
+
+
+def test_a_lora_checkpoint_does_not_share_the_lm_of_another(tmp_path, tiny_tokenizer, tiny_clip_dir):
+    """The Compare tab loads the second checkpoint with share_with=the first: with adapters folded into
+    the weights, neither may use the other's LM, and each answers as when loaded alone."""
+    from visualchat.model import VisualChat
+
+    lm_dir, plain_dir, lora_dir = _lora_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir)
+    ids = torch.randint(0, 50, (1, 9))
+    alone = {d: VisualChat.from_pretrained(d, lm=lm_dir, device="cpu") for d in (plain_dir, lora_dir)}
+    for first, second in ((plain_dir, lora_dir), (lora_dir, plain_dir)):
+        a = VisualChat.from_pretrained(first, lm=lm_dir, device="cpu")
+        b = VisualChat.from_pretrained(second, lm=lm_dir, device="cpu", share_with=a)
+        assert b.model.lm is not a.model.lm
+        for vc, d in ((a, first), (b, second)):
+            with torch.no_grad():
+                assert torch.allclose(vc.model.lm(ids).logits, alone[d].model.lm(ids).logits, atol=1e-5)
+    with torch.no_grad():  # the adapters matter: otherwise the check above could not fail
+        assert not torch.allclose(alone[plain_dir].model.lm(ids).logits, alone[lora_dir].model.lm(ids).logits, atol=1e-3)
+    # two plain checkpoints still share one LM
+    c = VisualChat.from_pretrained(plain_dir, lm=lm_dir, device="cpu", share_with=alone[plain_dir])
+    assert c.model.lm is alone[plain_dir].model.lm

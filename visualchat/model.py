@@ -236,7 +236,8 @@ class VisualChat:
         + EfficientNet-Lite0) with its shipped MMCA checkpoint, or an untrained projection if none is
         shipped. ``lm``/``vision`` override where the base parts come from (e.g. a local copy of the
         LM the checkpoint names). ``share_with`` reuses another VisualChat's frozen LM and encoder
-        (they must be the same base), so two checkpoints cost one model's memory. ``lm_weights``:
+        (they must be the same base), so two checkpoints cost one model's memory; when either holds
+        LoRA adapters (folded into the weights at load) it loads its own copy instead. ``lm_weights``:
         the frozen LM's linear weights in ``fp16``/``bf16``/``fp32`` or ``auto`` on CPU (faster decode;
         :mod:`visualchat.lowp`); None leaves them as loaded."""
         from .checkpoint import load_trainable
@@ -251,6 +252,12 @@ class VisualChat:
             warnings.warn("no checkpoint given (and none shipped for this base in assets/checkpoints): the "
                           "projection is UNTRAINED, so answers will ignore the images")
         config = VisualChatConfig.load(path) if path is not None else VisualChatConfig(lm=lm or "default")
+        if share_with is not None and (config.lora or share_with.config.lora):
+            # LoRA adapters are folded into the weights they adapt: such an LM (or encoder) is no longer
+            # the shared frozen base, so either checkpoint having adapters means loading its own copy
+            log.info("%s: not sharing the LM and encoder of %s (LoRA adapters change them); loading its own",
+                     path, share_with.path)
+            share_with = None
         if share_with is not None:
             base_lm, tok, enc = share_with.model.lm, share_with.tokenizer, share_with.model.encoder
         else:
@@ -262,9 +269,6 @@ class VisualChat:
         if path is not None:
             rest = load_trainable(model, path, config)
             if config.lora:
-                if share_with is not None:
-                    raise ValueError(f"{path} holds LoRA adapters, which change the LM itself: it cannot share "
-                                     "another model's LM; load it on its own")
                 from .lora import load_lora, merge_lora
 
                 load_lora(model, config.lora, rest)
