@@ -27,8 +27,12 @@ def _full_fp32(p: torch.Tensor) -> torch.Tensor:
     return p.detach().float().cpu()
 
 
-def export_checkpoint(vcm, path: str, config, zero3: bool = False, rank: int = 0) -> None:
-    """Collective under ZeRO-3 (every rank must call it); rank 0 writes ``path``."""
+def export_checkpoint(vcm, path: str, config, zero3: bool = False, rank: int = 0, engine=None) -> None:
+    """Collective under ZeRO-3 (every rank must call it); rank 0 writes ``path``. ``engine``: the
+    DeepSpeed engine under ZeRO-3, whose parameters still in flight (prefetched for a next forward,
+    e.g. after an evaluation) are waited for and released first: gathering one of them would fail."""
+    if zero3 and engine is not None and hasattr(engine, "empty_partition_cache"):
+        engine.empty_partition_cache()
     lora = lora_parameters(vcm)
     proj_params = dict(vcm.projection.named_parameters())
     params = list(proj_params.values()) + [vcm.embed_tokens.weight, vcm.base_embedding] + list(lora.values())

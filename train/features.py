@@ -72,7 +72,9 @@ def encoder_key(encoder) -> str:
         h.update(encoder.spec().encode())
     except Exception:  # an encoder built from a config has no spec
         h.update(type(encoder).__name__.encode())
-    for name, t in sorted(encoder.state_dict().items()):
+    from .zero3 import state_items  # a ZeRO-3 encoder's tensors gathered one at a time (collective)
+
+    for name, t in state_items(encoder):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
     return f"{encoder.name}-{h.hexdigest()[:16]}"
@@ -119,6 +121,10 @@ class FeatureCache:
             if not self.has(k):
                 todo.append((k, ref))
         todo = todo[rank::world]
+        from .zero3 import fill_in_lockstep, is_partitioned
+
+        if is_partitioned(encoder):  # every forward of a ZeRO-3 encoder is collective: all ranks in step
+            return fill_in_lockstep(self, encoder, todo, batch_size, progress)
         bad: dict[str, str] = {}
         if not todo:
             return bad

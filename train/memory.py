@@ -4,7 +4,7 @@ Model states are parameters, gradients and optimiser states (activations, buffer
 come on top). VisualChat trains only the projection, the embedding copy and LoRA weights; the LM and
 the vision encoder are frozen, so they cost only their (half-precision) weights, which ZeRO-3
 partitions over all GPUs (under ZeRO-3 from the moment they are loaded: the load peak is reported
-too). Per trainable parameter, mixed-precision Adam keeps 2 (param) + 2 (grad) +
+too, and Qwen-VL's encoder is loaded partitioned the same way). Per trainable parameter, mixed-precision Adam keeps 2 (param) + 2 (grad) +
 12 (fp32 master, m, v) bytes (fp32 training: 4 + 4 + 8); ZeRO-1 partitions the 12, ZeRO-2 also the
 gradients, ZeRO-3 also the parameters (frozen ones included).
 
@@ -116,8 +116,9 @@ def vision_shape(spec: str) -> tuple[int, int]:
 
 def estimate(lm: LMShape, vision: tuple[int, int], zero_stage: int, world: int, precision: str = "bf16",
              lora_rank: int = 0, lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-             qlora: bool = False, offload: str = "none") -> dict[str, float]:
-    """Bytes per GPU (and per node's CPU for offload) of the model states."""
+             qlora: bool = False, offload: str = "none", vision_partitioned: bool = False) -> dict[str, float]:
+    """Bytes per GPU (and per node's CPU for offload) of the model states. ``vision_partitioned``: the
+    encoder is one that ZeRO-3 loads partitioned (:func:`train.zero3.encoder_partitioned`)."""
     v_params, d_vis = vision
     proj = d_vis * lm.hidden + lm.hidden
     emb = lm.vocab * lm.hidden
@@ -152,25 +153,28 @@ def estimate(lm: LMShape, vision: tuple[int, int], zero_stage: int, world: int, 
     return {"total_params": lm.params() + v_params + proj, "trainable_params": trainable, "frozen": frozen,
             "trainable_weights": params_t, "grads": grads, "optimizer": opt, "zero3_gather": gather,
             "per_gpu": frozen + params_t + grads + opt + gather, "cpu_offload_per_gpu": cpu,
-            "load_peak": load_peak(lm, vision, zero_stage, world, precision, qlora)}
+            "load_peak": load_peak(lm, vision, zero_stage, world, precision, qlora, vision_partitioned)}
 
 
 def load_peak(lm: LMShape, vision: tuple[int, int], zero_stage: int, world: int, precision: str = "bf16",
-              qlora: bool = False) -> float:
+              qlora: bool = False, vision_partitioned: bool = False) -> float:
     """Bytes per GPU while the trainer builds the model, before DeepSpeed takes it over.
 
     ZeRO-0/1/2 (and QLoRA): every rank loads the whole LM in fp32 (nf4 for QLoRA), the encoder in fp32
     and fp32 copies of the embedding and the projection. ZeRO-3: the LM is built partitioned
     (``deepspeed.zero.Init`` through transformers' ZeRO-3 path) in the run's precision, so a rank holds
     its share, plus the input embedding gathered whole while the trainable copy is made, the copy and
-    the projection (whole until DeepSpeed partitions them), and the encoder, which is still loaded
-    whole in fp32. Rank 0 also memory-maps the checkpoint files while it copies them in (file-backed
-    pages the OS can drop, not counted here)."""
+    the projection (whole until DeepSpeed partitions them), and the encoder: a large one
+    (``vision_partitioned``, Qwen-VL) built partitioned the same way (its share in the run's
+    precision, plus one of its tensors gathered whole while rank 0 copies it in: at most
+    d_vis x d_vis, counted in fp32), a small one loaded whole in fp32. Rank 0 also memory-maps the
+    checkpoint files while it copies them in (file-backed pages the OS can drop, not counted here)."""
     v_params, d_vis = vision
     emb, proj = lm.vocab * lm.hidden, d_vis * lm.hidden + lm.hidden
     if zero_stage == 3 and not qlora:
         half = 4 if precision == "fp32" else 2
-        return lm.params() * half / world + emb * half + (emb + proj) * half + v_params * 4
+        enc = v_params * half / world + d_vis * d_vis * 4 if vision_partitioned else v_params * 4
+        return lm.params() * half / world + emb * half + (emb + proj) * half + enc
     lm_bytes = lm.params() * (0.5 + 0.03) if qlora else lm.params() * 4
     return lm_bytes + v_params * 4 + (emb + proj) * 4
 
@@ -191,7 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     lm, vis = lm_shape(a.lm), vision_shape(a.vision)
     world = a.gpus * a.nodes
-    rows = {s: estimate(lm, vis, s, world, a.precision, a.lora_rank, qlora=a.qlora, offload=a.offload) for s in range(4)}
+    from .zero3 import encoder_partitioned
+
+    vis_part = encoder_partitioned(a.vision)
+    rows = {s: estimate(lm, vis, s, world, a.precision, a.lora_rank, qlora=a.qlora, offload=a.offload,
+                        vision_partitioned=vis_part) for s in range(4)}
     if a.json:
         print(json.dumps({"lm": a.lm, "vision": a.vision, "world": world, "stages": rows}, indent=2))
         return
@@ -211,9 +219,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{e['cpu_offload_per_gpu'] * a.gpus / GiB:.2f} GiB per node")
     print(f"\nZeRO-{a.zero_stage}: {e['per_gpu'] / GiB:.2f} GiB per GPU for model states; add activations "
           "(reduce with --gradient_checkpointing and a smaller --per_device_batch_size).")
-    how = ("the LM built partitioned in " + a.precision if a.zero_stage == 3 and not a.qlora
+    z3 = a.zero_stage == 3 and not a.qlora
+    how = ("the LM built partitioned in " + a.precision if z3
            else "the whole LM in " + ("4-bit" if a.qlora else "fp32") + " on every GPU")
-    print(f"Loading ({how}; the encoder whole in fp32): {e['load_peak'] / GiB:.2f} GiB per GPU at its peak, "
+    enc = "the encoder partitioned in " + a.precision if z3 and vis_part else "the encoder whole in fp32"
+    print(f"Loading ({how}; {enc}): {e['load_peak'] / GiB:.2f} GiB per GPU at its peak, "
           "before training starts.")
 
 

@@ -149,7 +149,10 @@ def build_model(args, plan: Plan):
     except (OSError, ValueError, ImportError) as e:
         raise TrainError(f"could not load --lm {args.lm!r}: {e}") from None
     try:
-        enc = build_encoder(vision_spec).to(plan.device)
+        from .zero3 import build_encoder as build_encoder_z3  # a large encoder partitioned under ZeRO-3
+
+        enc = build_encoder_z3(vision_spec, plan.device, deepspeed_config(args, plan) if partitioned else None,
+                               load_dtype(args, plan))
     except (OSError, ValueError, ImportError) as e:
         raise TrainError(f"could not load --vision {args.vision!r}: {e}") from None
     gather_base = contextlib.ExitStack()  # ZeRO-3 load: the LM's embedding whole while the model copies it
@@ -475,7 +478,7 @@ class Trainer:
         config = config_for(self.vcm, self.lm_spec, max_images=self.cfg.max_images_per_sample, lora=self.lora_cfg,
                             info={**self.info(), **extra_info})
         export_checkpoint(self.vcm, os.path.join(self.cfg.output_dir, name), config,
-                          zero3=self.engine.partitioned, rank=self.plan.rank)
+                          zero3=self.engine.partitioned, rank=self.plan.rank, engine=getattr(self.engine, "ds", None))
 
     def info(self) -> dict:
         """The provenance every exported checkpoint records."""

@@ -139,6 +139,34 @@ class Resampler(nn.Module):
         return self.attn(q, key, kv, need_weights=False)[0]
 
 
+def checkpoint_files(path: str) -> list[str]:
+    """The ``*.safetensors`` files of the checkpoint directory ``path`` (or ``path`` itself, one file)."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
+    if not files or not all(os.path.isfile(f) and f.endswith(".safetensors") for f in files):
+        raise FileNotFoundError(f"no *.safetensors files at {path} (only safetensors checkpoints are read)")
+    return files
+
+
+def checkpoint_config(path: str) -> QwenVLConfig:
+    """The ``"visual"`` entry of ``config.json`` beside the checkpoint, else bigG."""
+    cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    visual = None
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as fh:
+            visual = json.load(fh).get("visual")
+    return QwenVLConfig.from_dict(visual) if visual else QwenVLConfig.bigG()
+
+
+def check_keys(expected: set[str], found: set[str], path: str, config: QwenVLConfig) -> None:
+    """Refuse a checkpoint whose ``transformer.visual.*`` names differ from the model's."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} is not a Qwen-VL checkpoint matching {config}: "
+            f"missing {len(missing)} '{PREFIX}*' keys {missing[:8]}, unexpected {len(unexpected)} {unexpected[:8]}"
+        )
+
+
 class QwenVLEncoder(VisionEncoder):
     """Frozen Qwen-VL visual encoder: ``[n, 3, 448, 448] -> [n, 256, 4096]`` for bigG."""
 
@@ -171,16 +199,8 @@ class QwenVLEncoder(VisionEncoder):
         ``"visual"`` entry of ``path/config.json``, else bigG."""
         from safetensors import safe_open
 
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
-        if not files or not all(os.path.isfile(f) and f.endswith(".safetensors") for f in files):
-            raise FileNotFoundError(f"no *.safetensors files at {path} (only safetensors checkpoints are read)")
-        if config is None:
-            cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-            visual = None
-            if os.path.isfile(cfg_file):
-                with open(cfg_file) as fh:
-                    visual = json.load(fh).get("visual")
-            config = QwenVLConfig.from_dict(visual) if visual else QwenVLConfig.bigG()
+        files = checkpoint_files(path)
+        config = config or checkpoint_config(path)
         sd = {}
         for f in files:
             with safe_open(f, framework="pt") as st:
@@ -189,13 +209,7 @@ class QwenVLEncoder(VisionEncoder):
                         sd[k[len(PREFIX):]] = st.get_tensor(k)
         with torch.device("meta"):  # no random init of ~2B parameters; load_state_dict assigns
             enc = cls(config, path=str(path))
-        expected = set(enc.state_dict())
-        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} is not a Qwen-VL checkpoint matching {config}: "
-                f"missing {len(missing)} '{PREFIX}*' keys {missing[:8]}, unexpected {len(unexpected)} {unexpected[:8]}"
-            )
+        check_keys(set(enc.state_dict()), set(sd), path, config)
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
         enc.load_state_dict(sd, strict=True, assign=True)
