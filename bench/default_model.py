@@ -8,8 +8,9 @@ memory-bandwidth limit measured in the same run.
 A decode step reads every weight of the LM once, so tokens/s <= copy bandwidth / bytes read per
 token (the LM's linear weights in their format, plus the KV cache). The bandwidth is the machine's
 measured copy rate (bytes read + bytes written per second, ``torch`` copies of 256 MiB buffers,
-same thread count as the model). ``--profile`` adds where one decode step's time goes (cProfile
-over streamed tokens, grouped; shares, since cProfile inflates the Python-heavy parts).
+same thread count as the model). ``--profile`` adds where one decode step's time goes: the fast
+path's step by section (wall time, ``LeanDecoder.tick``), and today's path by function (cProfile over
+streamed tokens, grouped; shares, since cProfile inflates the Python-heavy parts).
 --cold converts the GGUF into a fresh temporary cache first (the first start after install).
 Prints Markdown tables for bench/RESULTS.md.
 """
@@ -126,14 +127,17 @@ def profile_decode(vc, ims, decode: str, new_tokens: int) -> list[tuple[str, flo
     total = sum(v[2] for v in st.values())
     from transformers.models.llama import modeling_llama as ml
 
+    from visualchat import lowp
+
     def at(fn):  # (file, first line) of a function, as cProfile keys it
         code = fn.__code__
         return lambda k: k[0] == code.co_filename and k[1] == code.co_firstlineno
 
     updates = [v[3] for k, v in st.items() if "cache_utils" in k[0] and k[2] == "update"]
     groups = {
-        "linear layers (the matmuls)": cum(lambda k: k[2] == "forward" and (
-            k[0].endswith(os.path.join("modules", "linear.py")) or k[0].endswith("lowp.py"))),
+        # the innermost GEMM calls only (a fused group's parts call these too)
+        "linear layers (the matmuls)": cum(lambda k: k[2] == "forward" and k[0].endswith(os.path.join("modules", "linear.py")))
+        + sum(cum(at(cls.forward)) for cls in lowp._CLASSES.values()),
         "attention (MMCA)": cum(lambda k: k[2] == "mmca_attention"),
         # Cache.update (which holds the layer's update), or the lean step's own append
         "KV cache update": max(updates, default=0.0) + cum(lambda k: k[2] == "append_kv"),
@@ -150,13 +154,54 @@ def profile_decode(vc, ims, decode: str, new_tokens: int) -> list[tuple[str, flo
     return out
 
 
+def section_profile(vc, ims, new_tokens: int) -> list[tuple[str, float]]:
+    """Wall time per token of each section of the lean decode step (``LeanDecoder.tick``), over one
+    streamed answer after the 3-image round, and what runs between steps (sampling, streaming, the
+    session's bookkeeping). Milliseconds per token, in the order of the step."""
+    from collections import Counter
+
+    from visualchat.decode import lean_decoder
+
+    os.environ["VISUALCHAT_DECODE"] = "lean"
+    s = vc.new_session()
+    s.ask("Describe Image 1, Image 2 and Image 3.", images=ims, max_new_tokens=2)
+    lean = lean_decoder(vc)
+    acc, last, steps = Counter(), [0], [0]
+    outside = "between steps: sampling, streaming, session bookkeeping"
+
+    def tick(name):
+        now = time.perf_counter_ns()
+        acc[name] += now - last[0]
+        last[0] = now
+
+    def timed_step(*a, **k):
+        tick(outside)
+        steps[0] += 1
+        return step(*a, **k)
+
+    step = lean.step
+    gen = s.stream("What is in Image 1? Describe it in detail.", max_new_tokens=new_tokens)
+    next(gen)  # the prefill and the first token
+    lean.tick, lean.step = tick, timed_step
+    try:
+        last[0] = time.perf_counter_ns()
+        for _ in gen:
+            pass
+        tick(outside)
+    finally:
+        lean.tick = None
+        del lean.step  # the class's method again
+    n = max(steps[0], 1)
+    return [(k, v / n / 1e6) for k, v in acc.items()]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cold", action="store_true", help="also time the first start (GGUF conversion)")
     ap.add_argument("--new_tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=8, help="the conversation's length; its last round's TTFT is reported")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--profile", action="store_true", help="also profile the decode step of both paths")
+    ap.add_argument("--profile", action="store_true", help="also profile the decode step: the fast path by section, today's by function")
     ap.add_argument("--fast", default="auto", help="the fast path's LM weight format (default: what auto picks)")
     args = ap.parse_args()
     import torch
@@ -219,7 +264,13 @@ def main():
     print(f"\nround 1 answers: today {a['answer1']!r} ({a['new_tokens1']} tokens); fast {b['answer1']!r} "
           f"({b['new_tokens1']} tokens){' (same)' if a['answer1'] == b['answer1'] else ' (DIFFERENT)'}")
     if args.profile:
-        for p, decode in ((a, "hf"), (b, "lean")):
+        rows = section_profile(b["vc"], ims, args.new_tokens)
+        total = sum(v for _, v in rows)
+        print(f"\nwhere a decode step's time goes, {b['name']} (wall time per token by section, "
+              f"{total:.1f} ms per token in all):\n\n| section | ms per token | share |\n|---|---|---|")
+        for k, v in rows:
+            print(f"| {k} | {v:.2f} | {100 * v / total:.0f}% |")
+        for p, decode in ((a, "hf"),):  # (the lean step's attention and KV append are inline: its sections above)
             print(f"\nwhere a decode step's time goes, {p['name']} (cProfile, shares):\n\n| part | share |\n|---|---|")
             for k, v in profile_decode(p["vc"], ims, decode, args.new_tokens):
                 print(f"| {k} | {100 * v:.0f}% |")

@@ -104,6 +104,23 @@ def test_fused_parts_share_one_gemm_and_match_separate_layers():
                                rtol=1e-6, atol=1e-6)
 
 
+def test_bench_section_profile_times_every_section_of_the_lean_step(tiny_tokenizer, tiny_clip_dir):
+    """bench/default_model.py --profile: the lean step reports each of its sections through ``tick``,
+    the per-token times are positive and the step's hooks are removed afterwards."""
+    from bench.default_model import section_profile
+
+    vc, _ = _tiny_pair(tiny_tokenizer, tiny_clip_dir)
+    lean = lean_decoder(vc)
+    ims = [color_image(c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    rows = dict(section_profile(vc, ims, new_tokens=6))
+    assert set(rows) == {"between steps: sampling, streaming, session bookkeeping",
+                         "step setup (embedding row, rotation, MMCA masks)", "RMSNorm", "GEMM q/k/v",
+                         "rotary embedding", "KV cache append", "attention (MMCA)", "GEMM o", "GEMM gate/up",
+                         "SiLU x up, residual adds", "GEMM down", "GEMM head (logits)"}, rows
+    assert all(v > 0 for v in rows.values()), rows
+    assert lean.tick is None and "step" not in vars(lean)
+
+
 def test_lean_decode_step_matches_transformers(tiny_tokenizer, tiny_clip_dir, monkeypatch):
     """The lean decode step computes what transformers' forward does (float32 rounding apart)."""
     vc, _ = _tiny_pair(tiny_tokenizer, tiny_clip_dir)

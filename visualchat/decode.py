@@ -120,6 +120,9 @@ class LeanDecoder:
         self._rot_src = torch.cat([j[half:], j[:half]])  # out_j takes x[src_j] * (-sin_j or +sin_j)
         self._rot_sign = torch.cat([-torch.ones(half), torch.ones(half)])
         self._diag = j
+        #: None, or ``tick(section)`` called as each section of a step ends (bench/default_model.py
+        #: --profile times the sections with it); costs one test per section when None.
+        self.tick = None
 
     def _rotation(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """``[D, D]``: ``v @ R`` is the rotary embedding of a ``[.., D]`` vector at position ``pos``."""
@@ -133,7 +136,7 @@ class LeanDecoder:
 
     @torch.no_grad()
     def step(self, token: int, cache, key_is_image: torch.Tensor) -> torch.Tensor:
-        m = self.model
+        m, tick = self.model, self.tick
         dev = m.embed_tokens.weight.device
         x = m.embed_tokens(torch.tensor([[token]], device=dev))  # [1, 1, H]: a text token's row of the embedding copy
         rot = self._rotation(x, cache.get_seq_length())
@@ -141,26 +144,58 @@ class LeanDecoder:
         plan = attention._decode_masks(key_is_image) if mode == "mmca" else "causal"
         nh, nkv, d, hsz = self.n_heads, self.n_kv, self.head_dim, (self.hidden,)
         g, nq = nh // nkv, nh * d
+        if tick:
+            tick("step setup (embedding row, rotation, MMCA masks)")
         for i, (w1, qkv_proj, o_proj, scaling, w2, gate_up, down) in enumerate(self.layers):
             h = F.rms_norm(x, hsz, w1, self.eps)
+            if tick:
+                tick("RMSNorm")
             qkv = qkv_proj(h) if not isinstance(qkv_proj, tuple) else torch.cat([f(h) for f in qkv_proj], -1)
+            if tick:
+                tick("GEMM q/k/v")
             qk = torch.matmul(qkv[0, :, :nq + nkv * d].view(nh + nkv, d), rot)  # q and k rotated: [nh + nkv, D]
             k = qk[nh:].view(1, nkv, 1, d)
             v = qkv[0, :, nq + nkv * d:].view(1, nkv, 1, d)
+            if tick:
+                tick("rotary embedding")
             k, v = append_kv(cache, i, k, v)  # [1, nkv, L, D]
+            if tick:
+                tick("KV cache append")
             if plan is None or isinstance(plan, str):  # text keys only, causal mode, or not the branch's case
                 a = attention.mmca_attention(qk[:nh].view(1, nh, 1, d), k, v, key_is_image, None, scaling, mode)
             else:  # MMCA: the text-key and image-key softmaxes over one score matrix, added
                 scores = torch.matmul(qk[:nh].view(nkv, g, d), k[0].transpose(-1, -2))  # [nkv, g, L]
                 probs = torch.softmax(torch.add(plan[:, 0], scores, alpha=scaling), dim=-1)  # [2, nkv, g, L]
                 a = torch.matmul(probs.sum(0), v[0])  # [nkv, g, D]
-            x = x + o_proj(a.view(1, 1, nq))
+            if tick:
+                tick("attention (MMCA)")
+            y = o_proj(a.view(1, 1, nq))
+            if tick:
+                tick("GEMM o")
+            x = x + y
             h = F.rms_norm(x, hsz, w2, self.eps)
+            if tick:
+                tick("RMSNorm")
             gu = gate_up(h) if not isinstance(gate_up, tuple) else torch.cat([f(h) for f in gate_up], -1)
+            if tick:
+                tick("GEMM gate/up")
             n_int = gu.shape[-1] // 2
-            x = x + down(F.silu(gu[..., :n_int]) * gu[..., n_int:])
+            y = F.silu(gu[..., :n_int]) * gu[..., n_int:]
+            if tick:
+                tick("SiLU x up, residual adds")
+            y = down(y)
+            if tick:
+                tick("GEMM down")
+            x = x + y
+            if tick:
+                tick("SiLU x up, residual adds")
         x = F.rms_norm(x, hsz, self.dec.norm.weight, self.eps)
-        return self.head(x)[0, -1].float()
+        if tick:
+            tick("RMSNorm")
+        logits = self.head(x)[0, -1].float()
+        if tick:
+            tick("GEMM head (logits)")
+        return logits
 
 
 def lean_decoder(vc) -> LeanDecoder | None:
