@@ -3,10 +3,14 @@
     python app.py                      # the embedded default model on http://127.0.0.1:7860
     deepspeed --num_gpus 2 app.py      # DeepSpeed-Inference AutoTP over 2 ranks (torchrun works too)
 
-This file is the UI and its entry point; its Gradio-specific helpers are in the ``webapp`` package
-beside it. Loading and ZeroGPU live in visualchat/serving.py, DeepSpeed and the multi-rank lockstep in
-visualchat/tensor_parallel.py, a tab's conversation in visualchat/chat_session.py. The event handlers
-are plain methods of ``ChatUI`` (inputs in, output values out), so tests call them without a browser.
+This file is the entry point: flags, the page's layout and the launch. The Gradio side's pieces are in
+the ``webapp`` package beside it: one chat panel over N models and its handlers (``webapp/panel.py``: the
+Chat tab is a panel with one model, Compare the same with two), rendering (``webapp/views.py``), a
+browser tab's state (``webapp/state.py``) and the /generate API's input (``webapp/api.py``). Loading
+and ZeroGPU live in visualchat/serving.py, DeepSpeed and the multi-rank lockstep in
+visualchat/tensor_parallel.py, a tab's conversation in visualchat/chat_session.py, driving a
+visualchat.session.Session. The handlers are plain methods (inputs in, output values out), so tests
+call them without a browser.
 """
 from __future__ import annotations
 
@@ -19,31 +23,21 @@ except ImportError:
     pass
 
 import argparse
-import html
 import logging
 import signal
 import sys
 import time
-import uuid
-import weakref
+from dataclasses import dataclass
 from typing import Any, Iterator
+
+from visualchat.session import INPUT_ERRORS
+from webapp.panel import CHAT, COMPARE, EXAMPLES, EXAMPLES_DIR, Panel  # noqa: F401 (EXAMPLES_DIR: for scripts)
+from webapp.state import TabState
+from webapp.views import SHAPES_NOTE, esc, status_html, stop_button, trained_on_shapes
 
 log = logging.getLogger("visualchat.app")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES_DIR = os.path.join(HERE, "assets", "examples")
-
-#: Ready-made conversations on the shapes scenes in assets/examples (what the default model is trained on):
-#: (title, [(question, [image files brought by that round]), ...]).
-EXAMPLES = [
-    ("Star colour, then the word (1 image, 2 rounds)",
-     [("What color is the star in Image 1?", ["shapes_1.png"]), ("What word is written in Image 1?", [])]),
-    ("Spot the difference (2 images)",
-     [("What is different between Image 1 and Image 2?", ["shapes_2.png", "shapes_3.png"])]),
-    ("Count, add a second image, compare (3 rounds)",
-     [("How many squares are in Image 1?", ["shapes_4.png"]), ("Describe Image 2.", ["shapes_5.png"]),
-      ("Which image has more triangles, Image 1 or Image 2?", [])]),
-]
 
 CSS = """
 #vc-header {gap: 2px;}
@@ -197,437 +191,26 @@ def limits_from_args(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rendering the state into component values
-
-
-def _esc(text: str) -> str:
-    return html.escape(str(text))
-
-
-def status_html(kind: str, text: str) -> str:
-    """The status line under the chat: kind error | warn | info, or "" for nothing."""
-    return f'<div class="vc-{kind}">{text}</div>' if text else ""
-
-
-GENERATING = "*(generating…)*"
-
-
-def chat_messages(chat) -> list[dict]:
-    """A ChatSession as Chatbot messages: each user turn shows the images it brought (captioned with the
-    numbers the model sees) above its question."""
-    msgs = []
-    for r in chat.rounds:
-        content: list = [{"path": p, "alt_text": f"Image {r.first_image + i}"} for i, p in enumerate(r.paths)]
-        if r.paths:
-            names = ", ".join(f"Image {r.first_image + i}" for i in range(len(r.paths)))
-            content.append(f"*({names} attached)*\n\n{r.question}")
-        else:
-            content.append(r.question)
-        msgs.append({"role": "user", "content": content})
-        answer = r.answer if r.answer else (GENERATING if r.answer is None else "*(no answer)*")
-        msgs.append({"role": "assistant", "content": answer})
-    return msgs
-
-
-def gallery_items(chat) -> list[tuple[str, str]]:
-    return [(p, f"Image {i}") for i, p in enumerate(chat.image_paths, 1)]
-
-
-def stats_text(chat) -> str:
-    s = chat.last_stats or {}
-    if not s.get("new_tokens"):
-        return ""
-    return (f"{s['new_tokens']} tokens in {s.get('total_s', 0):.1f} s · {s.get('tokens_per_s', 0):.1f} tokens/s · "
-            f"first token after {s.get('ttft_s', 0):.2f} s · {s.get('prefill_tokens', 0)} prompt tokens computed")
-
-
-def outcome_html(chat, regenerate: bool = True) -> str:
-    """What the last request of this chat did, for the status line. ``regenerate``: the tab has a
-    Regenerate button to point to (the Compare tab does not)."""
-    if chat.status == "stopped":  # chat.error says why when the server stopped it (its time limit per answer)
-        return status_html("warn", "Stopped" + (f": {_esc(chat.error)}" if chat.error else "") + ". The partial answer is kept; "
-                                   + ("Regenerate to try again." if regenerate else "ask again to try again."))
-    if chat.status == "failed":
-        return status_html("error", f"<b>The model failed while answering</b>: {_esc(chat.error)}. What it had "
-                                    "written so far is kept, and the app keeps serving.")
-    if chat.status == "rejected":
-        return status_html("error", f"<b>Not sent</b>: {_esc(chat.error)}. The conversation is unchanged.")
-    if chat.status == "done":
-        return status_html("info", _esc(stats_text(chat)))
-    return ""
-
-
-def trained_on_shapes(vc) -> bool:
-    """Whether a model was trained on the synthetic shapes world only (its checkpoint's recorded data sets)."""
-    datasets = (getattr(vc.config, "info", None) or {}).get("datasets") or []
-    return any(str(d).startswith("shapes") for d in datasets) and all(
-        str(d).startswith("shapes") or d in ("jsonl", "chat") for d in datasets)
-
-
-SHAPES_NOTE = ("<b>What this model knows:</b> the default checkpoint was trained only on a synthetic world of "
-               "coloured shapes (circles, squares, triangles and stars in a 3×3 layout, sometimes a word), so ask "
-               "about such scenes: colours, counts, positions, what differs between images. Photos come back as "
-               "lists of shapes. For real pictures, train or load a real checkpoint (README: <i>Train your own</i>; "
-               "<code>python app.py --checkpoint DIR</code>).")
-
-
-def _layer_choice(layer) -> int | None:
-    """The layer dropdown's value: None (mean of all layers) or a 0-based layer."""
-    return None if layer in (None, "", -1, "-1") else int(layer)
-
-
-def looked_note(named_maps: list, layer: int | None) -> str:
-    """The line under a gallery that shows attention maps: what is averaged, and per model what the
-    share means (CA: part of one softmax over all tokens; MMCA: a softmax of its own)."""
-    m0 = named_maps[0][1]
-    rows, cols = m0.grid
-    which = f"the mean of all {m0.n_layers} layers" if layer is None else f"layer {layer + 1} of {m0.n_layers}"
-    text = (f"<b>Where it looked</b>: the last answer's attention over each image's {m0.image_tokens} tokens "
-            f"({rows}×{cols}), averaged over the answer's tokens, all heads and {which}; brighter = more. "
-            "Captions: each image's share of the attention the answer paid to images.")
-    for name, m in named_maps:
-        who = f"{name}" if name else "This model"
-        if m.mode == "causal":
-            text += (f" {who} uses causal attention: {m.image_share(layer):.0%} of its attention went to image "
-                     "tokens at all (the rest to text); the maps show that part, renormalised per image.")
-        else:
-            text += f" {who} uses MMCA: each answer token's attention over the image tokens is a softmax of its own."
-    if not m0.square:
-        text += (f" K={m0.image_tokens} is not a square number: its tokens are drawn {rows}×{cols} in order, "
-                 "which may not match where they come from in the image.")
-    return status_html("info", text)
-
-
-def split_message(message) -> tuple[str, list]:
-    """A MultimodalTextbox value (dict with text and files) or a plain string -> (text, files)."""
-    if message is None:
-        return "", []
-    if isinstance(message, str):
-        return message, []
-    text = message.get("text") or ""
-    files = []
-    for f in message.get("files") or []:
-        files.append(f.get("path") if isinstance(f, dict) else f)
-    return text, files
-
-
-EMPTY_MESSAGE = {"text": "", "files": []}
-
-
-class _Throttle:
-    """True at most every ``every`` seconds (and on the first call): limits UI updates while streaming."""
-
-    def __init__(self, every: float = 0.08):
-        self.every, self.last = every, 0.0
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            return True
-        return False
-
-
-# ---------------------------------------------------------------------------------------------------
-# Event handlers
+# Event handlers: one Panel per tab (webapp/panel.py), the Stop button, the stateless API
 
 
 class ChatUI:
-    """The app's event handlers. Each takes the component values (and the tab's ``TabState``) and
-    returns, or yields while streaming, the output values."""
+    """The app's event handlers: ``ui.chat`` (the Chat tab, a panel with one model) and ``ui.compare``
+    (the Compare tab, the same panel with two) hold the chat handlers (send, regenerate, run_example,
+    undo, clear, refresh, looked); here are the Stop button's and the stateless ``/generate`` API's."""
 
     def __init__(self, server, max_new_tokens: int = 128):
         self.server = server
         self.max_new_tokens = max_new_tokens
-        self._overlays = weakref.WeakKeyDictionary()  # chat session -> its attention-map image files
-
-    @staticmethod
-    def stop_button(busy: bool):
-        """Stop is enabled and red only while an answer runs."""
-        import gradio as gr
-
-        return gr.Button(interactive=busy, variant="stop" if busy else "secondary")
+        self.chat = Panel(server, CHAT)
+        self.compare = Panel(server, COMPARE)
 
     def stop_busy(self):
-        return self.stop_button(True)
+        return stop_button(True)
 
     def stop_idle(self):
-        return self.stop_button(False)
+        return stop_button(False)
 
-    def _draw_maps(self, owner, entries) -> list[tuple[str, str]]:
-        """Gallery items for ``entries`` (source image path, heat map, caption): each image with its map
-        drawn over it, written to the server's temp folder (replacing ``owner``'s previous ones)."""
-        from PIL import Image
-
-        from visualchat.attention_maps import overlay
-        from visualchat.chat_session import _remove
-
-        for p in self._overlays.pop(owner, []):
-            _remove(p)
-        items, paths = [], []
-        for src, heat, caption in entries:
-            with Image.open(src) as im:
-                drawn = overlay(im, heat)
-            path = os.path.join(self.server.tmpdir, f"looked-{uuid.uuid4().hex}.png")
-            drawn.save(path, format="PNG", compress_level=1)
-            paths.append(path)
-            items.append((path, caption))
-        self._overlays[owner] = paths
-        return items
-
-    @staticmethod
-    def _maps_of(chats) -> tuple[list | None, str]:
-        """Each chat's attention maps, or (None, a note saying why there are none)."""
-        try:
-            return [c.attention_maps() for c in chats], ""
-        except ValueError as e:
-            return None, status_html("info", f"<b>Where it looked</b>: {_esc(e)}.")
-        except RuntimeError as e:
-            return None, status_html("error", f"<b>Where it looked</b>: {_esc(e)}.")
-
-    # -- helpers -------------------------------------------------------------------------------
-    @staticmethod
-    def gen(max_new_tokens, temperature, top_p, repetition_penalty, seed=None) -> dict:
-        return dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                    repetition_penalty=float(repetition_penalty), seed=None if seed in (None, "") else int(seed))
-
-    @staticmethod
-    def input_box(busy: bool, clear: bool = False):
-        """The input box while an answer is generated (a stop button instead of send, as in most chat
-        apps; cleared when the message was taken) or idle again."""
-        import gradio as gr
-
-        kw = {"value": dict(EMPTY_MESSAGE)} if clear else {}
-        return gr.MultimodalTextbox(submit_btn=not busy, stop_btn=busy, **kw)
-
-    def chat_view(self, chat, status: str | None = None, textbox: Any = None) -> tuple:
-        """(chatbot, gallery, prompt, textbox, status) for the Chat tab."""
-        import gradio as gr
-
-        return (chat_messages(chat), gallery_items(chat), chat.prompt_text(),
-                gr.skip() if textbox is None else textbox, outcome_html(chat) if status is None else status)
-
-    def _stream(self, chat, stream: Iterator[str], view, clear_textbox: bool = True) -> Iterator[tuple]:
-        """Yield views while ``stream`` generates (throttled), then the final one. Closing this generator
-        (Stop, a cancelled request) closes the stream, which keeps the partial answer."""
-        throttle = _Throttle()
-        try:
-            yield view(status="", textbox=self.input_box(True, clear_textbox))
-            try:
-                for _ in stream:
-                    if throttle():
-                        yield view(status="")
-            except Exception:  # logged by ChatSession; the status line says what happened
-                pass
-            yield view(textbox=self.input_box(False))
-        finally:
-            stream.close()
-
-    # -- Chat tab ------------------------------------------------------------------------------
-    def send(self, message, tab, max_new_tokens, temperature, top_p, repetition_penalty):
-        chat = tab.get_chat(self.server)
-        text, files = split_message(message)
-        view = lambda **kw: self.chat_view(chat, **kw)  # noqa: E731
-        try:
-            stream = chat.send(text, files, **self.gen(max_new_tokens, temperature, top_p, repetition_penalty))
-        except Exception as e:
-            yield view(status=self._rejected(chat, e))  # the message stays in the box, to fix and resend
-            return
-        yield from self._stream(chat, stream, view)
-
-    def regenerate(self, tab, max_new_tokens, temperature, top_p, repetition_penalty):
-        chat = tab.get_chat(self.server)
-        view = lambda **kw: self.chat_view(chat, **kw)  # noqa: E731
-        try:
-            stream = chat.regenerate(**self.gen(max_new_tokens, temperature, top_p, repetition_penalty))
-        except Exception as e:
-            yield view(status=self._rejected(chat, e))
-            return
-        yield from self._stream(chat, stream, view, clear_textbox=False)
-
-    def undo(self, tab):
-        chat = tab.get_chat(self.server)
-        chat.wait_idle(10)
-        try:
-            rnd = chat.undo()
-        except RuntimeError as e:
-            return self.chat_view(chat, status=status_html("error", _esc(e)))
-        note = (f"Removed the last round (“{_esc(rnd.question[:80])}”)." if rnd else "Nothing to undo.")
-        return self.chat_view(chat, status=status_html("info", note))
-
-    def clear(self, tab):
-        chat = tab.get_chat(self.server)
-        chat.wait_idle(10)
-        chat.reset()
-        return self.chat_view(chat, status="", textbox=self.input_box(False, clear=True))
-
-    def refresh(self, tab):
-        """After an answer ends, is stopped or its request is cancelled: show the kept conversation."""
-        chat = tab.get_chat(self.server)
-        chat.wait_idle(10)
-        return self.chat_view(chat, textbox=self.input_box(False))
-
-    def looked(self, on, layer, tab):
-        """The "Where it looked" toggle (and layer choice) of the Chat tab: (gallery, note). On, every gallery
-        image shows the last answer's attention map over it, captioned with its share; computed now, by one
-        extra forward. Off: the plain gallery."""
-        chat = tab.get_chat(self.server)
-        if not on:
-            return gallery_items(chat), ""
-        found, note = self._maps_of([chat])
-        if found is None:
-            return gallery_items(chat), note
-        maps, layer = found[0], _layer_choice(layer)
-        heat, shares = maps.maps(layer), maps.shares(layer)
-        entries = [(p, heat[i], f"Image {i + 1} · {shares[i]:.0%}")
-                   for i, p in enumerate(chat.image_paths)]
-        return self._draw_maps(chat, entries), looked_note([("", maps)], layer)
-
-    def run_example(self, index, tab, max_new_tokens, temperature, top_p, repetition_penalty):
-        """Clear the chat and play one of EXAMPLES round by round."""
-        chat = tab.get_chat(self.server)
-        chat.wait_idle(10)
-        chat.reset()
-        view = lambda **kw: self.chat_view(chat, **kw)  # noqa: E731
-        gen = self.gen(max_new_tokens, temperature, top_p, repetition_penalty)
-        for question, files in EXAMPLES[int(index)][1]:
-            try:
-                stream = chat.send(question, [os.path.join(EXAMPLES_DIR, f) for f in files], **gen)
-            except Exception as e:
-                yield view(status=self._rejected(chat, e))
-                return
-            yield from self._stream(chat, stream, view, clear_textbox=False)
-            if chat.status != "done":
-                return
-
-    @staticmethod
-    def _rejected(chat, e: Exception) -> str:
-        from visualchat.session import INPUT_ERRORS
-
-        if not isinstance(e, INPUT_ERRORS + (RuntimeError,)):
-            log.exception("request failed")
-        chat.status, chat.error = "rejected", str(e)
-        return outcome_html(chat)
-
-    # -- Compare tab ---------------------------------------------------------------------------
-    def compare_view(self, pair, status: str | None = None, textbox: Any = None) -> tuple:
-        """(CA chatbot, MMCA chatbot, gallery, textbox, status) for the Compare tab."""
-        import gradio as gr
-
-        ca, mm = pair
-        if status is None:
-            parts = []
-            for name, c in (("CA", ca), ("MMCA", mm)):
-                h = outcome_html(c, regenerate=False)
-                if h and c.status != "done":
-                    parts.append(h.replace(">", f"><b>{name}:</b> ", 1))
-            status = "".join(parts)
-        return (chat_messages(ca), chat_messages(mm), gallery_items(mm), gr.skip() if textbox is None else textbox,
-                status)
-
-    def _compare_missing(self) -> tuple:
-        import gradio as gr
-
-        note = self.server.compare.note or "The Compare tab is off."
-        return ([], [], [], gr.skip(), status_html("error", _esc(note)))
-
-    def _stream_pair(self, pair, streams, clear_textbox=True) -> Iterator[tuple]:
-        """Both models answer the same round; one token each in turn, so both columns stream."""
-        view = lambda **kw: self.compare_view(pair, **kw)  # noqa: E731
-        throttle = _Throttle()
-        live = list(streams)
-        try:
-            yield view(status="", textbox=self.input_box(True, clear_textbox))
-            while live:
-                for s in list(live):
-                    try:
-                        next(s)
-                    except StopIteration:
-                        live.remove(s)
-                    except Exception:  # recorded by its ChatSession (status failed); the other goes on
-                        live.remove(s)
-                if throttle():
-                    yield view(status="")
-            yield view(textbox=self.input_box(False))
-        finally:
-            for s in streams:
-                s.close()
-
-    def compare_send(self, message, tab, max_new_tokens, temperature, top_p, repetition_penalty):
-        if not self.server.compare.ready:
-            yield self._compare_missing()
-            return
-        pair = tab.get_compare(self.server)
-        text, files = split_message(message)
-        gen = self.gen(max_new_tokens, temperature, top_p, repetition_penalty)
-        streams = []
-        try:
-            for c in pair:
-                streams.append(c.send(text, files, **gen))
-        except Exception as e:
-            if streams:  # the first accepted it, the second did not: take the first back
-                streams[0].close()
-                pair[0].undo()
-            for c in pair:
-                self._rejected(c, e)
-            yield self.compare_view(pair, status=outcome_html(pair[1], regenerate=False))
-            return
-        yield from self._stream_pair(pair, streams)
-
-    def compare_example(self, index, tab, max_new_tokens, temperature, top_p, repetition_penalty):
-        if not self.server.compare.ready:
-            yield self._compare_missing()
-            return
-        pair = tab.get_compare(self.server)
-        for c in pair:
-            c.wait_idle(10)
-            c.reset()
-        gen = self.gen(max_new_tokens, temperature, top_p, repetition_penalty)
-        for question, files in EXAMPLES[int(index)][1]:
-            paths = [os.path.join(EXAMPLES_DIR, f) for f in files]
-            streams = [c.send(question, paths, **gen) for c in pair]
-            yield from self._stream_pair(pair, streams, clear_textbox=False)
-            if any(c.status != "done" for c in pair):
-                return
-
-    def compare_clear(self, tab):
-        if not self.server.compare.ready:
-            return self._compare_missing()
-        pair = tab.get_compare(self.server)
-        for c in pair:
-            c.wait_idle(10)
-            c.reset()
-        return self.compare_view(pair, status="", textbox=self.input_box(False, clear=True))
-
-    def compare_refresh(self, tab):
-        if not self.server.compare.ready:
-            return self._compare_missing()
-        pair = tab.get_compare(self.server)
-        for c in pair:
-            c.wait_idle(10)
-        return self.compare_view(pair, textbox=self.input_box(False))
-
-    def compare_looked(self, on, layer, tab):
-        """The Compare tab's "Where it looked": both models' maps of every image side by side, CA then
-        MMCA. (gallery, note)."""
-        if not self.server.compare.ready:
-            return [], ""
-        ca, mm = tab.get_compare(self.server)
-        if not on:
-            return gallery_items(mm), ""
-        found, note = self._maps_of([ca, mm])
-        if found is None:
-            return gallery_items(mm), note
-        layer = _layer_choice(layer)
-        entries = []
-        heats = [m.maps(layer) for m in found]
-        shares = [m.shares(layer) for m in found]
-        for i, p in enumerate(mm.image_paths):
-            for j, name in enumerate(("CA", "MMCA")):
-                entries.append((p, heats[j][i], f"Image {i + 1} · {name} {shares[j][i]:.0%}"))
-        return self._draw_maps(mm, entries), looked_note(list(zip(("CA", "MMCA"), found)), layer)
-
-    # -- the stateless API ---------------------------------------------------------------------
     def api_generate(self, conversation: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                      model: str = "chat", request: "gr.Request" = None) -> Iterator[str]:
@@ -641,14 +224,13 @@ class ChatUI:
         import gradio as gr
 
         from visualchat.serving import AbandonedError, bounded
-        from visualchat.session import INPUT_ERRORS
         from webapp.api import forget_request_inputs, unread_probe, validate_api_request
 
         limits = self.server.limits
         try:
             model, history, question, images, gen = validate_api_request(
                 self.server, conversation, max_new_tokens, temperature, top_p, repetition_penalty, seed, model)
-            stream = self.server.stream(model, history, question, images, gen)
+            stream = self.server.stream(model, history, question, images, gen)  # a Session built from the history
         except INPUT_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
         finally:
@@ -674,7 +256,38 @@ class ChatUI:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Layout
+# Layout: the header, the Chat tab, the Compare tab (built apart), wired to their panel the same way
+
+
+@dataclass
+class PanelView:
+    """One panel's components. The Chat tab has a prompt, Regenerate and Undo; Compare has none of them."""
+
+    chatbots: list
+    gallery: Any
+    textbox: Any
+    status: Any
+    stop: Any
+    clear: Any
+    examples: Any
+    looked: Any
+    layer: Any
+    looked_note: Any
+    prompt: Any = None
+    regenerate: Any = None
+    undo: Any = None
+
+    @property
+    def outputs(self) -> list:
+        """The components a handler of the panel returns, in :meth:`webapp.panel.Panel.view`'s order."""
+        return [*self.chatbots, self.gallery, *([self.prompt] if self.prompt is not None else []), self.textbox,
+                self.status]
+
+
+#: The API names of each panel's events (the Chat tab's are unprefixed).
+API_NAMES = {"chat": {"send": "chat", "regenerate": "regenerate", "example": "example", "undo": "undo",
+                      "clear": "clear"},
+             "compare": {"send": "compare", "example": "compare_example", "clear": "compare_clear"}}
 
 
 def _model_line(server) -> str:
@@ -684,14 +297,190 @@ def _model_line(server) -> str:
     vision = vc.config.vision.split(":", 1)[0] if ":" in vc.config.vision else vc.config.vision
     ckpt = vc.path
     ckpt = os.path.relpath(ckpt, HERE) if ckpt and ckpt.startswith(HERE) else (ckpt or "none")
-    return (f"**Model** {_esc(lm)} + {_esc(vision)} · **checkpoint** `{_esc(ckpt)}` ({vc.config.attention.upper()}, "
+    return (f"**Model** {esc(lm)} + {esc(vision)} · **checkpoint** `{esc(ckpt)}` ({vc.config.attention.upper()}, "
             f"K={vc.config.image_tokens} tokens per image, up to {vc.config.max_images} images) · "
-            f"**serving** {_esc(server.backend)}")
+            f"**serving** {esc(server.backend)}")
 
 
 def _layer_choices(vc) -> list[tuple[str, int]]:
     n = getattr(vc.model.lm.config, "num_hidden_layers", None) or 0
     return [("all (mean)", -1)] + [(f"layer {i + 1}", i) for i in range(int(n))]
+
+
+def _server_for(model, compare, compare_missing, stateless):
+    """``model`` if it is a loaded Server, else a Server around the given VisualChats."""
+    from visualchat.serving import Server
+
+    if isinstance(model, Server):
+        return model
+    kw = {} if compare is not None or compare_missing is None else {"compare_missing": compare_missing}
+    server = Server.from_models(model, compare=compare, stateless=stateless, **kw)
+    if compare is None and compare_missing is None:
+        server.compare.note = ("The Compare tab needs a CA-trained and an MMCA-trained checkpoint; none were "
+                               "given to this app.")
+    return server
+
+
+def _header(server) -> None:
+    import gradio as gr
+
+    with gr.Column(elem_id="vc-header"):
+        gr.Markdown("# VisualChat\nAsk about several images over several rounds. The model sees every image as "
+                    "**Image 1 … Image N**, numbered in the order they arrive, and reads them with multi-modal "
+                    "causal attention (MMCA), as in [DeepSpeed-VisualChat](https://arxiv.org/abs/2309.14327).")
+        gr.Markdown(_model_line(server), elem_id="vc-model")
+        if trained_on_shapes(server.chat):
+            gr.HTML(status_html("info", SHAPES_NOTE), elem_classes="vc-status", elem_id="vc-knows")
+        if server.chat.untrained:
+            gr.HTML(status_html("warn", "<b>Untrained projection</b>: no trained checkpoint was found "
+                                        "(<code>assets/checkpoints/shapes-mmca</code> is missing), so answers come "
+                                        "from the language model alone and ignore the images."),
+                    elem_classes="vc-status", elem_id="vc-untrained")
+
+
+def _chat_tab(server, max_new_tokens: int, below: int) -> tuple[PanelView, list]:
+    """The Chat tab's components, and the generation settings' sliders (which Compare shares)."""
+    import gradio as gr
+
+    shapes = trained_on_shapes(server.chat)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=420):
+            chatbot = gr.Chatbot(label="Conversation", height=f"calc(100vh - {below}px)", min_height=260,
+                                 elem_id="chatbot", buttons=["copy"], feedback_options=None,
+                                 placeholder=("Click an example on the right, or attach a shapes picture "
+                                              "(like those in assets/examples) with the paperclip and ask "
+                                              "about its colours, counts or positions as Image 1, Image 2, "
+                                              "… Later rounds can bring more images." if shapes else
+                                              "Attach images with the paperclip (or drop them on the box "
+                                              "below), ask about them as Image 1, Image 2, … and press "
+                                              "Enter. Later rounds can bring more images."))
+            status = gr.HTML("", elem_classes="vc-status", elem_id="status")
+            textbox = gr.MultimodalTextbox(
+                placeholder=("e.g. “What color is the star in Image 1?” (attach shapes pictures with the "
+                             "paperclip)" if shapes else
+                             "Ask about Image 1, Image 2, … (attach images with the paperclip)"),
+                file_count="multiple", sources=["upload"], show_label=False,
+                submit_btn=True, elem_id="message", max_plain_text_length=4000)
+            with gr.Row():
+                stop_btn = gr.Button("Stop", variant="secondary", size="sm", elem_id="stop", interactive=False)
+                regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+                undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
+                clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
+        with gr.Column(scale=2, min_width=300):
+            gallery = gr.Gallery(label="Images in this conversation (as the model numbers them)", columns=4,
+                                 height=240, object_fit="contain", fit_columns=False, elem_id="gallery",
+                                 buttons=["fullscreen"], interactive=False)
+            with gr.Row(equal_height=True):
+                looked = gr.Checkbox(label="Where it looked", value=False, elem_id="looked", scale=1,
+                                     info="overlay the last answer's attention on every image")
+                layer = gr.Dropdown(choices=_layer_choices(server.chat), value=-1, label="Layers",
+                                    elem_id="looked-layer", scale=1, min_width=120)
+            looked_note_ = gr.HTML("", elem_classes="vc-status", elem_id="looked-note")
+            examples = gr.Dataset(label=("Examples on shapes scenes like those the model learned (click one "
+                                         "to play the whole conversation)" if shapes else
+                                         "Examples (click one to play the whole conversation)"),
+                                  components=[gr.Textbox(visible=False)], samples=[[t] for t, _ in EXAMPLES],
+                                  type="index", layout="table", elem_id="examples")
+            with gr.Accordion("Generation settings", open=False):
+                max_tokens = gr.Slider(1, 1024, value=max_new_tokens, step=1, label="Max new tokens",
+                                       elem_id="max-new-tokens")
+                temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p")
+                rep = gr.Slider(1, 2, value=1, step=0.05, label="Repetition penalty (1 = off)")
+            with gr.Accordion("Prompt as the model sees it", open=False, elem_id="prompt-panel"):
+                prompt = gr.Textbox(show_label=False, lines=10, max_lines=24, interactive=False,
+                                    buttons=["copy"], elem_id="prompt",
+                                    placeholder="The Figure-3 prompt appears here; each image is "
+                                                "[Image i: K tokens].")
+    view = PanelView([chatbot], gallery, textbox, status, stop_btn, clear_btn, examples, looked, layer,
+                     looked_note_, prompt=prompt, regenerate=regen_btn, undo=undo_btn)
+    return view, [max_tokens, temperature, top_p, rep]
+
+
+def _compare_tab(server, below: int) -> PanelView:
+    """The Compare tab's components: the CA and MMCA chatbots side by side, one input box."""
+    import gradio as gr
+
+    cinfo = server.compare
+    ready = cinfo.ready
+    if ready:
+        gr.Markdown("The same conversation goes to a model trained with plain **causal attention (CA)** "
+                    "and one trained with **multi-modal causal attention (MMCA)**. Both share the frozen "
+                    "vision encoder and language model in memory; only the projection, the embedding and "
+                    "the attention mode differ. Type once; each answers in its own column.")
+    else:
+        gr.HTML(status_html("warn", "<b>This comparison is not available yet.</b> " + esc(cinfo.note)),
+                elem_classes="vc-status", elem_id="compare-missing")
+    with gr.Row(equal_height=True):
+        ca_label = f"CA · {os.path.basename(cinfo.ca_path or '') or 'causal attention'}"
+        mm_label = f"MMCA · {os.path.basename(cinfo.mmca_path or '') or 'multi-modal causal attention'}"
+        chat_ca = gr.Chatbot(label=ca_label, height=f"calc(100vh - {below + 60}px)",
+                             min_height=240, elem_id="chat-ca", feedback_options=None)
+        chat_mm = gr.Chatbot(label=mm_label, height=f"calc(100vh - {below + 60}px)",
+                             min_height=240, elem_id="chat-mmca", feedback_options=None)
+    status = gr.HTML("", elem_classes="vc-status", elem_id="compare-status")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            textbox = gr.MultimodalTextbox(
+                placeholder="One question for both models (attach images with the paperclip)" if ready else
+                "Unavailable: see the note above", file_count="multiple",
+                sources=["upload"], show_label=False, interactive=ready, elem_id="compare-message")
+            with gr.Row():
+                stop_btn = gr.Button("Stop", variant="secondary", size="sm", elem_id="compare-stop",
+                                     interactive=False)
+                clear_btn = gr.Button("Clear", size="sm", elem_id="compare-clear")
+            examples = gr.Dataset(label="Examples", components=[gr.Textbox(visible=False)],
+                                  samples=[[t] for t, _ in EXAMPLES], type="index", layout="table",
+                                  elem_id="compare-examples")
+        with gr.Column(scale=2):
+            gallery = gr.Gallery(label="Images in this conversation", columns=2, height=420,
+                                 fit_columns=False, object_fit="contain", interactive=False,
+                                 elem_id="compare-gallery")
+            with gr.Row(equal_height=True):
+                looked = gr.Checkbox(label="Where it looked", value=False, elem_id="compare-looked",
+                                     scale=1, interactive=ready,
+                                     info="both models' attention maps side by side: CA, then MMCA")
+                choices = _layer_choices(cinfo.mmca) if ready else [("all (mean)", -1)]
+                layer = gr.Dropdown(choices=choices, value=-1, label="Layers",
+                                    elem_id="compare-looked-layer", scale=1, min_width=120)
+            looked_note_ = gr.HTML("", elem_classes="vc-status", elem_id="compare-looked-note")
+    return PanelView([chat_ca, chat_mm], gallery, textbox, status, stop_btn, clear_btn, examples, looked, layer,
+                     looked_note_)
+
+
+def _wire(ui: ChatUI, panel: Panel, v: PanelView, tab, settings: list, queue_kw: dict) -> None:
+    """The same events for every panel: Stop turns on (enabled, red) first, then the answer runs; after it
+    the kept conversation is shown, Stop turns off and the attention maps follow. Stop, Undo and Clear
+    (and the chatbots' trash icons) cancel a running answer."""
+    api = API_NAMES[panel.spec.key]
+    outs = v.outputs
+    busy = dict(fn=ui.stop_busy, inputs=None, outputs=[v.stop], api_visibility="private", queue=False,
+                show_progress="hidden")
+    answer = dict(outputs=outs, api_visibility="undocumented", show_progress="hidden", **queue_kw)
+    events = [v.textbox.submit(**busy).then(panel.send, [v.textbox, tab, *settings], api_name=api["send"], **answer)]
+    if v.regenerate is not None:
+        events.append(v.regenerate.click(**busy).then(panel.regenerate, [tab, *settings],
+                                                      api_name=api["regenerate"], **answer))
+    events.append(v.examples.click(**busy).then(panel.run_example, [v.examples, tab, *settings],
+                                                api_name=api["example"], **answer))
+    v.textbox.stop(None, None, None, cancels=events, api_visibility="private")
+    looked_io = dict(fn=panel.looked, inputs=[v.looked, v.layer, tab], outputs=[v.gallery, v.looked_note],
+                     api_visibility="private", show_progress="hidden", **queue_kw)
+    quick = dict(api_visibility="private", queue=False, show_progress="hidden")
+    for evt in events:
+        (evt.then(panel.refresh, [tab], outs, **quick)
+         .then(ui.stop_idle, None, [v.stop], **quick)
+         .then(**looked_io))
+    v.stop.click(None, None, None, cancels=events, api_visibility="private")
+    if v.undo is not None:
+        v.undo.click(panel.undo, [tab], outs, api_name=api["undo"], api_visibility="undocumented", cancels=events,
+                     queue=False, show_progress="hidden").then(**looked_io)
+    # the chatbots' trash icons do what Clear does: gallery, prompt and model state too
+    for trigger, name in ((v.clear.click, api["clear"]), *((c.clear, None) for c in v.chatbots)):
+        trigger(panel.clear, [tab], outs, api_name=name, api_visibility="undocumented" if name else "private",
+                cancels=events, queue=False, show_progress="hidden").then(**looked_io)
+    v.looked.change(**looked_io)
+    v.layer.change(**looked_io)
 
 
 def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128, concurrency: int = 1,
@@ -700,198 +489,20 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
     may give the (CA, MMCA) pair). The handlers are at ``demo.ui`` (a ChatUI)."""
     import gradio as gr
 
-    from visualchat.serving import Server
-    from webapp.state import TabState
-
-    if isinstance(model, Server):
-        server = model
-    else:
-        kw = {} if compare is not None or compare_missing is None else {"compare_missing": compare_missing}
-        server = Server.from_models(model, compare=compare, stateless=stateless, **kw)
-        if compare is None and compare_missing is None:
-            server.compare.note = ("The Compare tab needs a CA-trained and an MMCA-trained checkpoint; none were "
-                                   "given to this app.")
+    server = _server_for(model, compare, compare_missing, stateless)
     ui = ChatUI(server, max_new_tokens)
     # the chat fills the window height, leaving room for the header, the input box and the buttons
     below = 370 + (55 if server.chat.untrained else 0)
     queue_kw = dict(concurrency_id="model", concurrency_limit=max(1, int(concurrency)))
-    example_samples = [[t] for t, _ in EXAMPLES]
-    layer_choices = _layer_choices(server.chat)
-    compare_layer_choices = _layer_choices(server.compare.mmca) if server.compare.ready else [("all (mean)", -1)]
-
     with gr.Blocks(title="VisualChat", fill_width=True) as demo:
         tab = gr.State(TabState(), delete_callback=lambda s: s.close())
-        with gr.Column(elem_id="vc-header"):
-            gr.Markdown("# VisualChat\nAsk about several images over several rounds. The model sees every image as "
-                        "**Image 1 … Image N**, numbered in the order they arrive, and reads them with multi-modal "
-                        "causal attention (MMCA), as in [DeepSpeed-VisualChat](https://arxiv.org/abs/2309.14327).")
-            gr.Markdown(_model_line(server), elem_id="vc-model")
-            shapes = trained_on_shapes(server.chat)
-            if shapes:
-                gr.HTML(status_html("info", SHAPES_NOTE), elem_classes="vc-status", elem_id="vc-knows")
-            if server.chat.untrained:
-                gr.HTML(status_html("warn", "<b>Untrained projection</b>: no trained checkpoint was found "
-                                            "(<code>assets/checkpoints/shapes-mmca</code> is missing), so answers come "
-                                            "from the language model alone and ignore the images."),
-                        elem_classes="vc-status", elem_id="vc-untrained")
-
+        _header(server)
         with gr.Tabs():
-            # ---------------------------------------------------------------- Chat
             with gr.Tab("Chat", id="chat"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=3, min_width=420):
-                        chatbot = gr.Chatbot(label="Conversation", height=f"calc(100vh - {below}px)", min_height=260,
-                                             elem_id="chatbot",
-                                             buttons=["copy"], feedback_options=None,
-                                             placeholder=("Click an example on the right, or attach a shapes picture "
-                                                          "(like those in assets/examples) with the paperclip and ask "
-                                                          "about its colours, counts or positions as Image 1, Image 2, "
-                                                          "… Later rounds can bring more images." if shapes else
-                                                          "Attach images with the paperclip (or drop them on the box "
-                                                          "below), ask about them as Image 1, Image 2, … and press "
-                                                          "Enter. Later rounds can bring more images."))
-                        status = gr.HTML("", elem_classes="vc-status", elem_id="status")
-                        textbox = gr.MultimodalTextbox(
-                            placeholder=("e.g. “What color is the star in Image 1?” (attach shapes pictures with the "
-                                         "paperclip)" if shapes else
-                                         "Ask about Image 1, Image 2, … (attach images with the paperclip)"),
-                            file_count="multiple", sources=["upload"], show_label=False,
-                            submit_btn=True, elem_id="message", max_plain_text_length=4000)
-                        with gr.Row():
-                            stop_btn = gr.Button("Stop", variant="secondary", size="sm", elem_id="stop",
-                                                 interactive=False)
-                            regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
-                            undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
-                            clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
-                    with gr.Column(scale=2, min_width=300):
-                        gallery = gr.Gallery(label="Images in this conversation (as the model numbers them)", columns=4,
-                                             height=240, object_fit="contain", fit_columns=False, elem_id="gallery",
-                                             buttons=["fullscreen"], interactive=False)
-                        with gr.Row(equal_height=True):
-                            looked = gr.Checkbox(label="Where it looked", value=False, elem_id="looked", scale=1,
-                                                 info="overlay the last answer's attention on every image")
-                            layer = gr.Dropdown(choices=layer_choices, value=-1, label="Layers", elem_id="looked-layer",
-                                                scale=1, min_width=120)
-                        looked_status = gr.HTML("", elem_classes="vc-status", elem_id="looked-note")
-                        examples = gr.Dataset(label=("Examples on shapes scenes like those the model learned (click one "
-                                                     "to play the whole conversation)" if shapes else
-                                                     "Examples (click one to play the whole conversation)"),
-                                              components=[gr.Textbox(visible=False)], samples=example_samples,
-                                              type="index", layout="table", elem_id="examples")
-                        with gr.Accordion("Generation settings", open=False):
-                            max_tokens = gr.Slider(1, 1024, value=max_new_tokens, step=1, label="Max new tokens",
-                                                   elem_id="max-new-tokens")
-                            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
-                            top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p")
-                            rep = gr.Slider(1, 2, value=1, step=0.05, label="Repetition penalty (1 = off)")
-                        with gr.Accordion("Prompt as the model sees it", open=False, elem_id="prompt-panel"):
-                            prompt = gr.Textbox(show_label=False, lines=10, max_lines=24, interactive=False,
-                                                buttons=["copy"], elem_id="prompt",
-                                                placeholder="The Figure-3 prompt appears here; each image is "
-                                                            "[Image i: K tokens].")
-                settings = [max_tokens, temperature, top_p, rep]
-                outs = [chatbot, gallery, prompt, textbox, status]
-                # Stop turns on (enabled, red) first, then the answer runs; it turns off after the answer ends
-                busy = dict(fn=ui.stop_busy, inputs=None, outputs=[stop_btn], api_visibility="private", queue=False,
-                            show_progress="hidden")
-                send_evt = textbox.submit(**busy).then(ui.send, [textbox, tab, *settings], outs, api_name="chat",
-                                                       api_visibility="undocumented", show_progress="hidden",
-                                                       **queue_kw)
-                regen_evt = regen_btn.click(**busy).then(ui.regenerate, [tab, *settings], outs, api_name="regenerate",
-                                                         api_visibility="undocumented", show_progress="hidden",
-                                                         **queue_kw)
-                ex_evt = examples.click(**busy).then(ui.run_example, [examples, tab, *settings], outs,
-                                                     api_name="example", api_visibility="undocumented",
-                                                     show_progress="hidden", **queue_kw)
-                model_events = [send_evt, regen_evt, ex_evt]
-                textbox.stop(None, None, None, cancels=model_events, api_visibility="private")
-                looked_io = dict(fn=ui.looked, inputs=[looked, layer, tab], outputs=[gallery, looked_status],
-                                 api_visibility="private", show_progress="hidden", **queue_kw)
-                for evt in model_events:
-                    (evt.then(ui.refresh, [tab], outs, api_visibility="private", queue=False, show_progress="hidden")
-                     .then(ui.stop_idle, None, [stop_btn], api_visibility="private", queue=False,
-                           show_progress="hidden")
-                     .then(**looked_io))
-                stop_btn.click(None, None, None, cancels=model_events, api_visibility="private")
-                undo_btn.click(ui.undo, [tab], outs, api_name="undo", api_visibility="undocumented",
-                               cancels=model_events, queue=False, show_progress="hidden").then(**looked_io)
-                for clear_trigger, name in ((clear_btn.click, "clear"), (chatbot.clear, None)):
-                    # the chat panel's trash icon does what Clear does: gallery, prompt and model state too
-                    clear_trigger(ui.clear, [tab], outs, api_name=name, api_visibility="undocumented" if name else
-                                  "private", cancels=model_events, queue=False,
-                                  show_progress="hidden").then(**looked_io)
-                looked.change(**looked_io)
-                layer.change(**looked_io)
-
-            # ---------------------------------------------------------------- Compare
+                chat_view, settings = _chat_tab(server, max_new_tokens, below)
+                _wire(ui, ui.chat, chat_view, tab, settings, queue_kw)
             with gr.Tab("Compare CA vs MMCA", id="compare"):
-                cinfo = server.compare
-                if cinfo.ready:
-                    gr.Markdown("The same conversation goes to a model trained with plain **causal attention (CA)** "
-                                "and one trained with **multi-modal causal attention (MMCA)**. Both share the frozen "
-                                "vision encoder and language model in memory; only the projection, the embedding and "
-                                "the attention mode differ. Type once; each answers in its own column.")
-                else:
-                    gr.HTML(status_html("warn", "<b>This comparison is not available yet.</b> " + _esc(cinfo.note)),
-                            elem_classes="vc-status", elem_id="compare-missing")
-                ready = cinfo.ready
-                with gr.Row(equal_height=True):
-                    ca_label = f"CA · {os.path.basename(cinfo.ca_path or '') or 'causal attention'}"
-                    mm_label = f"MMCA · {os.path.basename(cinfo.mmca_path or '') or 'multi-modal causal attention'}"
-                    chat_ca = gr.Chatbot(label=ca_label, height=f"calc(100vh - {below + 60}px)",
-                                         min_height=240, elem_id="chat-ca", feedback_options=None)
-                    chat_mm = gr.Chatbot(label=mm_label, height=f"calc(100vh - {below + 60}px)",
-                                         min_height=240, elem_id="chat-mmca", feedback_options=None)
-                cstatus = gr.HTML("", elem_classes="vc-status", elem_id="compare-status")
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=3):
-                        ctextbox = gr.MultimodalTextbox(
-                            placeholder="One question for both models (attach images with the paperclip)" if ready else
-                            "Unavailable: see the note above", file_count="multiple",
-                            sources=["upload"], show_label=False, interactive=ready, elem_id="compare-message")
-                        with gr.Row():
-                            cstop = gr.Button("Stop", variant="secondary", size="sm", elem_id="compare-stop",
-                                              interactive=False)
-                            cclear = gr.Button("Clear", size="sm", elem_id="compare-clear")
-                        cexamples = gr.Dataset(label="Examples", components=[gr.Textbox(visible=False)],
-                                               samples=example_samples, type="index", layout="table",
-                                               elem_id="compare-examples")
-                    with gr.Column(scale=2):
-                        cgallery = gr.Gallery(label="Images in this conversation", columns=2, height=420,
-                                              fit_columns=False, object_fit="contain", interactive=False,
-                                              elem_id="compare-gallery")
-                        with gr.Row(equal_height=True):
-                            clooked = gr.Checkbox(label="Where it looked", value=False, elem_id="compare-looked",
-                                                  scale=1, interactive=ready,
-                                                  info="both models' attention maps side by side: CA, then MMCA")
-                            clayer = gr.Dropdown(choices=compare_layer_choices, value=-1, label="Layers",
-                                                 elem_id="compare-looked-layer", scale=1, min_width=120)
-                        clooked_status = gr.HTML("", elem_classes="vc-status", elem_id="compare-looked-note")
-                couts = [chat_ca, chat_mm, cgallery, ctextbox, cstatus]
-                cbusy = dict(busy, outputs=[cstop])
-                c_evt = ctextbox.submit(**cbusy).then(ui.compare_send, [ctextbox, tab, *settings], couts,
-                                                      api_name="compare", api_visibility="undocumented",
-                                                      show_progress="hidden", **queue_kw)
-                cex_evt = cexamples.click(**cbusy).then(ui.compare_example, [cexamples, tab, *settings], couts,
-                                                        api_name="compare_example", api_visibility="undocumented",
-                                                        show_progress="hidden", **queue_kw)
-                ctextbox.stop(None, None, None, cancels=[c_evt, cex_evt], api_visibility="private")
-                clooked_io = dict(fn=ui.compare_looked, inputs=[clooked, clayer, tab],
-                                  outputs=[cgallery, clooked_status], api_visibility="private",
-                                  show_progress="hidden", **queue_kw)
-                for evt in (c_evt, cex_evt):
-                    (evt.then(ui.compare_refresh, [tab], couts, api_visibility="private", queue=False,
-                              show_progress="hidden")
-                     .then(ui.stop_idle, None, [cstop], api_visibility="private", queue=False, show_progress="hidden")
-                     .then(**clooked_io))
-                cstop.click(None, None, None, cancels=[c_evt, cex_evt], api_visibility="private")
-                for clear_trigger, name in ((cclear.click, "compare_clear"), (chat_ca.clear, None), (chat_mm.clear, None)):
-                    clear_trigger(ui.compare_clear, [tab], couts, api_name=name,
-                                  api_visibility="undocumented" if name else "private", cancels=[c_evt, cex_evt],
-                                  queue=False, show_progress="hidden").then(**clooked_io)
-                clooked.change(**clooked_io)
-                clayer.change(**clooked_io)
-
+                _wire(ui, ui.compare, _compare_tab(server, below), tab, settings, queue_kw)
         # the request (for noticing an answer nobody reads) is injected by Gradio from this type hint
         ChatUI.api_generate.__annotations__["request"] = gr.Request
         gr.api(ui.api_generate, api_name="generate", **queue_kw)

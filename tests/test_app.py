@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import color_image, tiny_llama
+from webapp import views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "assets", "examples")
@@ -144,12 +145,12 @@ def test_two_rounds_three_images_gallery_chat_and_prompt(demo, tmp_path):
 
     ui, tab = demo.ui, TabState()
     ims = image_files(tmp_path, 3)
-    views = list(ui.send(msg("What is in Image 1 and Image 2?", ims[:2]), tab, *SETTINGS))
+    views = list(ui.chat.send(msg("What is in Image 1 and Image 2?", ims[:2]), tab, *SETTINGS))
     assert len(views) >= 2  # the question shows at once, the answer follows
     busy, idle = views[0][3], views[-1][3]
     assert busy.value == {"text": "", "files": []}  # the message was taken: the box is cleared at once
     assert busy.stop_btn and not busy.submit_btn and idle.submit_btn and not idle.stop_btn  # stop while generating
-    chatbot, gallery, prompt, _, status = last(ui.send(msg("And Image 3?", ims[2:]), tab, *SETTINGS))[0]
+    chatbot, gallery, prompt, _, status = last(ui.chat.send(msg("And Image 3?", ims[2:]), tab, *SETTINGS))[0]
     assert [c for _, c in gallery] == ["Image 1", "Image 2", "Image 3"]
     user = [m for m in chatbot if m["role"] == "user"]
     assert [len([c for c in m["content"] if isinstance(c, dict)]) for m in user] == [2, 1]  # images beside their round
@@ -166,36 +167,35 @@ def test_two_rounds_three_images_gallery_chat_and_prompt(demo, tmp_path):
 
 
 def test_streaming_stop_keeps_partial_then_regenerate_undo_clear(demo, tmp_path):
-    import app
     from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
     vc = demo.serving.chat
     with Slow(vc, delay=0.01):
-        gen = ui.send(msg("Describe Image 1.", image_files(tmp_path, 1)), tab, 200, 0.0, 1.0, 1.0)
+        gen = ui.chat.send(msg("Describe Image 1.", image_files(tmp_path, 1)), tab, 200, 0.0, 1.0, 1.0)
         first = next(gen)
-        assert first[0][-1]["content"] == app.GENERATING  # the question is shown before the first token
+        assert first[0][-1]["content"] == views.GENERATING  # the question is shown before the first token
         partial = None
         for view in gen:
             partial = view[0][-1]["content"]
-            if partial not in (app.GENERATING, "") and len(partial) > 3:
+            if partial not in (views.GENERATING, "") and len(partial) > 3:
                 break
         gen.close()  # what the Stop button (a cancelled event) does
     chat = tab.chat
     assert chat.status == "stopped"
     kept = chat.rounds[-1].answer
     assert kept and partial.strip().startswith(kept[:3])
-    chatbot, _, prompt, _, status = ui.refresh(tab)
+    chatbot, _, prompt, _, status = ui.chat.refresh(tab)
     assert "Stopped" in status and chatbot[-1]["content"] == kept
     assert kept in prompt
     # Regenerate replaces the last answer; Undo removes the round; Clear empties everything
-    chatbot, *_ , status = last(ui.regenerate(tab, *SETTINGS))[0]
+    chatbot, *_ , status = last(ui.chat.regenerate(tab, *SETTINGS))[0]
     assert len(chatbot) == 2 and chat.status == "done"
-    chatbot, gallery, prompt, _, status = ui.undo(tab)
+    chatbot, gallery, prompt, _, status = ui.chat.undo(tab)
     assert chatbot == [] and gallery == [] and "Removed the last round" in status
-    assert "Nothing to undo" in ui.undo(tab)[4]
-    last(ui.send(msg("Hi?"), tab, *SETTINGS))
-    chatbot, gallery, prompt, textbox, status = ui.clear(tab)
+    assert "Nothing to undo" in ui.chat.undo(tab)[4]
+    last(ui.chat.send(msg("Hi?"), tab, *SETTINGS))
+    chatbot, gallery, prompt, textbox, status = ui.chat.clear(tab)
     assert chatbot == [] and gallery == [] and "### Question" not in prompt
 
 
@@ -208,7 +208,7 @@ def test_examples_play_whole_conversations(demo):
         for _, files in rounds:
             for f in files:
                 assert os.path.isfile(os.path.join(app.EXAMPLES_DIR, f)), f
-        chatbot, gallery, prompt, _, status = last(ui.run_example(i, tab, 8, 0.0, 1.0, 1.0))[0]
+        chatbot, gallery, prompt, _, status = last(ui.chat.run_example(i, tab, 8, 0.0, 1.0, 1.0))[0]
         assert len(chatbot) == 2 * len(rounds), title
         assert len(gallery) == sum(len(f) for _, f in rounds)
         assert prompt.count("### Question:") == len(rounds)
@@ -221,7 +221,7 @@ def test_bad_input_is_refused_visibly_and_keeps_the_conversation(demo, tmp_path,
 
     ui, tab = demo.ui, TabState()
     ims = image_files(tmp_path, 9)
-    last(ui.send(msg("What is in Image 1?", ims[:1]), tab, *SETTINGS))
+    last(ui.chat.send(msg("What is in Image 1?", ims[:1]), tab, *SETTINGS))
     before = (tab.chat.prompt_text(), len(tab.chat.image_paths))
     bad = write_bad_files(tmp_path)
     settings = SETTINGS
@@ -236,15 +236,15 @@ def test_bad_input_is_refused_visibly_and_keeps_the_conversation(demo, tmp_path,
         m, expect = msg("why " * 600), "context window"
     else:
         m, expect, settings = msg("Hello?"), "top_p", (24, 0.0, 0.0, 1.0)
-    views = list(ui.send(m, tab, *settings))
+    views = list(ui.chat.send(m, tab, *settings))
     assert len(views) == 1
     chatbot, gallery, prompt, textbox, status = views[0]
     assert expect in status and "Not sent" in status and "unchanged" in status
     assert (prompt, len(gallery)) == before
     assert textbox == {"__type__": "update"}  # the message stays in the box, to fix and resend
-    assert expect in ui.refresh(tab)[4]  # the notice survives the refresh that follows every request
+    assert expect in ui.chat.refresh(tab)[4]  # the notice survives the refresh that follows every request
     # and the app keeps serving this chat
-    chatbot, gallery, *_ = last(ui.send(msg("Still there?"), tab, *SETTINGS))[0]
+    chatbot, gallery, *_ = last(ui.chat.send(msg("Still there?"), tab, *SETTINGS))[0]
     assert len(chatbot) == 4 and tab.chat.status == "done"
 
 
@@ -253,14 +253,14 @@ def test_exception_during_generation_keeps_partial_and_recovers(demo):
 
     ui, tab = demo.ui, TabState()
     with Slow(demo.serving.chat, fail_after=5):
-        chatbot, _, prompt, _, status = last(ui.send(msg("Tell me a story."), tab, 40, 0.0, 1.0, 1.0))[0]
+        chatbot, _, prompt, _, status = last(ui.chat.send(msg("Tell me a story."), tab, 40, 0.0, 1.0, 1.0))[0]
     assert "failed while answering" in status and "simulated failure" in status
     assert tab.chat.status == "failed" and len(tab.chat.rounds) == 1  # the round and its partial answer stay
-    chatbot, *_ = last(ui.send(msg("Again?"), tab, *SETTINGS))[0]
+    chatbot, *_ = last(ui.chat.send(msg("Again?"), tab, *SETTINGS))[0]
     assert len(chatbot) == 4 and tab.chat.status == "done"
     # a failure before the first token drops the round (nothing to keep), and says so
     with Slow(demo.serving.chat, fail_after=0):
-        chatbot, _, _, _, status = last(ui.send(msg("Once more?"), tab, *SETTINGS))[0]
+        chatbot, _, _, _, status = last(ui.chat.send(msg("Once more?"), tab, *SETTINGS))[0]
     assert "failed" in status and len(chatbot) == 4
 
 
@@ -269,8 +269,8 @@ def test_tabs_are_isolated(demo, tmp_path):
 
     ui = demo.ui
     a, b = TabState(), TabState()
-    last(ui.send(msg("Alice's question about Image 1", image_files(tmp_path, 1)), a, *SETTINGS))
-    chatbot, gallery, prompt, *_ = last(ui.send(msg("Bob's question"), b, *SETTINGS))[0]
+    last(ui.chat.send(msg("Alice's question about Image 1", image_files(tmp_path, 1)), a, *SETTINGS))
+    chatbot, gallery, prompt, *_ = last(ui.chat.send(msg("Bob's question"), b, *SETTINGS))[0]
     assert gallery == [] and "Alice" not in prompt and len(chatbot) == 2
     import copy
 
@@ -287,7 +287,7 @@ def test_compare_streams_both_models(demo, tmp_path):
 
     ui, tab = demo.ui, TabState()
     ims = image_files(tmp_path, 2)
-    views = list(ui.compare_send(msg("What is different between Image 1 and Image 2?", ims), tab, *SETTINGS))
+    views = list(ui.compare.send(msg("What is different between Image 1 and Image 2?", ims), tab, *SETTINGS))
     ca, mm, gallery, textbox, status = views[-1]
     assert len(ca) == 2 and len(mm) == 2 and [c for _, c in gallery] == ["Image 1", "Image 2"]
     assert ca[1]["content"] and mm[1]["content"]
@@ -295,11 +295,11 @@ def test_compare_streams_both_models(demo, tmp_path):
     pair = tab.compare
     assert pair[0].vc.model.attention_mode == "causal" and pair[1].vc.model.attention_mode == "mmca"
     # bad input is refused for both columns
-    ca, mm, gallery, _, status = list(ui.compare_send(msg(""), tab, *SETTINGS))[-1]
+    ca, mm, gallery, _, status = list(ui.compare.send(msg(""), tab, *SETTINGS))[-1]
     assert "empty" in status and len(ca) == 2 and len(mm) == 2
-    ca, mm, gallery, _, _ = last(ui.compare_example(1, tab, 8, 0.0, 1.0, 1.0))[0]
+    ca, mm, gallery, _, _ = last(ui.compare.run_example(1, tab, 8, 0.0, 1.0, 1.0))[0]
     assert len(ca) == 2 and len(gallery) == 2
-    assert ui.compare_clear(tab)[0] == []
+    assert ui.compare.clear(tab)[0] == []
 
 
 def test_compare_tab_says_what_is_missing(tiny_models):
@@ -309,7 +309,7 @@ def test_compare_tab_says_what_is_missing(tiny_models):
                                                            "assets/checkpoints/shapes-mmca"])
     from webapp.state import TabState
 
-    out = list(demo.ui.compare_send(msg("Hi"), TabState(), *SETTINGS))
+    out = list(demo.ui.compare.send(msg("Hi"), TabState(), *SETTINGS))
     assert "shapes-ca" in out[-1][4] and "shapes-mmca" in out[-1][4] and "missing" in out[-1][4]
 
 
@@ -421,15 +421,15 @@ def test_zero_gpu_replay_matches_stateful_and_pickles_everything(tiny_models, tm
     tabs = {}
     for name, d in (("zero", zero), ("local", local)):
         tab = tabs[name] = TabState()
-        last(d.ui.send(msg("What is in Image 1 and Image 2?", ims[:2]), tab, *SETTINGS))
-        last(d.ui.send(msg("And Image 3?", ims[2:]), tab, *SETTINGS))
-        last(d.ui.regenerate(tab, *SETTINGS))
+        last(d.ui.chat.send(msg("What is in Image 1 and Image 2?", ims[:2]), tab, *SETTINGS))
+        last(d.ui.chat.send(msg("And Image 3?", ims[2:]), tab, *SETTINGS))
+        last(d.ui.chat.regenerate(tab, *SETTINGS))
     assert [r.answer for r in tabs["zero"].chat.rounds] == [r.answer for r in tabs["local"].chat.rounds]
     assert tabs["zero"].chat.prompt_text() == tabs["local"].chat.prompt_text()
     assert len(calls) == 3
     # Stop keeps the partial answer in the replayed conversation too
     with Slow(chat, delay=0.01):
-        gen = zero.ui.send(msg("Go on."), tabs["zero"], 200, 0.0, 1.0, 1.0)
+        gen = zero.ui.chat.send(msg("Go on."), tabs["zero"], 200, 0.0, 1.0, 1.0)
         for i, _ in enumerate(gen):
             if i == 3:
                 break
@@ -437,7 +437,7 @@ def test_zero_gpu_replay_matches_stateful_and_pickles_everything(tiny_models, tm
     assert tabs["zero"].chat.status == "stopped" and tabs["zero"].chat.rounds[-1].answer is not None
     # bad input is refused before any GPU time is spent
     n = len(calls)
-    out = list(zero.ui.send(msg("", ims[:1]), tabs["zero"], *SETTINGS))
+    out = list(zero.ui.chat.send(msg("", ims[:1]), tabs["zero"], *SETTINGS))
     assert "empty" in out[-1][4] and len(calls) == n
 
 
@@ -592,24 +592,39 @@ def test_chat_trash_icon_clears_like_clear(demo, tmp_path):
     from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
-    last(ui.send(msg("What is in Image 1?", image_files(tmp_path, 1)), tab, *SETTINGS))
+    last(ui.chat.send(msg("What is in Image 1?", image_files(tmp_path, 1)), tab, *SETTINGS))
     (trash,) = _listeners(demo, "chatbot", "clear")
-    assert trash.fn == ui.clear
+    assert trash.fn == ui.chat.clear
     chatbot, gallery, prompt, textbox, status = trash.fn(tab)  # what clicking the trash icon runs
     assert chatbot == [] and gallery == [] and "### Question" not in prompt
     assert tab.chat.conversation.rounds == []  # the model's state too: the next answer does not bring it back
-    chatbot, gallery, prompt, *_ = last(ui.send(msg("Hi?"), tab, *SETTINGS))[0]
+    chatbot, gallery, prompt, *_ = last(ui.chat.send(msg("Hi?"), tab, *SETTINGS))[0]
     assert len(chatbot) == 2 and gallery == [] and "What is in Image 1?" not in prompt
+
+
+def test_chat_and_compare_are_one_panel_with_one_set_of_handlers(demo):
+    """The Chat tab is a panel with one model, Compare the same panel with two: every event of both tabs
+    runs the same Panel method (no per-tab copies), bound to that tab's panel."""
+    from webapp.panel import Panel
+
+    ui = demo.ui
+    assert type(ui.chat) is Panel and type(ui.compare) is Panel
+    assert ui.chat.spec.models == ("chat",) and ui.compare.spec.models == ("ca", "mmca")
+    for name in ("send", "run_example", "clear", "refresh", "looked"):
+        panels = {f.fn.__self__.spec.key for f in demo.fns.values()
+                  if getattr(f.fn, "__func__", None) is getattr(Panel, name)}
+        assert panels == {"chat", "compare"}, name
+    assert not [n for n in dir(ui) if n.startswith("compare_")]
 
 
 def test_compare_trash_icons_clear_both_columns(demo, tmp_path):
     from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
-    last(ui.compare_send(msg("What is in Image 1?", image_files(tmp_path, 1)), tab, *SETTINGS))
+    last(ui.compare.send(msg("What is in Image 1?", image_files(tmp_path, 1)), tab, *SETTINGS))
     for elem in ("chat-ca", "chat-mmca"):
         (trash,) = _listeners(demo, elem, "clear")
-        assert trash.fn == ui.compare_clear
+        assert trash.fn == ui.compare.clear
     ca, mm, gallery, _, _ = _listeners(demo, "chat-mmca", "clear")[0].fn(tab)
     assert ca == [] and mm == [] and gallery == []
     assert all(c.conversation.rounds == [] for c in tab.compare)
@@ -621,8 +636,6 @@ def test_compare_trash_icons_clear_both_columns(demo, tmp_path):
                                                    ("compare", "compare-stop", ("compare-message", "submit")),
                                                    ("compare", "compare-stop", ("compare-examples", "click"))])
 def test_stop_is_enabled_and_red_only_while_answering(demo, tab_name, stop, trigger):
-    import app
-
     ui = demo.ui
     stop_id = _elem(demo, stop)["id"]
     props = _elem(demo, stop)["props"]
@@ -632,14 +645,14 @@ def test_stop_is_enabled_and_red_only_while_answering(demo, tab_name, stop, trig
     b = busy.fn()
     assert b.interactive is True and b.variant == "stop"
     chain = _then(demo, busy)  # ... then the answer runs, and after it ends (or is stopped) Stop turns off
-    answer = {"message": ui.send, "regenerate": ui.regenerate, "examples": ui.run_example,
-              "compare-message": ui.compare_send, "compare-examples": ui.compare_example}[trigger[0]]
+    answer = {"message": ui.chat.send, "regenerate": ui.chat.regenerate, "examples": ui.chat.run_example,
+              "compare-message": ui.compare.send, "compare-examples": ui.compare.run_example}[trigger[0]]
     assert chain[0].fn == answer
     idle = [d for d in chain[1:] if [o._id for o in d.outputs] == [stop_id]]
     assert len(idle) == 1 and idle[0].fn == ui.stop_idle
     i = idle[0].fn()
     assert i.interactive is False and i.variant != "stop"
-    assert isinstance(app.ChatUI.stop_button(False), type(b))
+    assert isinstance(views.stop_button(False), type(b))
 
 
 def test_compare_stop_note_does_not_point_to_regenerate(demo, tmp_path):
@@ -648,14 +661,14 @@ def test_compare_stop_note_does_not_point_to_regenerate(demo, tmp_path):
     ui, tab = demo.ui, TabState()
     _, ca_vc, mm_vc = demo.serving.chat, demo.serving.compare.ca, demo.serving.compare.mmca
     with Slow(ca_vc, delay=0.01), Slow(mm_vc, delay=0.01):
-        gen = ui.compare_send(msg("Describe Image 1.", image_files(tmp_path, 1)), tab, 200, 0.0, 1.0, 1.0)
+        gen = ui.compare.send(msg("Describe Image 1.", image_files(tmp_path, 1)), tab, 200, 0.0, 1.0, 1.0)
         for i, _ in enumerate(gen):
             if i == 4:
                 break
         gen.close()  # Stop
-    status = ui.compare_refresh(tab)[4]
+    status = ui.compare.refresh(tab)[4]
     assert "Stopped" in status and "Regenerate" not in status
-    assert "Regenerate" in __import__("app").outcome_html(tab.compare[0])  # the Chat tab's note still says it
+    assert "Regenerate" in views.outcome_html(tab.compare[0])  # the Chat tab's note still says it
 
 
 def test_where_it_looked_chat_tab(demo, tmp_path):
@@ -664,11 +677,11 @@ def test_where_it_looked_chat_tab(demo, tmp_path):
     from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
-    gallery, note = ui.looked(True, -1, tab)
+    gallery, note = ui.chat.looked(True, -1, tab)
     assert gallery == [] and "no answer yet" in note
     ims = image_files(tmp_path, 2, size=(64, 48))
-    last(ui.send(msg("Which is brighter, Image 1 or Image 2?", ims), tab, *SETTINGS))
-    gallery, note = ui.looked(True, -1, tab)
+    last(ui.chat.send(msg("Which is brighter, Image 1 or Image 2?", ims), tab, *SETTINGS))
+    gallery, note = ui.chat.looked(True, -1, tab)
     assert [c.split(" · ")[0] for _, c in gallery] == ["Image 1", "Image 2"]
     shares = [float(c.split(" · ")[1].split("%")[0]) for _, c in gallery]
     assert abs(sum(shares) - 100) <= 1
@@ -676,35 +689,33 @@ def test_where_it_looked_chat_tab(demo, tmp_path):
     for (path, _), src in zip(gallery, tab.chat.image_paths):
         drawn, plain = Image.open(path), Image.open(src)
         assert drawn.size == plain.size and drawn.tobytes() != plain.convert("RGB").tobytes()
-    gallery1, note1 = ui.looked(True, 1, tab)
+    gallery1, note1 = ui.chat.looked(True, 1, tab)
     assert "layer 2 of 2" in note1 and not any(os.path.exists(p) for p, _ in gallery)  # the old overlays are gone
     m = tab.chat.attention_maps()
     assert [c for _, c in gallery1] == [f"Image {i + 1} · {s:.0%}"
                                         for i, s in enumerate(m.shares(1))]
-    plain, note = ui.looked(False, -1, tab)
+    plain, note = ui.chat.looked(False, -1, tab)
     assert plain == app_gallery(tab.chat) and note == ""
 
 
 def app_gallery(chat):
-    import app
-
-    return app.gallery_items(chat)
+    return views.gallery_items(chat)
 
 
 def test_where_it_looked_compare_tab_side_by_side(demo, tmp_path):
     from webapp.state import TabState
 
     ui, tab = demo.ui, TabState()
-    last(ui.compare_send(msg("What is different between Image 1 and Image 2?", image_files(tmp_path, 2)), tab,
+    last(ui.compare.send(msg("What is different between Image 1 and Image 2?", image_files(tmp_path, 2)), tab,
                          *SETTINGS))
-    gallery, note = ui.compare_looked(True, -1, tab)
+    gallery, note = ui.compare.looked(True, -1, tab)
     assert [c.split(" · ")[1].split()[0] for _, c in gallery] == ["CA", "MMCA", "CA", "MMCA"]
     assert [c.split(" · ")[0] for _, c in gallery] == ["Image 1", "Image 1", "Image 2", "Image 2"]
     assert "CA uses causal attention" in note and "went to image tokens at all" in note and "MMCA uses MMCA" in note
     ca_maps, mm_maps = (c.attention_maps() for c in tab.compare)
     assert ca_maps.mode == "causal" and mm_maps.mode == "mmca"
     assert f"{ca_maps.image_share():.0%} of its attention" in note
-    assert ui.compare_looked(False, -1, tab)[0] == app_gallery(tab.compare[1])
+    assert ui.compare.looked(False, -1, tab)[0] == app_gallery(tab.compare[1])
 
 
 def test_where_it_looked_is_the_same_on_the_stateless_path(tiny_models, tmp_path):
@@ -720,6 +731,6 @@ def test_where_it_looked_is_the_same_on_the_stateless_path(tiny_models, tmp_path
     for stateless in (False, True):
         d = app.build_demo(chat, compare=(ca, mm), stateless=stateless)
         tab = TabState()
-        last(d.ui.send(msg("What is in Image 1 and Image 2?", ims), tab, *SETTINGS))
+        last(d.ui.chat.send(msg("What is in Image 1 and Image 2?", ims), tab, *SETTINGS))
         maps.append(tab.chat.attention_maps())
     np.testing.assert_allclose(maps[0].probs, maps[1].probs, atol=1e-5)

@@ -155,14 +155,14 @@ def test_grid_of_any_k(k, grid):
 
 
 def test_non_square_k_is_said_in_the_note():
-    import app
+    from webapp import views
 
     m = AttentionMaps("causal", np.full((2, 1, 12), 0.01), answer_tokens=3)
-    note = app.looked_note([("", m)], None)
+    note = views.looked_note([("", m)], None)
     assert "K=12 is not a square number" in note and "3×4" in note
     assert "12% of its attention went to image tokens" in note  # 12 tokens x 0.01 of one softmax
     square = AttentionMaps("mmca", np.full((2, 1, 9), 1 / 9), answer_tokens=3)
-    assert "not a square" not in app.looked_note([("", square)], 0) and "layer 1 of 2" in app.looked_note(
+    assert "not a square" not in views.looked_note([("", square)], 0) and "layer 1 of 2" in views.looked_note(
         [("", square)], 0)
 
 

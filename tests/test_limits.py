@@ -112,7 +112,7 @@ def test_the_chat_tab_has_the_same_limits(demo):
         (msg("Hi"), (5000, 0.0, 1.0, 1.0), "max_new_tokens must be a whole number from 1 to 1024"),
         (msg("Hi"), (8, float("nan"), 1.0, 1.0), "temperature must be a number from 0"),
     ]:
-        views = list(ui.send(message, tab, *settings))
+        views = list(ui.chat.send(message, tab, *settings))
         assert len(views) == 1 and expect in views[0][4] and "Not sent" in views[0][4], views[0][4]
     assert tab.chat.rounds == []
 
@@ -130,9 +130,9 @@ def test_answer_time_limit_stops_between_tokens(demo):
             assert isinstance(answer, str)
         with Slow(server.chat, delay=0.4):  # the limit passes during the first forwards
             tab = TabState()
-            last(demo.ui.send(msg("Tell me a long story."), tab, 300, 0.0, 1.0, 1.0))
+            last(demo.ui.chat.send(msg("Tell me a long story."), tab, 300, 0.0, 1.0, 1.0))
         assert tab.chat.status == "stopped" and "limit per answer" in tab.chat.error
-        assert "Stopped: the answer reached 0.3 s, this server&#x27;s limit per answer" in demo.ui.refresh(tab)[4]
+        assert "Stopped: the answer reached 0.3 s, this server&#x27;s limit per answer" in demo.ui.chat.refresh(tab)[4]
         assert tab.chat.last_stats["new_tokens"] < 40
     finally:
         server.limits.answer_seconds = before
@@ -145,13 +145,13 @@ def test_kv_cache_budget_drops_least_recently_used_tabs_and_they_rebuild(demo):
     tabs = [TabState() for _ in range(3)]
     answers = []
     for i, tab in enumerate(tabs):
-        last(ui.send(msg(f"Hello number {i}, what is in the picture?"), tab, 6, 0.0, 1.0, 1.0))
+        last(ui.chat.send(msg(f"Hello number {i}, what is in the picture?"), tab, 6, 0.0, 1.0, 1.0))
         answers.append(tab.chat.rounds[-1].answer)
     one = max(t.chat.cache_bytes() for t in tabs)
     assert one > 0 and all(t.chat.cache_bytes() for t in tabs)  # no budget reached yet (2 GB default)
     server.limits.kv_cache_budget, before = int(one * 1.5), server.limits.kv_cache_budget
     try:
-        last(ui.send(msg("And a second round?"), tabs[2], 6, 0.0, 1.0, 1.0))
+        last(ui.chat.send(msg("And a second round?"), tabs[2], 6, 0.0, 1.0, 1.0))
         assert tabs[2].chat.cache_bytes() > 0  # the tab that just answered keeps its cache (even over budget)
         assert server.kv_cache_bytes() == tabs[2].chat.cache_bytes() and server.kv_drops == 2
         assert tabs[0].chat.cache_bytes() == 0 and tabs[1].chat.cache_bytes() == 0  # the least recently used went
@@ -159,7 +159,7 @@ def test_kv_cache_budget_drops_least_recently_used_tabs_and_they_rebuild(demo):
         ref = server.chat.new_session()
         ref.ask("Hello number 0, what is in the picture?", max_new_tokens=6)
         expected = ref.ask("Go on.", max_new_tokens=6)
-        view = last(ui.send(msg("Go on."), tabs[0], 6, 0.0, 1.0, 1.0))[0]
+        view = last(ui.chat.send(msg("Go on."), tabs[0], 6, 0.0, 1.0, 1.0))[0]
         assert tabs[0].chat.rounds[-1].answer == expected.strip() and "tokens/s" in view[4]
         assert tabs[0].chat.cache_bytes() > 0 and tabs[2].chat.cache_bytes() == 0  # now tab 2 is the oldest
     finally:

@@ -46,7 +46,7 @@ def test_the_same_bad_round_fails_the_same_way_on_every_path(tiny_models, tiny_c
     # a browser tab (the Chat tab's send handler)
     demo = app.build_demo(chat_vc, compare=(ca, mm))
     tab = TabState()
-    views = list(demo.ui.send(msg(QUESTION, paths), tab, *SETTINGS))
+    views = list(demo.ui.chat.send(msg(QUESTION, paths), tab, *SETTINGS))
     assert expected in views[-1][4] and tab.chat.rounds == []  # shown, and the conversation is unchanged
 
     # the stateless /generate API, its images inline

@@ -1,33 +1,37 @@
-"""What ``gr.State`` holds for one browser tab."""
+"""What ``gr.State`` holds for one browser tab: the conversations of its panels."""
 from __future__ import annotations
 
 from visualchat.chat_session import ChatSession
-from visualchat.serving import Server
 
 
 class TabState:
-    """What ``gr.State`` holds for one browser tab: its chat and its comparison, created on first
-    use. Gradio deep-copies the initial value for every new tab; that copy is a fresh empty state."""
+    """A browser tab's chats: per panel (``"chat"``, ``"compare"``) one ChatSession per model, created on
+    first use. Gradio deep-copies the initial value for every new tab; that copy is a fresh empty state."""
 
     def __init__(self):
-        self.chat: ChatSession | None = None
-        self.compare: tuple[ChatSession, ChatSession] | None = None
+        self.panels: dict[str, list[ChatSession]] = {}
 
     def __deepcopy__(self, memo):
         return TabState()
 
-    def get_chat(self, server: Server) -> ChatSession:
-        if self.chat is None:
-            self.chat = ChatSession(server, "chat")
-        return self.chat
+    def chats(self, server, panel: str, models: tuple[str, ...]) -> list[ChatSession]:
+        """The panel's ChatSessions, one per model name (created on first use)."""
+        if panel not in self.panels:
+            self.panels[panel] = [ChatSession(server, name) for name in models]
+        return self.panels[panel]
 
-    def get_compare(self, server: Server) -> tuple[ChatSession, ChatSession]:
-        if self.compare is None:
-            self.compare = (ChatSession(server, "ca"), ChatSession(server, "mmca"))
-        return self.compare
+    @property
+    def chat(self) -> ChatSession | None:
+        """The Chat tab's conversation (None before its first use)."""
+        return self.panels["chat"][0] if "chat" in self.panels else None
+
+    @property
+    def compare(self) -> tuple[ChatSession, ...] | None:
+        """The Compare tab's (CA, MMCA) conversations (None before their first use)."""
+        return tuple(self.panels["compare"]) if "compare" in self.panels else None
 
     def close(self) -> None:
-        for c in [self.chat, *(self.compare or ())]:
-            if c is not None:
+        for chats in self.panels.values():
+            for c in chats:
                 c.close()
-        self.chat = self.compare = None
+        self.panels = {}
