@@ -102,6 +102,10 @@ def test_fused_parts_share_one_gemm_and_match_separate_layers():
     assert len(calls) == 4
     torch.testing.assert_close(group(x), torch.cat([ref[n](x) for n in ("q_proj", "k_proj", "v_proj")], -1),
                                rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():  # inference tensors have no version counter: each part runs its own GEMM
+        xi = torch.randn(1, 16)
+        torch.testing.assert_close(attn.q_proj(xi), ref["q_proj"](xi), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attn.v_proj(xi), ref["v_proj"](xi), rtol=1e-6, atol=1e-6)
 
 
 def test_bench_section_profile_times_every_section_of_the_lean_step(tiny_tokenizer, tiny_clip_dir):

@@ -187,6 +187,8 @@ class Fused:
         return self.linear(x)
 
     def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if x.is_inference():  # no version counter to tell an in-place change: no sharing (correct, slower)
+            return self.linear(x)[..., self.offsets[i]:self.offsets[i] + self.sizes[i]]
         last = self._last  # one read: a tuple replaced whole, never changed in place
         if last is not None and last[0] is x and last[1] == x._version:
             out, taken = last[2], last[3] | {i}
