@@ -1,0 +1,159 @@
+"""The model the trainer runs: :func:`build_model` loads the LM (built partitioned from the start under
+ZeRO-3, through transformers' ``HfDeepSpeedConfig``: :func:`partitioned_load`), the vision encoder and a
+fresh projection into a :class:`visualchat.model.VisualChatModel`; :class:`TrainModule` is what the
+engine runs (images and tokens -> loss); :func:`enable_gradient_checkpointing` wraps the LM's layers."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .errors import TrainError
+from .preflight import Plan, deepspeed_config
+
+
+class TrainModule(nn.Module):
+    """What the engine runs: images (as cached features or pixels) + tokens -> (loss, n_labels) (a plain
+    tuple: DeepSpeed's ZeRO-3 hooks look for tensors in tuples)."""
+
+    def __init__(self, vcm, train_encoder: bool = False):
+        super().__init__()
+        self.vcm = vcm
+        self.train_encoder = train_encoder
+
+    def forward(self, input_ids, is_image, padding_mask, labels, image_feats=None, pixel_values=None):
+        if pixel_values is not None:
+            with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+                image_feats = self.vcm.encoder(pixel_values.to(next(self.vcm.encoder.parameters()).dtype))
+        out = self.vcm(input_ids, is_image, image_feats, padding_mask, labels)
+        return out.loss, out.n_tokens
+
+
+def enable_gradient_checkpointing(lm: nn.Module) -> int:
+    """Recompute every decoder layer in backward (non-reentrant checkpoint around each layer's
+    forward). Works while the frozen LM stays in eval mode. Returns how many layers were wrapped."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    decoder = lm.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise TrainError(f"--gradient_checkpointing: {type(decoder).__name__} has no .layers")
+    for layer in layers:
+        fwd = layer.forward
+
+        @functools.wraps(fwd)
+        def wrapped(*a, _fwd=fwd, **kw):
+            if torch.is_grad_enabled():
+                return checkpoint(_fwd, *a, use_reentrant=False, **kw)
+            return _fwd(*a, **kw)
+
+        layer.forward = wrapped
+    return len(layers)
+
+
+def zero3_init_enabled(args, plan: Plan) -> bool:
+    """Whether the LM is built partitioned from the start (DeepSpeed ZeRO-3, not QLoRA): no rank ever
+    holds the whole LM (the load peak per rank is its share plus, on rank 0, the checkpoint's
+    memory-mapped shards while they are copied in)."""
+    return plan.engine == "deepspeed" and args.zero_stage == 3 and not args.qlora
+
+
+def load_dtype(args, plan: Plan) -> torch.dtype:
+    """The LM's dtype at load: the run's precision when it is built partitioned under ZeRO-3 (DeepSpeed
+    keeps fp32 masters of the trainable parameters only), fp32 otherwise (the engine casts later)."""
+    if zero3_init_enabled(args, plan):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    return torch.float32
+
+
+@contextlib.contextmanager
+def partitioned_load(args, plan: Plan):
+    """transformers' ZeRO-3 path for ``from_pretrained`` (its ``HfDeepSpeedConfig``): the model is
+    created inside ``deepspeed.zero.Init`` with this run's DeepSpeed config (so in its precision), and
+    rank 0 copies the weights into the partitions one module at a time. Only for the LM: the flag is
+    cleared again before anything else is loaded."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from visualchat.deepspeed_ops import disable_shm_comm_build
+
+    disable_shm_comm_build()  # init_distributed would otherwise build the shm all-reduce op (minutes)
+    deepspeed.init_distributed()  # wraps the process group D.init() made, so the config sees every rank
+    hf_config = HfDeepSpeedConfig(deepspeed_config(args, plan))  # noqa: F841 - held alive while loading
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_config
+
+
+def gathered_base(vcm, args, plan: Plan):
+    """A context in which the LM's input embedding is whole on every rank (a no-op unless the LM was
+    loaded partitioned)."""
+    if not zero3_init_enabled(args, plan):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([vcm.base_embedding])
+
+
+def build_model(args, plan: Plan):
+    """(VisualChatModel, tokenizer, lm spec for the checkpoint config)."""
+    from visualchat.encoders import build_encoder
+    from visualchat.model import VisualChatModel, load_lm
+
+    from .tiny import is_tiny, resolve_lm_spec, resolve_vision_spec
+
+    lm_spec = resolve_lm_spec(args.lm) if is_tiny(args.lm) else args.lm
+    vision_spec = resolve_vision_spec(args.vision)
+    partitioned = zero3_init_enabled(args, plan)
+    try:
+        with partitioned_load(args, plan) if partitioned else contextlib.nullcontext():
+            lm, tok = load_lm(lm_spec, load_dtype(args, plan), plan.device, "4bit" if args.qlora else None,
+                              args.trust_remote_code)
+    except (OSError, ValueError, ImportError) as e:
+        raise TrainError(f"could not load --lm {args.lm!r}: {e}") from None
+    try:
+        from .zero3 import build_encoder as build_encoder_z3  # a large encoder partitioned under ZeRO-3
+
+        enc = build_encoder_z3(vision_spec, plan.device, deepspeed_config(args, plan) if partitioned else None,
+                               load_dtype(args, plan))
+    except (OSError, ValueError, ImportError) as e:
+        raise TrainError(f"could not load --vision {args.vision!r}: {e}") from None
+    gather_base = contextlib.ExitStack()  # ZeRO-3 load: the LM's embedding whole while the model copies it
+    if partitioned:
+        import deepspeed
+
+        gather_base.enter_context(deepspeed.zero.GatheredParameters([lm.get_input_embeddings().weight]))
+    torch.manual_seed(args.seed)  # the projection's initialisation
+    try:
+        vcm = VisualChatModel(lm, enc, args.attention, args.vis_proj)
+    except ValueError as e:
+        raise TrainError(f"--vis_proj {args.vis_proj!r}: {e}") from None
+    finally:
+        gather_base.close()
+    if args.projection_init_scale != 1.0:
+        with torch.no_grad():
+            for p in vcm.projection.parameters():
+                p.mul_(args.projection_init_scale)
+    if args.init_from:
+        from visualchat.checkpoint import CheckpointMismatch, load_trainable
+
+        try:
+            # another token grid of the same encoder is fine: the projection acts on each token
+            load_trainable(vcm, args.init_from, any_grid=True)
+        except (OSError, ValueError, CheckpointMismatch) as e:
+            raise TrainError(f"could not start from --init_from {args.init_from!r}: {e}") from None
+    if args.precision == "bf16" and plan.engine == "torch":
+        # Mixed precision for the plain engine: the frozen LM in bf16 and the embedding output cast to
+        # bf16, so the whole residual stream runs in bf16 (about 2-3x faster than fp32 on a CPU with
+        # bf16 support), while the trainable parameters stay fp32 masters that receive fp32 gradients.
+        # The encoder stays fp32 (its features are usually cached once).
+        if not args.qlora:
+            vcm.lm.to(torch.bfloat16)
+        vcm.embed_tokens.register_forward_hook(lambda mod, inp, out: out.to(torch.bfloat16))
+    return vcm, tok, lm_spec
