@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import logging
 import os
 import tempfile
@@ -121,7 +122,7 @@ class FeatureCache:
             if not self.has(k):
                 todo.append((k, ref))
         todo = todo[rank::world]
-        from .zero3 import fill_in_lockstep, is_partitioned
+        from .zero3 import is_partitioned
 
         if is_partitioned(encoder):  # every forward of a ZeRO-3 encoder is collective: all ranks in step
             return fill_in_lockstep(self, encoder, todo, batch_size, progress)
@@ -207,3 +208,47 @@ def _try_open(ref: Any):
 def encode(encoder, images: Sequence) -> torch.Tensor:
     """PIL images -> ``[n, K, d_vis]`` float32 on the CPU."""
     return encoder.encode(list(images)).float().cpu()
+
+
+def fill_in_lockstep(cache, encoder: torch.nn.Module, todo: list, batch_size: int = 16, progress: bool = False) -> dict[str, str]:
+    """``FeatureCache.fill`` for a partitioned encoder: this rank's ``todo`` ((key, ref) pairs) in
+    batches, every rank running as many forwards as the rank with the most (a rank with none left
+    encodes one blank image, to take part in the gathers). Returns ``{image key: error}``."""
+    from . import dist as D
+    from .zero3 import gathered_forward
+
+    todo = [(k, ref) for k, ref in todo if not cache.has(k)]
+    mine = math.ceil(len(todo) / batch_size)
+    rounds = max(D.all_gather_object(mine)) if D.world_size() > 1 else mine
+    bad: dict[str, str] = {}
+    if rounds == 0:
+        return bad
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="caching image features (ZeRO-3 encoder)", unit="img", dynamic_ncols=True)
+    p = next(encoder.parameters())
+    try:
+        with gathered_forward(encoder), torch.no_grad():
+            for i in range(rounds):
+                keys, ims = [], []
+                for k, ref in todo[i * batch_size:(i + 1) * batch_size]:
+                    im, err = _try_open(ref)
+                    if err is not None:
+                        bad[k] = err
+                    else:
+                        keys.append(k)
+                        ims.append(im)
+                if ims:
+                    for k, f in zip(keys, encode(encoder, ims)):
+                        cache.put(k, f)
+                else:
+                    s = encoder.image_size
+                    encoder(torch.zeros(1, 3, s, s, dtype=p.dtype, device=p.device))
+                if bar is not None:
+                    bar.update(min(len(todo), (i + 1) * batch_size) - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    return bad

@@ -449,7 +449,7 @@ def build_samples(names: list[str], data_path: str | None, *, template: Template
         conversations_out.update(train)
     from .token_cache import render_cached  # tokenized once per node, cached (train/token_cache.py)
 
-    tr, va = render_cached([train, val], template, max_seq_len, stats, render_samples)
+    tr, va = render_cached([train, val], template, max_seq_len, stats, render_samples, Sample)
     stats.add("train_samples", len(tr))
     stats.add("val_samples", len(va))
     if not tr:

@@ -146,9 +146,8 @@ def _encode(rendered: list[list], origins: list[list[int]], conversations: list[
     return tensors, meta
 
 
-def _decode(splits: list[dict[str, list]], tensors: dict, meta: dict) -> tuple[list[list], dict[str, int]]:
-    from .samples import Sample
-
+def _decode(splits: list[dict[str, list]], tensors: dict, meta: dict,
+            Sample: type) -> tuple[list[list], dict[str, int]]:
     if meta.get("version") != str(VERSION) or int(meta.get("splits", -1)) != len(splits):
         raise ValueError("another version or number of splits")
     if json.loads(meta["conversations"]) != [len(_flat(s)) for s in splits]:
@@ -195,17 +194,18 @@ def _read(path: str) -> tuple[dict, dict]:
 
 
 def render_cached(splits: list[dict[str, list]], template, max_seq_len: int, stats,
-                  render_fn: Callable) -> list[list]:
+                  render_fn: Callable, sample_type: type) -> list[list]:
     """``[render_fn(split, template, max_seq_len, stats) for split in splits]``, rendered by local
     rank 0 of each node (or read from an earlier run's index) and read by the node's other ranks.
-    ``stats`` receives the same counts as an uncached render."""
+    ``stats`` receives the same counts as an uncached render; ``sample_type`` is the class of the
+    samples ``render_fn`` makes (``train.samples.Sample``; passed in, so this module does not import
+    the one that calls it)."""
     from . import dist as D
-    from .samples import DataStats
 
     def render() -> tuple[list[list], list[list[int]], dict[str, int]]:
         # one conversation at a time, so each sample's conversation is known (render_fn gives each
         # conversation at most one sample, and counts what it skips)
-        part = DataStats()
+        part = type(stats)()
         rendered, origins = [], []
         for split in splits:
             samples, origin = [], []
@@ -241,7 +241,7 @@ def render_cached(splits: list[dict[str, list]], template, max_seq_len: int, sta
         add(mine[2])
         return mine[0]
     try:
-        rendered, counts = _decode(splits, *_read(path))
+        rendered, counts = _decode(splits, *_read(path), sample_type)
         log.info("read the tokenized samples from %s", path)
     except Exception as e:  # unreadable or stale: render here, as without a cache
         log.warning("could not use the token index %s (%s); tokenizing on this rank", path, e)

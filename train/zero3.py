@@ -9,7 +9,7 @@ gathered, written, partitioned again). No rank ever holds more than its share pl
 
 Before DeepSpeed's engine exists (it installs its own hooks), a partitioned encoder cannot run by
 itself, and every forward is collective: :func:`gathered_forward` gathers each module's parameters
-just for its own forward, and :func:`fill_in_lockstep` fills the image-feature cache with every rank
+just for its own forward, and :func:`train.features.fill_in_lockstep` fills the image-feature cache with every rank
 running the same number of forwards (a rank with nothing left encodes a blank image).
 :func:`state_items` gives the encoder's whole tensors one at a time (for the feature cache's key).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any, Iterator
 
 import torch
@@ -204,47 +203,3 @@ def state_items(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, p.detach()
         else:
             yield name, t
-
-
-def fill_in_lockstep(cache, encoder: nn.Module, todo: list, batch_size: int = 16, progress: bool = False) -> dict[str, str]:
-    """``FeatureCache.fill`` for a partitioned encoder: this rank's ``todo`` ((key, ref) pairs) in
-    batches, every rank running as many forwards as the rank with the most (a rank with none left
-    encodes one blank image, to take part in the gathers). Returns ``{image key: error}``."""
-    from . import dist as D
-    from .features import _try_open, encode
-
-    todo = [(k, ref) for k, ref in todo if not cache.has(k)]
-    mine = math.ceil(len(todo) / batch_size)
-    rounds = max(D.all_gather_object(mine)) if D.world_size() > 1 else mine
-    bad: dict[str, str] = {}
-    if rounds == 0:
-        return bad
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="caching image features (ZeRO-3 encoder)", unit="img", dynamic_ncols=True)
-    p = next(encoder.parameters())
-    try:
-        with gathered_forward(encoder), torch.no_grad():
-            for i in range(rounds):
-                keys, ims = [], []
-                for k, ref in todo[i * batch_size:(i + 1) * batch_size]:
-                    im, err = _try_open(ref)
-                    if err is not None:
-                        bad[k] = err
-                    else:
-                        keys.append(k)
-                        ims.append(im)
-                if ims:
-                    for k, f in zip(keys, encode(encoder, ims)):
-                        cache.put(k, f)
-                else:
-                    s = encoder.image_size
-                    encoder(torch.zeros(1, 3, s, s, dtype=p.dtype, device=p.device))
-                if bar is not None:
-                    bar.update(min(len(todo), (i + 1) * batch_size) - bar.n)
-    finally:
-        if bar is not None:
-            bar.close()
-    return bad
