@@ -39,6 +39,19 @@ def tiny_llama(tokenizer, seed=0, **kw):
     return random_lm(tokenizer, "llama", seed, keep_rng=False, **{**TEST_LM, "tie_word_embeddings": True, **kw})
 
 
+def save_tiny_checkpoint(tmp_path, tokenizer, clip_dir) -> tuple[str, str]:
+    """A tiny LM saved in ``tmp_path/lm`` and an (untrained) checkpoint of it with the tiny CLIP in
+    ``tmp_path/ckpt``, loadable by path. Returns (lm dir, checkpoint dir)."""
+    from visualchat.model import VisualChat
+
+    lm_dir = tmp_path / "lm"
+    tiny_llama(tokenizer).save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    vc = VisualChat.from_pretrained(None, lm=str(lm_dir), vision="clip:" + clip_dir, device="cpu")
+    vc.save_pretrained(str(tmp_path / "ckpt"))
+    return str(lm_dir), str(tmp_path / "ckpt")
+
+
 def tiny_qwen2(tokenizer, seed=0):
     from train.tiny import random_lm
 

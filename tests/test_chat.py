@@ -1,19 +1,13 @@
 """The command-line chat on a tiny saved checkpoint."""
 import pytest
 
-from tests.conftest import color_image, tiny_llama
+from tests.conftest import color_image, save_tiny_checkpoint
 from visualchat import chat
-from visualchat.model import VisualChat
 
 
 @pytest.fixture
 def tiny_ckpt(tmp_path, tiny_tokenizer, tiny_clip_dir):
-    lm_dir = tmp_path / "lm"
-    tiny_llama(tiny_tokenizer).save_pretrained(lm_dir)
-    tiny_tokenizer.save_pretrained(lm_dir)
-    vc = VisualChat.from_pretrained(None, lm=str(lm_dir), vision="clip:" + tiny_clip_dir, device="cpu")
-    vc.save_pretrained(str(tmp_path / "ckpt"))
-    return str(tmp_path / "ckpt")
+    return save_tiny_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir)[1]
 
 
 def test_one_shot_question_with_image(tiny_ckpt, tmp_path, capsys):

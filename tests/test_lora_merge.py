@@ -5,7 +5,7 @@ from torch import nn
 
 from visualchat.lora import inject, lora_parameters, merge_lora
 
-from .conftest import tiny_llama
+from .conftest import save_tiny_checkpoint, tiny_llama
 
 
 class _Holder(nn.Module):  # lora_parameters() takes names relative to the VisualChatModel
@@ -51,12 +51,8 @@ def _lora_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir):
     from train.export import export_checkpoint
     from visualchat.model import VisualChat
 
-    lm_dir = tmp_path / "lm"
-    tiny_llama(tiny_tokenizer).save_pretrained(lm_dir)
-    tiny_tokenizer.save_pretrained(lm_dir)
-    plain = VisualChat.from_pretrained(None, lm=str(lm_dir), vision="clip:" + tiny_clip_dir, device="cpu")
-    plain.save_pretrained(str(tmp_path / "plain"))
-    adapted = VisualChat.from_pretrained(str(tmp_path / "plain"), lm=str(lm_dir), device="cpu")
+    lm_dir, plain_dir = save_tiny_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir)
+    adapted = VisualChat.from_pretrained(plain_dir, lm=lm_dir, device="cpu")
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     inject(adapted.model.lm, lora)
     with torch.no_grad():
@@ -64,7 +60,7 @@ def _lora_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir):
             p.copy_(torch.randn_like(p) * 0.2)
     adapted.config.lora = {"lm": lora}
     export_checkpoint(adapted.model, str(tmp_path / "lora"), adapted.config)
-    return str(lm_dir), str(tmp_path / "plain"), str(tmp_path / "lora")
+    return lm_dir, plain_dir, str(tmp_path / "lora")
 
 
 def test_a_lora_checkpoint_does_not_share_the_lm_of_another(tmp_path, tiny_tokenizer, tiny_clip_dir):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import color_image, tiny_llama
+from tests.conftest import color_image, save_tiny_checkpoint, tiny_llama
 from visualchat import attention, lowp
 from visualchat.decode import lean_decoder
 
@@ -23,14 +23,7 @@ BF16_RTOL = 8e-2
 @pytest.fixture
 def tiny_ckpt(tmp_path, tiny_tokenizer, tiny_clip_dir):
     """A tiny saved checkpoint (its LM saved beside it), loadable by path."""
-    from visualchat.model import VisualChat
-
-    lm_dir = tmp_path / "lm"
-    tiny_llama(tiny_tokenizer).save_pretrained(lm_dir)
-    tiny_tokenizer.save_pretrained(lm_dir)
-    vc = VisualChat.from_pretrained(None, lm=str(lm_dir), vision="clip:" + tiny_clip_dir, device="cpu")
-    vc.save_pretrained(str(tmp_path / "ckpt"))
-    return str(tmp_path / "ckpt")
+    return save_tiny_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir)[1]
 
 
 def _tiny_pair(tiny_tokenizer, tiny_clip_dir):
