@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,32 +57,20 @@ def make(n: int, out: str, seed: int = 0, dense: int = 0) -> int:
     return len(samples)
 
 
+def text_conversation(sample):
+    """The sample as the conversation that is run: every image given as text, no image attached."""
+    from visualchat.template import Conversation, Round
+
+    return Conversation([Round(r["question"], [], r["answer"]) for r in text_rounds(sample)],
+                        sample.conversation.system)
+
+
 def score(vc, n: int, seed: int = 0, max_new_tokens: int = 32, progress: bool = True) -> dict:
-    """Exact match of ``vc`` on the first ``n`` test conversations, told instead of shown."""
-    from tqdm import tqdm
+    """Exact match of ``vc`` on the first ``n`` test conversations, told instead of shown
+    (``train.eval.score_shapes`` running :func:`text_conversation` of each sample)."""
+    from train.eval import score_shapes
 
-    from train.data.shapes import category, generate
-    from train.eval import normalise, object_f1
-
-    hits: dict[str, list[int]] = defaultdict(list)
-    f1s: dict[str, list[float]] = defaultdict(list)
-    examples = []
-    for sample in tqdm(generate("test", n, seed), desc="oracle eval", disable=not progress):
-        session = vc.new_session(system=sample.conversation.system)
-        for rnd in text_rounds(sample):
-            answer = session.ask(rnd["question"], [], max_new_tokens=max_new_tokens)
-            ok = int(normalise(answer) == normalise(rnd["answer"]))
-            for key in (rnd["type"], category(rnd["type"]), "all"):
-                hits[key].append(ok)
-            if rnd["type"].endswith("/describe"):
-                f1s[rnd["type"]].append(object_f1(answer, rnd["answer"]))
-            if len(examples) < 20:
-                examples.append({**rnd, "got": answer})
-    acc = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items())}
-    for k, v in f1s.items():
-        acc[k]["object_f1"] = sum(v) / len(v)
-    return {"n_conversations": n, "seed": seed, "checkpoint": getattr(vc, "path", None),
-            "accuracy": acc, "examples": examples}
+    return score_shapes(vc, n, seed, max_new_tokens, progress, conversation_of=text_conversation)
 
 
 def main(argv=None) -> int:

@@ -60,16 +60,19 @@ def object_f1(answer: str, expected: str) -> float:
 
 
 def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, progress: bool = True,
-                 drawing: str = "plain") -> dict:
+                 drawing: str = "plain", conversation_of=None) -> dict:
     """Exact-match accuracy of ``vc`` on the first ``n`` conversations of the shapes test split, drawn
-    ``drawing`` ("plain" or "varied": the same questions and scenes either way)."""
+    ``drawing`` ("plain" or "varied": the same questions and scenes either way). ``conversation_of``
+    turns a test sample into the conversation that is run (default: ``sample.materialize()``, the
+    images drawn; bench/text_oracle.py gives each image as text instead); its rounds keep the
+    sample's order and answers."""
     from train.data.shapes import SHAPES_VERSION, category, generate
 
     hits: dict[str, list[int]] = defaultdict(list)
     f1s: dict[str, list[float]] = defaultdict(list)
     examples, answers = [], []
     for sample in tqdm(generate("test", n, seed, drawing=drawing), desc="eval", disable=not progress):
-        conv = sample.materialize()
+        conv = conversation_of(sample) if conversation_of else sample.materialize()
         session = vc.new_session(system=conv.system)
         for rnd, tag in zip(conv.rounds, sample.round_types):
             answer = session.ask(rnd.question, rnd.images, max_new_tokens=max_new_tokens)
