@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 
 def write_json(path: str | None, result: dict) -> None:
@@ -13,3 +14,12 @@ def write_json(path: str | None, result: dict) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
+
+
+def busy() -> bool:
+    """Whether a training run (``python -m train --preset ...``) is running on this machine, so a
+    benchmark can record that its timings were taken on a busy machine."""
+    try:
+        return subprocess.run(["pgrep", "-f", "train --preset"], capture_output=True).returncode == 0
+    except OSError:
+        return False

@@ -19,12 +19,13 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import busy  # noqa: E402
 
 
 def make_data(folder: str, n_images: int, n_samples: int, seed: int = 0) -> str:
@@ -48,13 +49,6 @@ def make_data(folder: str, n_images: int, n_samples: int, seed: int = 0) -> str:
                        "answer": "A field of colours."} for j in range(k)]
             f.write(json.dumps({"rounds": rounds}) + "\n")
     return path
-
-
-def busy() -> bool:
-    try:
-        return subprocess.run(["pgrep", "-f", "train --preset"], capture_output=True).returncode == 0
-    except OSError:
-        return False
 
 
 def main(argv=None) -> dict:

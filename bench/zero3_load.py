@@ -39,6 +39,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.common import busy  # noqa: E402
+
 GiB = 1024 ** 3
 
 
@@ -51,13 +53,6 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
             if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
                 out[key] = int(rest.split()[0]) * 1024
     return out
-
-
-def busy() -> bool:
-    try:
-        return subprocess.run(["pgrep", "-f", "train --preset"], capture_output=True).returncode == 0
-    except OSError:
-        return False
 
 
 def _port() -> str:
