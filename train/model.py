@@ -1,5 +1,5 @@
 """The model the trainer runs: :func:`build_model` loads the LM (built partitioned from the start under
-ZeRO-3, through transformers' ``HfDeepSpeedConfig``: :func:`partitioned_load`), the vision encoder and a
+ZeRO-3 and filled tensor by tensor from its safetensors files: :func:`load_lm_zero3`), the vision encoder and a
 fresh projection into a :class:`visualchat.model.VisualChatModel`; :class:`TrainModule` is what the
 engine runs (images and tokens -> loss); :func:`enable_gradient_checkpointing` wraps the LM's layers."""
 from __future__ import annotations
@@ -91,6 +91,31 @@ def partitioned_load(args, plan: Plan):
         del hf_config
 
 
+def load_lm_zero3(lm_spec: str, args, plan: Plan):
+    """(LM, tokenizer) built partitioned under ZeRO-3 in the run's precision. A local checkpoint with
+    safetensors weights is filled tensor by tensor (:func:`train.zero3.partitioned_lm`: rank 0 holds
+    one tensor of the checkpoint at a time); anything else (a hub id, ``.bin`` or GGUF weights,
+    ``--trust_remote_code``) goes through transformers' ZeRO-3 loader (:func:`partitioned_load`),
+    which reads the whole checkpoint into one state dict on rank 0 before copying it in."""
+    from transformers import AutoTokenizer
+
+    from visualchat.deepspeed_ops import disable_shm_comm_build
+    from visualchat.model import load_lm, resolve_lm
+
+    from .zero3 import partitioned_lm
+
+    import deepspeed
+
+    disable_shm_comm_build()  # init_distributed would otherwise build the shm all-reduce op (minutes)
+    deepspeed.init_distributed()  # wraps the process group D.init() made, so zero.Init sees every rank
+    path = resolve_lm(lm_spec)
+    lm = partitioned_lm(path, deepspeed_config(args, plan), load_dtype(args, plan), args.trust_remote_code)
+    if lm is None:
+        with partitioned_load(args, plan):
+            return load_lm(lm_spec, load_dtype(args, plan), plan.device, None, args.trust_remote_code)
+    return lm, AutoTokenizer.from_pretrained(path)
+
+
 def gathered_base(vcm, args, plan: Plan):
     """A context in which the LM's input embedding is whole on every rank (a no-op unless the LM was
     loaded partitioned)."""
@@ -112,7 +137,9 @@ def build_model(args, plan: Plan):
     vision_spec = resolve_vision_spec(args.vision)
     partitioned = zero3_init_enabled(args, plan)
     try:
-        with partitioned_load(args, plan) if partitioned else contextlib.nullcontext():
+        if partitioned:
+            lm, tok = load_lm_zero3(lm_spec, args, plan)
+        else:
             lm, tok = load_lm(lm_spec, load_dtype(args, plan), plan.device, "4bit" if args.qlora else None,
                               args.trust_remote_code)
     except (OSError, ValueError, ImportError) as e:

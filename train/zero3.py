@@ -1,6 +1,12 @@
-"""ZeRO-3 for the frozen vision encoder: built partitioned from the start, run before DeepSpeed's engine.
+"""ZeRO-3 for the LM and the frozen vision encoder: built partitioned from the start, filled tensor by
+tensor from safetensors files; the encoder run before DeepSpeed's engine.
 
-The LM is built partitioned through transformers' ZeRO-3 path (``train.trainer.partitioned_load``).
+The LM (:func:`partitioned_lm`) is created from its config inside ``deepspeed.zero.Init`` (the run's
+DeepSpeed config, so in its precision) and rank 0 copies the checkpoint in one parameter at a time
+(:func:`fill_partitioned`): no rank ever holds the merged state dict that transformers' own ZeRO-3
+loader builds on rank 0. Where that path does not apply (a hub id, ``.bin`` or GGUF weights, remote
+code, a pre-quantized checkpoint) the LM goes through transformers' ZeRO-3 path instead
+(``train.model.partitioned_load``).
 A large encoder (Qwen-VL's ViT-bigG and resampler: 1.9 B parameters, 7.2 GiB in fp32) is built the
 same way here: its modules are created inside ``deepspeed.zero.Init`` with the run's DeepSpeed config
 and precision, so each parameter is split over the ranks as soon as its module exists, and rank 0
@@ -19,8 +25,11 @@ the engine starts.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from typing import Any, Iterator
+import os
+import re
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -70,18 +79,12 @@ def partitioned_qwen_vl(path: str, ds_config: dict, dtype: torch.dtype):
     collective, so a wrong checkpoint stops all ranks with the same message); only rank 0 reads the
     tensors. Buffers (the resampler's fixed positions) are small and read by every rank."""
     import deepspeed
-    from safetensors import safe_open
 
     from visualchat.encoders.qwen_vl import PREFIX, QwenVLEncoder, check_keys, checkpoint_config, checkpoint_files
 
     files = checkpoint_files(path)
     config = checkpoint_config(path)
-    where: dict[str, tuple[str, list[int]]] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for k in st.keys():
-                if k.startswith(PREFIX):
-                    where[k[len(PREFIX):]] = (f, list(st.get_slice(k).get_shape()))
+    where = safetensors_index(files, PREFIX)
     # the precision comes from the config (DeepSpeed 0.19's zero.Init ignores an explicit dtype on a
     # device without fp16 support and picks bf16), checked below
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -95,32 +98,145 @@ def partitioned_qwen_vl(path: str, ds_config: dict, dtype: torch.dtype):
     if got != {dtype}:
         raise ValueError(f"the partitioned Qwen-VL encoder came out in {sorted(map(str, got))}, not {dtype}: "
                          "the DeepSpeed config's bf16/fp16 settings must match --precision")
-    full = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}
-    full.update({n: list(b.shape) for n, b in buffers.items()})
-    check_keys(set(full), set(where), path, config)
-    wrong = [f"{n}: {where[n][1]} in the file, {s} in the model" for n, s in full.items() if where[n][1] != s]
-    if wrong:
-        raise ValueError(f"{path} is not a Qwen-VL checkpoint matching {config}: shapes differ: {wrong[:4]}")
-    rank0 = _rank() == 0
-    handles: dict[str, Any] = {}
-    try:
-        def tensor(name: str) -> torch.Tensor:
-            f = where[name][0]
-            if f not in handles:
-                handles[f] = safe_open(f, framework="pt")
-            return handles[f].get_tensor(PREFIX + name)
-
-        with torch.no_grad():
-            for name, p in params.items():
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if rank0:
-                        p.data.copy_(tensor(name))
-            for name, b in buffers.items():
-                b.copy_(tensor(name))
-    finally:
-        handles.clear()
+    check_keys(set(params) | set(buffers), set(where), path, config)
+    fill_partitioned(params, buffers, where, f"{path} (a Qwen-VL checkpoint matching {config})")
     _mark_leaf_modules(enc)
     return enc.requires_grad_(False).eval()
+
+
+def safetensors_index(files: list[str], prefix: str = "") -> dict[str, tuple[str, str, list[int]]]:
+    """{name without ``prefix``: (file, key in the file, shape)} for every tensor of ``files`` whose key
+    starts with ``prefix``, read from the files' headers only."""
+    from safetensors import safe_open
+
+    where: dict[str, tuple[str, str, list[int]]] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                if k.startswith(prefix):
+                    where[k[len(prefix):]] = (f, k, list(st.get_slice(k).get_shape()))
+    return where
+
+
+def fill_partitioned(params: dict[str, nn.Parameter], buffers: dict[str, torch.Tensor],
+                     where: dict[str, tuple[str, str, list[int]]], what: str) -> None:
+    """Copy the checkpoint's tensors into a model built under ``deepspeed.zero.Init``, one parameter at
+    a time: each ZeRO-3 parameter is gathered, rank 0 reads its tensor (a ``safe_open`` of its file
+    for that one tensor, so at most one tensor of the checkpoint is resident) and writes it, and the
+    parameter is partitioned again (DeepSpeed broadcasts rank 0's values). Buffers are small and read
+    by every rank. Every name of ``params`` and ``buffers`` must be in ``where`` with the same shape
+    (checked on every rank before anything collective, so a wrong checkpoint stops all ranks with the
+    same message); the copy casts to the parameter's dtype. Collective: every rank calls it."""
+    import deepspeed
+    from safetensors import safe_open
+
+    full = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}
+    full.update({n: list(b.shape) for n, b in buffers.items()})
+    missing = sorted(n for n in full if n not in where)
+    if missing:
+        raise ValueError(f"{what}: {len(missing)} tensors are missing from the checkpoint: {missing[:8]}")
+    wrong = [f"{n}: {where[n][2]} in the file, {s} in the model" for n, s in full.items() if where[n][2] != s]
+    if wrong:
+        raise ValueError(f"{what}: shapes differ for {len(wrong)} tensors: {wrong[:4]}")
+
+    def tensor(name: str) -> torch.Tensor:
+        f, key, _ = where[name]
+        with safe_open(f, framework="pt") as st:
+            return st.get_tensor(key)
+
+    rank0 = _rank() == 0
+    with torch.no_grad():
+        for name, p in params.items():
+            if not hasattr(p, "ds_id"):  # not partitioned (built outside zero.Init): every rank reads it
+                p.data.copy_(tensor(name))
+                continue
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank0:
+                    p.data.copy_(tensor(name))
+        for name, b in buffers.items():
+            b.copy_(tensor(name))
+
+
+def lm_checkpoint_files(path: str) -> list[str] | None:
+    """The safetensors files of a local HF checkpoint folder (``model.safetensors`` or the shards that
+    ``model.safetensors.index.json`` names), or None where the folder has no safetensors weights (a
+    hub id, ``.bin`` weights, a GGUF file): those go through transformers' loader."""
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
+        return None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a 'weight_map' of key -> file): {e}") from None
+        files = [os.path.join(path, n) for n in names]
+        absent = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if absent:
+            raise ValueError(f"{index} names shards that are not in {path}: {absent[:4]}")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    return [single] if os.path.isfile(single) else None
+
+
+def partitioned_lm(path: str, ds_config: dict, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The causal LM at ``path`` built partitioned under ZeRO-3 in ``dtype`` and filled tensor by tensor
+    from its safetensors files (:func:`fill_partitioned`), or None where this path does not apply (no
+    local safetensors weights, remote code whose names we cannot vouch for, a pre-quantized
+    checkpoint, a transformers without the helpers used here): the caller then uses transformers'
+    ZeRO-3 loader, which reads the whole checkpoint into one state dict on rank 0.
+
+    The model is created from its config with weight initialisation off (every weight is then
+    copied in) and RoPE's ``arange`` kept out of zero.Init's dtype cast, as transformers does for its
+    own ZeRO-3 path. Tied weights (``tie_word_embeddings``: ``lm_head.weight`` is the embedding) are
+    read once; a checkpoint that stores the tied copy too is fine, one that stores only the tied copy
+    fills the embedding from it. A checkpoint's tensors that the model lacks, or the model's that the
+    checkpoint lacks, stop the load with their names (transformers would warn and initialise missing
+    ones randomly)."""
+    files = lm_checkpoint_files(path)
+    if files is None or trust_remote_code:
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        return None
+    try:
+        from transformers.initialization import no_init_weights
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError as e:  # another transformers: its own ZeRO-3 loader still works
+        log.warning("tensor-by-tensor ZeRO-3 load unavailable (%s); using transformers' loader", e)
+        return None
+    import deepspeed
+
+    where = safetensors_index(files)
+    # the precision comes from the DeepSpeed config (zero.Init casts to its bf16/fp16), checked below
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        lm.tie_weights()
+    params = dict(lm.named_parameters())
+    by_id = {id(p): n for n, p in params.items()}
+    persistent = lm.state_dict(keep_vars=True)
+    buffers = {n: b for n, b in lm.named_buffers() if n in persistent}
+    aliases = {n: by_id[id(t)] for n, t in persistent.items() if n not in params and n not in buffers}
+    for alias, canonical in aliases.items():  # a tied weight stored under its other name only
+        if canonical not in where and alias in where:
+            where[canonical] = where[alias]
+    ignore = [re.compile(r) for r in (getattr(lm, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected = sorted(k for k in where if k not in params and k not in buffers and k not in aliases
+                        and not any(r.search(k) for r in ignore))
+    what = f"{path} ({type(lm).__name__})"
+    if unexpected:
+        raise ValueError(f"{what}: the checkpoint has {len(unexpected)} tensors the model does not: {unexpected[:8]} "
+                         "(its names differ from this transformers' model; tensor names must match exactly)")
+    got = {p.dtype for p in params.values()}
+    if got != {dtype}:
+        raise ValueError(f"the partitioned LM came out in {sorted(map(str, got))}, not {dtype}: "
+                         "the DeepSpeed config's bf16/fp16 settings must match --precision")
+    fill_partitioned(params, buffers, where, what)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        lm.generation_config = GenerationConfig.from_pretrained(path)
+    return lm.eval()
 
 
 #: modules whose forward reads their children's parameters without calling the children (so ZeRO-3
