@@ -12,6 +12,16 @@ same thread count as the model). ``--profile`` adds where one decode step's time
 path's step by section (wall time, ``LeanDecoder.tick``), and today's path by function (cProfile over
 streamed tokens, grouped; shares, since cProfile inflates the Python-heavy parts).
 --cold converts the GGUF into a fresh temporary cache first (the first start after install).
+--llama_cpp adds the peer anchor: llama.cpp's own greedy decode of the same GGUF (the one
+visualchat converts its default from) with the same thread count, after a text prompt as long as
+round 1's, in the same table (its bytes per token: the GGUF's weights as stored, plus its f16 KV
+cache). It needs ``llama-cpp-python``, installed for the benchmark only (not a dependency of the
+app); built from source with the CPU's own instruction set:
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL=2 nice -n 5 pip install --no-cache-dir llama-cpp-python
+
+(about 15 minutes on 2 cores). Without it, --llama_cpp says so and the rest runs as usual.
 Prints Markdown tables for bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -98,6 +108,114 @@ def run_path(name: str, lm_weights: str | None, decode: str, new_tokens: int, ro
     r["kv_bytes"] = kv_bytes(s)
     r["ctx"] = len(s._cache_keys)
     r["vc"] = vc
+    return r
+
+
+# -- the peer anchor: llama.cpp on the same GGUF (--llama_cpp) ---------------------------------------
+def gguf_bytes_per_token(tensor_bytes: dict[str, int]) -> int:
+    """Bytes of GGUF weights a decode step reads, as stored (quantized blocks and their scales):
+    every tensor once, except the token embedding when the file has its own output matrix (then a
+    step reads one row of it; where the head is tied to the embedding, all of it is the head)."""
+    total = sum(tensor_bytes.values())
+    if "output.weight" in tensor_bytes and "token_embd.weight" in tensor_bytes:
+        total -= tensor_bytes["token_embd.weight"]
+    return total
+
+
+def gguf_tensor_bytes(path: str) -> dict[str, int]:
+    """``{tensor name: bytes as stored}`` of a GGUF file (the ``gguf`` package transformers uses)."""
+    from gguf import GGUFReader
+
+    return {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+
+
+def fit_prompt(tokenize, head: str, filler: str, tail: str, n: int) -> list[int]:
+    """Token ids of ``head`` + as much of ``filler`` (repeated) as fits + ``tail``: exactly ``n``
+    tokens, so that the anchor decodes after a prompt as long as the benchmark's round 1.
+    ``tokenize(text) -> list[int]`` (llama.cpp's tokenizer; the test passes a fake one)."""
+    a, c = tokenize(head), tokenize(tail)
+    room = n - len(a) - len(c)
+    if room < 0:
+        raise ValueError(f"the prompt's fixed parts are {len(a) + len(c)} tokens, longer than n={n}")
+    fill = tokenize(filler)
+    if not fill and room:
+        raise ValueError("filler text gives no tokens")
+    body = (fill * (room // max(len(fill), 1) + 1))[:room]
+    return a + body + c
+
+
+def kv_f16_bytes(n_layers: int, n_kv_heads: int, head_dim: int, context: int) -> int:
+    """Bytes of a float16 K and V cache over ``context`` tokens (llama.cpp's default cache type)."""
+    return 2 * n_layers * n_kv_heads * head_dim * context * 2
+
+
+def anchor_figures(step_s: list[float], stream_s: float, n_new: int, weight_bytes: int,
+                   kv_bytes: int, bandwidth: float) -> dict:
+    """The anchor's row values: decode tokens/s (median step; and over the whole answer), bytes per
+    token, the bandwidth limit and the step's share of it. Same formulas as the two torch paths."""
+    if not step_s or n_new < 1 or stream_s <= 0:
+        raise ValueError("anchor_figures needs at least one timed step and a positive answer time")
+    step = statistics.median(step_s)
+    limit = bandwidth / (weight_bytes + kv_bytes)
+    return {"step_s": step, "step_tok_s": 1 / step, "session_tok_s": n_new / stream_s,
+            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "limit_tok_s": limit,
+            "share": (1 / step) / limit}
+
+
+LLAMA_PROMPT = ("<|im_start|>user\n", "There are three pictures with shapes of several colours: circles, "
+                "squares, stars and triangles on a white background. ",
+                "Describe Image 1, Image 2 and Image 3.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def run_llama_cpp(n_prompt: int, new_tokens: int, threads: int) -> dict | str:
+    """llama.cpp's greedy decode of the embedded default's GGUF: load, a text prompt of ``n_prompt``
+    tokens, then ``new_tokens`` tokens (greedy, not stopped at EOS), each step timed. Returns the
+    raw figures (:func:`anchor_figures` turns them into the table's), or a sentence saying why it
+    did not run."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return ("llama_cpp is not importable: install llama-cpp-python for the benchmark (see this "
+                "script's docstring); the anchor was skipped")
+    import numpy as np
+    from llama_cpp import Llama
+
+    from visualchat.assets import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    t = time.perf_counter()
+    llm = Llama(model_path=gguf, n_ctx=n_prompt + new_tokens + 16, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t
+    prompt = fit_prompt(lambda s: llm.tokenize(s.encode(), add_bos=False, special=True), *LLAMA_PROMPT, n_prompt)
+    t = time.perf_counter()
+    llm.eval(prompt)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    ttft = time.perf_counter() - t
+    out, steps = [tok], []
+    t0 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        t = time.perf_counter()
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        steps.append(time.perf_counter() - t)
+        out.append(tok)
+    stream_s = time.perf_counter() - t0
+    meta = llm.metadata
+    arch = meta.get("general.architecture", "llama")
+    n_layers = int(meta[f"{arch}.block_count"])
+    n_heads = int(meta[f"{arch}.attention.head_count"])
+    n_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
+    head_dim = int(meta[f"{arch}.embedding_length"]) // n_heads
+    ctx = llm.n_tokens
+    import llama_cpp
+
+    r = dict(steps=steps, stream_s=stream_s, n_new=len(steps), weight_bytes=gguf_bytes_per_token(gguf_tensor_bytes(gguf)),
+             kv_bytes=kv_f16_bytes(n_layers, n_kv, head_dim, ctx), threads=threads)
+    r.update(name=f"llama.cpp {llama_cpp.__version__} on the GGUF ({os.path.basename(gguf)})", load_s=load_s,
+             ttft1_s=ttft, prompt_tokens=len(prompt), ctx=ctx,
+             answer=llm.detokenize(out).decode("utf-8", "replace"))
+    del llm
     return r
 
 
@@ -203,6 +321,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", action="store_true", help="also profile the decode step: the fast path by section, today's by function")
     ap.add_argument("--fast", default="auto", help="the fast path's LM weight format (default: what auto picks)")
+    ap.add_argument("--llama_cpp", action="store_true",
+                    help="add the peer anchor: llama.cpp's decode of the same GGUF (needs llama-cpp-python)")
     args = ap.parse_args()
     import torch
 
@@ -226,8 +346,17 @@ def main():
     bw = copy_bandwidth()
     paths = [run_path("today: fp32 weights, transformers decode step", None, "hf", args.new_tokens, args.rounds, ims),
              run_path("fast", args.fast, "lean", args.new_tokens, args.rounds, ims)]
-    bw = max(bw, copy_bandwidth())  # measured before and after; the better one is the machine's
     a, b = paths
+    anchor = None
+    if args.llama_cpp:  # the same prompt length, thread count and number of new tokens
+        anchor = run_llama_cpp(a["prompt_tokens"], args.new_tokens, torch.get_num_threads())
+        if isinstance(anchor, str):
+            print(f"--llama_cpp: {anchor}")
+            anchor = None
+    bw = max(bw, copy_bandwidth())  # measured before and after; the better one is the machine's
+    if anchor is not None:
+        anchor.update(anchor_figures(anchor["steps"], anchor["stream_s"], anchor["n_new"], anchor["weight_bytes"],
+                                     anchor["kv_bytes"], bw))
     b["name"] = f"fast: {b['weights']} weights, lean decode step"
     for p in paths:
         p["limit_tok_s"] = bw / (p["weight_bytes"] + p["kv_bytes"])
@@ -249,18 +378,31 @@ def main():
         ("bandwidth limit (tokens/s)", "limit_tok_s", "{:.1f}"),
         ("decode step / bandwidth limit", None, None),
     ]
-    print(f"\n| measure | {a['name']} | {b['name']} | fast / today |\n|---|---|---|---|")
+    head = f"\n| measure | {a['name']} | {b['name']} | fast / today |"
+    if anchor is not None:
+        head += f" {anchor['name']} |"
+    print(head + "\n|---|---|---|---|" + ("---|" if anchor is not None else ""))
     for label, key, fmt in rows:
         if key is None and label.startswith("bytes"):
             va, vb = (f"{(p['weight_bytes'] + p['kv_bytes']) / 1e6:.0f} MB" for p in paths)
             ratio = f"{(b['weight_bytes'] + b['kv_bytes']) / (a['weight_bytes'] + a['kv_bytes']):.2f}x"
+            vc = f"{(anchor['weight_bytes'] + anchor['kv_bytes']) / 1e6:.0f} MB" if anchor else ""
         elif key is None:
             va, vb = (f"{100 * p['step_tok_s'] / p['limit_tok_s']:.0f}%" for p in paths)
             ratio = ""
+            vc = f"{100 * anchor['share']:.0f}%" if anchor else ""
         else:
             va, vb = fmt.format(a[key]), fmt.format(b[key])
             ratio = f"{b[key] / a[key]:.2f}x"
-        print(f"| {label} | {va} | {vb} | {ratio} |")
+            vc = fmt.format(anchor[key]) if anchor and key in anchor else "-"
+        print(f"| {label} | {va} | {vb} | {ratio} |" + (f" {vc} |" if anchor is not None else ""))
+    if anchor is not None:
+        print(f"\nllama.cpp anchor: {anchor['threads']} threads, a text prompt of {anchor['prompt_tokens']} tokens "
+              f"(no images; its round-1 cell is that prompt's time to first token), then {anchor['n_new'] + 1} greedy "
+              f"tokens; its decode step median at {anchor['ctx']} tokens of context (f16 KV cache); bytes per token: "
+              f"the GGUF's weights as stored ({anchor['weight_bytes'] / 1e6:.1f} MB) + KV cache. "
+              f"fast / llama.cpp decode step: {b['step_tok_s'] / anchor['step_tok_s']:.2f}x. "
+              f"Its answer: {anchor['answer']!r}")
     print(f"\nround 1 answers: today {a['answer1']!r} ({a['new_tokens1']} tokens); fast {b['answer1']!r} "
           f"({b['new_tokens1']} tokens){' (same)' if a['answer1'] == b['answer1'] else ' (DIFFERENT)'}")
     if args.profile:
