@@ -9,7 +9,8 @@ projection and attention) and a glob of its resumable snapshots (``checkpoints/s
 copies of them named ``...step-N.pt``); every snapshot is turned into a checkpoint with the final
 config and scored with ``train.eval``'s ``score_shapes`` on the first ``--n`` test conversations.
 ``--points NAME=SAMPLES:EVAL_JSON`` adds already-scored checkpoints (e.g. the stage-1 checkpoint that
-a second stage started from). Conversations seen at step s = ``--offset`` (samples before this run,
+a second stage started from); a ``train.eval`` JSON of more than ``--n`` conversations is re-scored on
+its first ``--n`` from its answers. Conversations seen at step s = ``--offset`` (samples before this run,
 read from the ``init_from`` checkpoint's config when given as ``--offset_from DIR``) + s x the run's
 global batch. Snapshots are read with ``torch.load(weights_only=True)``.
 """
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import write_json  # noqa: E402
+from train.eval import prefix_accuracy  # noqa: E402
 
 TYPES = ("all", "single", "cross", "refer_back", "single/color", "single/count", "single/where", "cross/more")
 
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
         samples, path = rest.split(":", 1)
         if (name, int(samples)) not in done:
             points.append({"run": name, "samples": int(samples), "source": path,
-                           "accuracy": json.load(open(path))["accuracy"]})
+                           "accuracy": prefix_accuracy(json.load(open(path)), args.n)})
     for item in args.run:
         name, rest = item.split("=", 1)
         final, pattern = rest.split(":", 1)

@@ -2,7 +2,9 @@ import csv
 import json
 
 from tests.conftest import color_image
-from train.eval import described_objects, normalise, object_f1, run_conversations, score_shapes
+import pytest
+
+from train.eval import described_objects, normalise, object_f1, prefix_accuracy, run_conversations, score_shapes
 
 
 class ScriptedVC:
@@ -34,6 +36,24 @@ def test_shapes_scoring_counts_exact_matches():
     assert res["accuracy"]["single"]["accuracy"] == 0.0
     n_single = res["accuracy"]["single"]["n"]
     assert res["accuracy"]["all"]["accuracy"] == 1 - n_single / res["accuracy"]["all"]["n"]
+
+
+def test_a_longer_result_is_rescored_on_its_first_conversations():
+    """prefix_accuracy re-scores a saved result on its first n conversations from its answers: the same
+    figures as scoring those n conversations directly (learning-curve points from longer evaluations)."""
+    from train.data.shapes import generate
+
+    script = [(r.question, r.answer, t) for s in generate("test", 8)
+              for r, t in zip(s.conversation.rounds, s.round_types)]
+    wrong = ("cross", "refer_back")
+    long = score_shapes(ScriptedVC(script, wrong_types=wrong), n=8, progress=False)
+    short = score_shapes(ScriptedVC(script, wrong_types=wrong), n=5, progress=False)
+    assert prefix_accuracy(long, 5) == short["accuracy"] != long["accuracy"]
+    assert prefix_accuracy(long, 8) == long["accuracy"]
+    with pytest.raises(ValueError, match="needs at least"):
+        prefix_accuracy(short, 8)
+    with pytest.raises(ValueError, match="needs at least"):
+        prefix_accuracy({**long, "answers": None}, 5)
 
 
 def test_describe_questions_get_an_object_f1():

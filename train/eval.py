@@ -66,30 +66,60 @@ def score_shapes(vc, n: int = 200, seed: int = 0, max_new_tokens: int = 32, prog
     turns a test sample into the conversation that is run (default: ``sample.materialize()``, the
     images drawn; bench/text_oracle.py gives each image as text instead); its rounds keep the
     sample's order and answers."""
-    from train.data.shapes import SHAPES_VERSION, category, generate
+    from train.data.shapes import SHAPES_VERSION, generate
 
-    hits: dict[str, list[int]] = defaultdict(list)
-    f1s: dict[str, list[float]] = defaultdict(list)
+    samples = generate("test", n, seed, drawing=drawing)
     examples, answers = [], []
-    for sample in tqdm(generate("test", n, seed, drawing=drawing), desc="eval", disable=not progress):
+    for sample in tqdm(samples, desc="eval", disable=not progress):
         conv = conversation_of(sample) if conversation_of else sample.materialize()
         session = vc.new_session(system=conv.system)
         for rnd, tag in zip(conv.rounds, sample.round_types):
             answer = session.ask(rnd.question, rnd.images, max_new_tokens=max_new_tokens)
             answers.append(answer)
-            ok = int(normalise(answer) == normalise(rnd.answer))
-            for key in (tag, category(tag), "all"):
-                hits[key].append(ok)
-            if tag.endswith("/describe"):
-                f1s[tag].append(object_f1(answer, rnd.answer))
             if len(examples) < 20:
                 examples.append({"type": tag, "question": rnd.question, "expected": rnd.answer, "answer": answer})
-    acc = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items())}
-    for k, v in f1s.items():
-        acc[k]["object_f1"] = sum(v) / len(v)
+    acc = tally(samples, answers)
     return {"shapes_version": SHAPES_VERSION, "n_conversations": n, "seed": seed, "drawing": drawing,
             "checkpoint": getattr(vc, "path", None), "lm_weights": getattr(vc, "lm_weights", "fp32"),
             "accuracy": acc, "examples": examples, "answers": answers}
+
+
+def tally(samples, answers: list[str]) -> dict:
+    """Exact-match accuracy (and object F1 of "describe" rounds) per question type, per category and
+    overall, of ``answers`` (one per round, in the samples' order) on shapes ``samples``."""
+    from train.data.shapes import category
+
+    rounds = [(rnd, tag) for s in samples for rnd, tag in zip(s.conversation.rounds, s.round_types)]
+    if len(rounds) != len(answers):
+        raise ValueError(f"{len(answers)} answers for {len(rounds)} rounds of {len(samples)} conversations")
+    hits: dict[str, list[int]] = defaultdict(list)
+    f1s: dict[str, list[float]] = defaultdict(list)
+    for (rnd, tag), answer in zip(rounds, answers):
+        ok = int(normalise(answer) == normalise(rnd.answer))
+        for key in (tag, category(tag), "all"):
+            hits[key].append(ok)
+        if tag.endswith("/describe"):
+            f1s[tag].append(object_f1(answer, rnd.answer))
+    acc = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items())}
+    for k, v in f1s.items():
+        acc[k]["object_f1"] = sum(v) / len(v)
+    return acc
+
+
+def prefix_accuracy(result: dict, n: int) -> dict:
+    """The accuracy of a saved ``score_shapes`` result on its first ``n`` conversations, re-scored from its
+    answers (the test split's first n conversations are a prefix of any longer run's)."""
+    from train.data.shapes import SHAPES_VERSION, generate
+
+    have = result.get("n_conversations")
+    if have == n:
+        return result["accuracy"]
+    if not have or have < n or not result.get("answers") or result.get("shapes_version") != SHAPES_VERSION:
+        raise ValueError(f"the result scored {have} conversations (shapes version {result.get('shapes_version')}); "
+                         f"a prefix of {n} needs at least that many, with answers, of version {SHAPES_VERSION}")
+    samples = generate("test", n, result.get("seed", 0), drawing=result.get("drawing", "plain"))
+    k = sum(len(s.round_types) for s in samples)
+    return tally(samples, result["answers"][:k])
 
 
 def answer_match(result: dict, other: dict) -> dict:
