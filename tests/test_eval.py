@@ -4,7 +4,8 @@ import json
 from tests.conftest import color_image
 import pytest
 
-from train.eval import described_objects, normalise, object_f1, prefix_accuracy, run_conversations, score_shapes
+from train.eval import (described_objects, normalise, object_f1, prefix_accuracy, print_table, run_conversations,
+                        score_shapes)
 
 
 class ScriptedVC:
@@ -54,6 +55,15 @@ def test_a_longer_result_is_rescored_on_its_first_conversations():
         prefix_accuracy(short, 8)
     with pytest.raises(ValueError, match="needs at least"):
         prefix_accuracy({**long, "answers": None}, 5)
+
+
+def test_the_table_says_which_goals_are_met(capsys):
+    acc = {"all": {"accuracy": 0.5, "n": 10}, "single": {"accuracy": 0.96, "n": 5},
+           "cross": {"accuracy": 0.25, "n": 4}, "single/color": {"accuracy": 1.0, "n": 2}}
+    print_table({"accuracy": acc})
+    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["single"].endswith("| >= 95%: met |") and rows["cross"].endswith("| >= 80%: short by 55.0 points |")
+    assert rows["all"].endswith("|  |") and rows["single/color"].endswith("|  |")
 
 
 def test_describe_questions_get_an_object_f1():
