@@ -10,7 +10,9 @@ copies of them named ``...step-N.pt``); every snapshot is turned into a checkpoi
 config and scored with ``train.eval``'s ``score_shapes`` on the first ``--n`` test conversations.
 ``--points NAME=SAMPLES:EVAL_JSON`` adds already-scored checkpoints (e.g. the stage-1 checkpoint that
 a second stage started from); a ``train.eval`` JSON of more than ``--n`` conversations is re-scored on
-its first ``--n`` from its answers. Conversations seen at step s = ``--offset`` (samples before this run,
+its first ``--n`` from its answers. ``--series LABEL`` files this invocation's new points under a
+series other than the run's own recipe (e.g. "continued: a second stage"): the plot draws the
+recipe's points as lines per question type and every other series as markers of the overall figure. Conversations seen at step s = ``--offset`` (samples before this run,
 read from the ``init_from`` checkpoint's config when given as ``--offset_from DIR``) + s x the run's
 global batch. Snapshots are read with ``torch.load(weights_only=True)``.
 """
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import write_json  # noqa: E402
 from train.eval import prefix_accuracy  # noqa: E402
 
+RECIPE = "recipe"  # the series of a run's own recipe (the default)
 TYPES = ("all", "single", "cross", "refer_back", "single/color", "single/count", "single/where", "cross/more")
 
 
@@ -80,13 +83,18 @@ def plot(points: list[dict], png: str) -> None:
     runs = sorted({p["run"] for p in points})
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), dpi=110, squeeze=False)
     for ax, run in zip(axes[0], runs):
-        pts = sorted((p for p in points if p["run"] == run), key=lambda p: p["samples"])
+        mine = sorted((p for p in points if p["run"] == run), key=lambda p: p["samples"])
+        pts = [p for p in mine if p.get("series", RECIPE) == RECIPE]
         for t in TYPES:
             xs = [p["samples"] for p in pts if t in p["accuracy"]]
             ys = [100 * p["accuracy"][t]["accuracy"] for p in pts if t in p["accuracy"]]
             if xs:
                 ax.plot(xs, ys, "o-", lw=2.2 if t == "all" else 1.1, ms=3.5, label=t,
                         color="black" if t == "all" else None)
+        for series, marker in zip(sorted({p["series"] for p in mine} - {RECIPE}), "D^vsP"):
+            xs = [p["samples"] for p in mine if p.get("series") == series]
+            ys = [100 * p["accuracy"]["all"]["accuracy"] for p in mine if p.get("series") == series]
+            ax.plot(xs, ys, marker, ls="none", ms=7, mfc="none", mec="black", label=f"all, {series}")
         ax.axhline(95, color="tab:green", ls=":", lw=1)
         ax.axhline(80, color="tab:olive", ls=":", lw=1)
         ax.set_xscale("log")
@@ -107,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--offset_from", action="append", default=[], metavar="NAME=CHECKPOINT_DIR",
                     help="the run started from this checkpoint: its config's steps x global batch come first")
     ap.add_argument("--points", action="append", default=[], metavar="NAME=SAMPLES:EVAL_JSON")
+    ap.add_argument("--series", default=RECIPE, help="the series of this invocation's new points (default: the run's recipe)")
     ap.add_argument("--n", type=int, default=100, help="test conversations per point")
     ap.add_argument("--every", type=int, default=1, help="score every k-th snapshot")
     ap.add_argument("--out", required=True)
@@ -124,7 +133,7 @@ def main(argv=None) -> int:
         name, rest = item.split("=", 1)
         samples, path = rest.split(":", 1)
         if (name, int(samples)) not in done:
-            points.append({"run": name, "samples": int(samples), "source": path,
+            points.append({"run": name, "samples": int(samples), "source": path, "series": args.series,
                            "accuracy": prefix_accuracy(json.load(open(path)), args.n)})
     for item in args.run:
         name, rest = item.split("=", 1)
@@ -140,7 +149,8 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = src if src == final else snapshot_checkpoint(final, src, tmp)
                 acc = score(ckpt, args.n)
-            points.append({"run": name, "samples": samples, "step": step, "source": src, "accuracy": acc})
+            points.append({"run": name, "samples": samples, "step": step, "source": src, "series": args.series,
+                           "accuracy": acc})
             done.add((name, samples))
             print(f"{name} step {step} ({samples} conversations): all {100 * acc['all']['accuracy']:.1f}%", flush=True)
             write_json(args.out, {"n_conversations": args.n, "points": points})
