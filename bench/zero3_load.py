@@ -119,8 +119,13 @@ class Watcher(threading.Thread):
             self.stop.wait(self.every)
 
 
+#: extra environment of the rank processes (``--env``)
+CHILD_ENV: dict[str, str] = {}
+
+
 def _env() -> dict:
     env = dict(os.environ)
+    env.update(CHILD_ENV)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": ROOT + os.pathsep + env.get("PYTHONPATH", ""), "DS_ACCELERATOR": "cpu",
                 "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
@@ -151,7 +156,7 @@ def train_flags(a, lm_dir: str, out: str, zero_stage: int) -> list[str]:
             "--per_device_batch_size", "1", "--global_batch_size", str(a.nproc), "--max_steps", str(a.steps),
             "--eval_every", "0", "--save_every", "0", "--lr", "1e-3", "--engine", "deepspeed",
             "--zero_stage", str(zero_stage), "--precision", a.precision, "--output_dir", out, "--no_progress",
-            "--resume", "none"]
+            "--resume", "none"] + (["--deepspeed_config", a.deepspeed_config] if a.deepspeed_config else [])
 
 
 def probe_rank(flags: list[str], out_json: str) -> None:
@@ -212,7 +217,17 @@ def main(argv=None) -> dict:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per torchrun phase")
     p.add_argument("--workdir", default=None, help="keep the checkpoint and logs here (default: a temporary folder, removed)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--deepspeed_config", default=None,
+                   help="passed to the trainer (its keys override the generated DeepSpeed config), e.g. to compare "
+                        "with DeepSpeed's default ZeRO-3 gathering limits")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="set in the rank processes' environment (repeatable), e.g. MALLOC_TRIM_THRESHOLD_=0")
     a = p.parse_args(argv)
+    for kv in a.env:
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            p.error(f"--env {kv!r}: expected KEY=VALUE")
+        CHILD_ENV[key] = value
 
     from bench.common import write_json
     from train import memory
@@ -222,7 +237,8 @@ def main(argv=None) -> dict:
     res: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                  "busy": busy(), "command": "python bench/zero3_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                 "precision": a.precision, "nproc": a.nproc, "phases": {}}
+                 "precision": a.precision, "nproc": a.nproc, "child_env": dict(CHILD_ENV),
+                 "deepspeed_config": a.deepspeed_config, "phases": {}}
     try:
         lm_dir = os.path.join(work, "lm")
         os.makedirs(lm_dir, exist_ok=True)
@@ -236,6 +252,7 @@ def main(argv=None) -> dict:
         for stage in (3, 2):
             e = memory.estimate(shape, vis, stage, a.nproc, a.precision)
             res[f"planner_zero{stage}"] = {"load_peak": e["load_peak"], "per_gpu": e["per_gpu"]}
+        res["zero3_settings"] = memory.zero3_live_settings(shape)  # what the trainer writes (before --deepspeed_config)
 
         phases = [("load", 3, "probe")] + ([] if a.no_train else [("train", 3, "train")]) \
             + ([] if a.no_zero2 else [("load-zero2", 2, "probe")])

@@ -68,6 +68,35 @@ class LMShape:
         return max(self.vocab * self.hidden, sum(i * o for i, o in self.linear_shapes().values()))
 
 
+def zero3_unit(lm: LMShape) -> int:
+    """Parameters of the largest unit ZeRO-3 gathers at once: one decoder layer's weights, or the
+    embedding / LM head (whichever is larger: :meth:`LMShape.largest_layer`)."""
+    return lm.largest_layer()
+
+
+def zero3_live_settings(lm: LMShape) -> dict[str, int]:
+    """The ZeRO-3 gathering limits the trainer writes into its DeepSpeed config, from the LM's shape.
+
+    DeepSpeed's defaults (``stage3_max_live_parameters`` and ``stage3_max_reuse_distance`` 1e9) let a
+    rank keep up to 10^9 gathered parameters alive: for a frozen LM whose backward runs through every
+    layer (the trainable embedding sits at its input) a gathered layer is reused within 10^9
+    parameters of traversal, so most of a 1 B LM stays gathered from its forward to its backward.
+    Here: at most two units (:func:`zero3_unit`: a decoder layer or the embedding) alive, so the next
+    unit is prefetched while one runs (capped at DeepSpeed's 10^9 for LMs whose unit is over 5 x 10^8,
+    e.g. LLaMA-2-70B's 0.86 B-parameter layers: then one unit plus what fits beside it); a gathered unit is kept only when it is used again within one
+    unit of traversal (gradient checkpointing's recompute right before its backward), otherwise it is
+    released after use; prefetch one decoder layer ahead. The gradient bucket (``reduce_bucket_size``,
+    DeepSpeed's default 5 x 10^8 elements, allocated whole under ZeRO-3: 1 GB in bf16 per GPU) is one
+    unit: only the embedding copy, the projection and LoRA weights have gradients, and a larger
+    tensor is reduced on its own. ``stage3_param_persistence_threshold`` stays
+    DeepSpeed's (1e5: norms and biases stay whole on every rank). ``--deepspeed_config`` overrides."""
+    unit = zero3_unit(lm)
+    live = max(unit, min(2 * unit, 10 ** 9))  # never above DeepSpeed's default, never below one unit
+    return {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": unit,
+            "stage3_prefetch_bucket_size": sum(i * o for i, o in lm.linear_shapes().values()),
+            "reduce_bucket_size": unit}
+
+
 def lm_shape(spec: str) -> LMShape:
     key = ALIASES.get(spec, spec).lower()
     if key in KNOWN_LMS:
@@ -149,7 +178,9 @@ def estimate(lm: LMShape, vision: tuple[int, int], zero_stage: int, world: int, 
         if zero_stage == 3:
             cpu += params_t + frozen
             params_t = frozen = 0.0
-    gather = lm.largest_layer() * half if zero_stage == 3 else 0  # one layer gathered at a time
+    # ZeRO-3: the parameters gathered whole at once, bounded by the stage3_max_live_parameters the
+    # trainer writes (zero3_live_settings: two layers' worth); DeepSpeed's buffers for them not counted
+    gather = zero3_live_settings(lm)["stage3_max_live_parameters"] * half if zero_stage == 3 else 0
     return {"total_params": lm.params() + v_params + proj, "trainable_params": trainable, "frozen": frozen,
             "trainable_weights": params_t, "grads": grads, "optimizer": opt, "zero3_gather": gather,
             "per_gpu": frozen + params_t + grads + opt + gather, "cpu_offload_per_gpu": cpu,
@@ -162,13 +193,16 @@ def load_peak(lm: LMShape, vision: tuple[int, int], zero_stage: int, world: int,
 
     ZeRO-0/1/2 (and QLoRA): every rank loads the whole LM in fp32 (nf4 for QLoRA), the encoder in fp32
     and fp32 copies of the embedding and the projection. ZeRO-3: the LM is built partitioned
-    (``deepspeed.zero.Init`` through transformers' ZeRO-3 path) in the run's precision, so a rank holds
+    (``deepspeed.zero.Init``) in the run's precision and filled one tensor at a time
+    (:func:`train.zero3.partitioned_lm`; rank 0 then holds one gathered parameter and that tensor as
+    read from the checkpoint, less than what follows), so a rank holds
     its share, plus the input embedding gathered whole while the trainable copy is made, the copy and
     the projection (whole until DeepSpeed partitions them), and the encoder: a large one
     (``vision_partitioned``, Qwen-VL) built partitioned the same way (its share in the run's
     precision, plus one of its tensors gathered whole while rank 0 copies it in: at most
-    d_vis x d_vis, counted in fp32), a small one loaded whole in fp32. Rank 0 also memory-maps the
-    checkpoint files while it copies them in (file-backed pages the OS can drop, not counted here)."""
+    d_vis x d_vis, counted in fp32), a small one loaded whole in fp32. Not counted: the runtime (CUDA
+    context, libraries) and, for an LM that is not a local safetensors folder (transformers' ZeRO-3
+    loader), the whole checkpoint that rank 0 reads into host memory first."""
     v_params, d_vis = vision
     emb, proj = lm.vocab * lm.hidden, d_vis * lm.hidden + lm.hidden
     if zero_stage == 3 and not qlora:
@@ -219,6 +253,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{e['cpu_offload_per_gpu'] * a.gpus / GiB:.2f} GiB per node")
     print(f"\nZeRO-{a.zero_stage}: {e['per_gpu'] / GiB:.2f} GiB per GPU for model states; add activations "
           "(reduce with --gradient_checkpointing and a smaller --per_device_batch_size).")
+    if a.zero_stage == 3:
+        z = zero3_live_settings(lm)
+        print(f"ZeRO-3 gathering (the trainer's DeepSpeed config): stage3_max_live_parameters "
+              f"{z['stage3_max_live_parameters'] / 1e6:.0f} M, stage3_max_reuse_distance {z['stage3_max_reuse_distance'] / 1e6:.0f} M, "
+              f"stage3_prefetch_bucket_size {z['stage3_prefetch_bucket_size'] / 1e6:.0f} M parameters: "
+              f"{e['zero3_gather'] / GiB:.2f} GiB of gathered parameters (the 'gather' column; a rank may go over by one tensor while it prefetches).")
     z3 = a.zero_stage == 3 and not a.qlora
     how = ("the LM built partitioned in " + a.precision if z3
            else "the whole LM in " + ("4-bit" if a.qlora else "fp32") + " on every GPU")

@@ -4,6 +4,7 @@ flag) and returns the run's :class:`Plan` (engine, processes, batch arithmetic, 
 :func:`deepspeed_config` is the DeepSpeed config that plan implies."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -188,10 +189,27 @@ def run_meta(cfg: TrainConfig, engine: str, world: int) -> dict:
             "precision": cfg.precision}
 
 
+@functools.lru_cache(maxsize=8)
+def _zero3_live_settings(lm: str) -> tuple[tuple[str, int], ...]:
+    """ZeRO-3's gathering limits from the LM's shape (:func:`train.memory.zero3_live_settings`: a few
+    layers' worth instead of DeepSpeed's 10^9 parameters); none (DeepSpeed's defaults) where the LM's
+    config cannot be read without loading it."""
+    from . import memory
+
+    try:
+        shape = memory.lm_shape(lm)
+    except SystemExit as e:
+        log.warning("ZeRO-3 gathering limits left at DeepSpeed's defaults: %s", e)
+        return ()
+    return tuple(memory.zero3_live_settings(shape).items())
+
+
 def deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict:
     """The DeepSpeed config of this run (batch sizes, ZeRO stage and offload, precision, clipping), with
     ``--deepspeed_config``'s keys merged over it."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero.update(_zero3_live_settings(cfg.lm))
     if cfg.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
         if cfg.zero_stage == 3:
