@@ -56,8 +56,8 @@ def enable_gradient_checkpointing(lm: nn.Module) -> int:
 
 def zero3_init_enabled(args, plan: Plan) -> bool:
     """Whether the LM is built partitioned from the start (DeepSpeed ZeRO-3, not QLoRA): no rank ever
-    holds the whole LM (the load peak per rank is its share plus, on rank 0, the checkpoint's
-    memory-mapped shards while they are copied in)."""
+    holds the whole LM (the load peak per rank is its share plus one gathered parameter, and on rank
+    0 that parameter's tensor as read from the checkpoint: :func:`load_lm_zero3`)."""
     return plan.engine == "deepspeed" and args.zero_stage == 3 and not args.qlora
 
 
