@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -81,7 +82,21 @@ def make_checkpoint(folder: str, a) -> dict:
     lm.save_pretrained(folder, max_shard_size="500MB")  # sharded safetensors, as on the hub
     tok.save_pretrained(folder)
     del lm
-    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    return checkpoint_sizes(folder, n)
+
+
+def checkpoint_sizes(folder: str, n: int | None = None) -> dict:
+    """Parameters (counted from the safetensors headers unless given), fp32 size, files of a saved LM."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if n is None:
+        from safetensors import safe_open
+
+        n = 0
+        for f in files:
+            with safe_open(os.path.join(folder, f), framework="pt") as st:
+                for k in st.keys():
+                    shape = st.get_slice(k).get_shape()
+                    n += math.prod(shape)
     return {"params": n, "fp32_bytes": 4 * n, "files": len(files),
             "file_bytes": sum(os.path.getsize(os.path.join(folder, f)) for f in files)}
 
@@ -228,6 +243,8 @@ def main(argv=None) -> dict:
                         "with DeepSpeed's default ZeRO-3 gathering limits")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in the rank processes' environment (repeatable), e.g. MALLOC_TRIM_THRESHOLD_=0")
+    p.add_argument("--reuse_checkpoint", action="store_true",
+                   help="use the LM already saved under --workdir/lm by an earlier run instead of making one")
     p.add_argument("--no_malloc_env", action="store_true",
                    help="run the ranks without " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
                         + " (glibc then keeps freed memory in the process)")
@@ -254,7 +271,10 @@ def main(argv=None) -> dict:
         lm_dir = os.path.join(work, "lm")
         os.makedirs(lm_dir, exist_ok=True)
         t0 = time.time()
-        res["model"] = make_checkpoint(lm_dir, a)
+        if a.reuse_checkpoint and os.path.isfile(os.path.join(lm_dir, "config.json")):
+            res["model"] = checkpoint_sizes(lm_dir)  # made by an earlier run (its shape flags are ignored)
+        else:
+            res["model"] = make_checkpoint(lm_dir, a)
         res["model"]["save_seconds"] = time.time() - t0
         print(f"random LLaMA: {res['model']['params'] / 1e9:.3f} B params, fp32 {res['model']['fp32_bytes'] / GiB:.2f} GiB, "
               f"{res['model']['files']} safetensors files ({a.save_dtype}, {res['model']['file_bytes'] / GiB:.2f} GiB)", flush=True)
