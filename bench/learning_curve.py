@@ -116,7 +116,13 @@ def plot(points: list[dict], png: str) -> None:
             ax.plot(xs, ys, marker, ls="none", ms=7, mfc="none", mec="black", label=f"all, {series}")
         ax.axhline(95, color="tab:green", ls=":", lw=1)
         ax.axhline(80, color="tab:olive", ls=":", lw=1)
+        ax.text(0.99, 95.5, "goal: single 95%", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=7)
+        ax.text(0.99, 80.5, "goal: cross, refer-back 80%", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+                fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ticks = sorted({p["samples"] for p in (pts or mine)})
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
         ax.set_ylim(0, 100)
         ax.set_xlabel("training conversations seen (log scale)")
         ax.set_ylabel("exact match on the test set (%)")
