@@ -257,8 +257,8 @@ def profile_decode(vc, ims, decode: str, new_tokens: int) -> list[tuple[str, flo
         "linear layers (the matmuls)": cum(lambda k: k[2] == "forward" and k[0].endswith(os.path.join("modules", "linear.py")))
         + sum(cum(at(cls.forward)) for cls in lowp._CLASSES.values()),
         "attention (MMCA)": cum(lambda k: k[2] == "mmca_attention"),
-        # Cache.update (which holds the layer's update), or the lean step's own append
-        "KV cache update": max(updates, default=0.0) + cum(lambda k: k[2] == "append_kv"),
+        # Cache.update (which holds the layer's update)
+        "KV cache update": max(updates, default=0.0),
         "RMSNorm": cum(at(ml.LlamaRMSNorm.forward)) + cum(lambda k: k[2] == "rms_norm"),
         "rotary embedding (transformers' functions)": cum(at(ml.apply_rotary_pos_emb)) + cum(
             at(ml.LlamaRotaryEmbedding.forward.__wrapped__ if hasattr(ml.LlamaRotaryEmbedding.forward, "__wrapped__")

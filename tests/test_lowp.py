@@ -111,7 +111,7 @@ def test_bench_section_profile_times_every_section_of_the_lean_step(tiny_tokeniz
     ims = [color_image(c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     rows = dict(section_profile(vc, ims, new_tokens=6))
     assert set(rows) == {"between steps: sampling, streaming, session bookkeeping",
-                         "step setup (embedding row, rotation, MMCA masks)", "RMSNorm", "GEMM q/k/v",
+                         "step setup (embedding row, rotary tables, MMCA masks)", "RMSNorm", "GEMM q/k/v",
                          "rotary embedding", "KV cache append", "attention (MMCA)", "GEMM o", "GEMM gate/up",
                          "SiLU x up, residual adds", "GEMM down", "GEMM head (logits)"}, rows
     assert all(v > 0 for v in rows.values()), rows

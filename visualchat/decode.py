@@ -2,13 +2,14 @@
 
 A decode step feeds one token through every layer; on a CPU with a small model much of its time is
 Python and small-op overhead around the matmuls (transformers' module calls, an RMSNorm of six ops, a
-rotary embedding built from slices and a ``cat``). :class:`LeanDecoder` runs the same computation
-with the same modules and weights in fewer operations: ``F.rms_norm``, the rotary embedding as
-``x * cos + roll(x) * sin`` (``roll`` by half the head is ``rotate_half`` up to the sign, which is
-folded into ``sin``), a KV append into a buffer with room to grow (:func:`append_kv`; transformers'
-``DynamicLayer`` copies the whole layer per token), and :func:`visualchat.attention.mmca_attention`
-(whose one-query branch is the compact MMCA decode). The logits equal the transformers path's to
-float32 rounding (tests/test_lowp.py).
+rotary embedding built from slices and a ``cat``, a KV cache that concatenates). :class:`LeanDecoder`
+runs the same computation with the same weights in fewer operations: RMSNorm as a dot product and an
+``addcmul``, the rotary embedding as ``rows * C + roll(rows) * S`` (``roll`` by half the head is
+``rotate_half`` up to the sign, which is folded into ``S``; the attention scale into q's rows), the
+new k and v copied into a per-layer buffer with room to grow (transformers' ``DynamicLayer`` copies
+the whole layer per token), fbgemm's fp16 GEMM called on its packed weight directly, MMCA's one-query
+case as two masked softmaxes over one score matrix, and the small ops on one thread while the GEMMs
+use all of torch's. The logits equal the transformers path's to float32 rounding (tests/test_lowp.py).
 
 It is used for a session's decode steps when the LM is a plain ``llama`` model (no rope scaling
 other than what the rotary module computes, SiLU MLP), the process is not one rank of several
@@ -24,37 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from . import attention
-
-
-def append_kv(cache, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cache.update(k, v, i)`` for one new token, without copying the whole layer each step (a
-    ``DynamicLayer`` concatenates: O(context) bytes per token per layer). The layer's keys and values
-    become prefix views of a buffer with room to grow; a crop (undo, regenerate) leaves them prefix
-    views, so the buffer is reused, and anything else that replaced them (a prefill's concatenation)
-    gets a new buffer. Other cache layers go through ``cache.update``."""
-    from transformers.cache_utils import DynamicLayer
-
-    layer = cache.layers[i] if i < len(cache.layers) else None
-    if (type(layer) is not DynamicLayer or getattr(cache, "offloading", False) or not layer.is_initialized
-            or layer.keys.dim() != 4 or layer.keys.shape[-2] == 0):
-        return cache.update(k, v, i)
-    keys, vals = layer.keys, layer.values
-    n = keys.shape[-2]
-    buf = getattr(layer, "_vc_buffer", None)
-    if (buf is None or buf[0].shape[-2] <= n or keys.data_ptr() != buf[0].data_ptr()
-            or vals.data_ptr() != buf[1].data_ptr() or keys.stride() != buf[0].stride()
-            or vals.stride() != buf[1].stride()):
-        cap = n + max(64, n // 2)
-        kb = keys.new_empty((*keys.shape[:-2], cap, keys.shape[-1]))
-        vb = vals.new_empty((*vals.shape[:-2], cap, vals.shape[-1]))
-        kb[..., :n, :] = keys
-        vb[..., :n, :] = vals
-        buf = layer._vc_buffer = (kb, vb)
-    kb, vb = buf
-    kb[..., n:n + 1, :] = k
-    vb[..., n:n + 1, :] = v
-    layer.keys, layer.values = kb[..., :n + 1, :], vb[..., :n + 1, :]
-    return layer.keys, layer.values
 
 
 def unsupported_reason(model) -> str | None:
@@ -83,14 +53,83 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def _kv_state(cache, i: int):
+    """``(buffer, n)`` for layer ``i`` of ``cache``: ``buffer [2, B, Hkv, capacity, D]`` holds the
+    layer's keys (``buffer[0]``) and values (``buffer[1]``) in its first ``n`` positions, with room
+    for one more; or None where the layer is not a plain :class:`DynamicLayer` (then the caller goes
+    through ``cache.update``). The layer's keys and values are prefix views of the buffer (set by
+    :func:`_kv_commit`); a crop (undo, regenerate) leaves them so and the buffer is reused, anything
+    else that replaced them (a prefill's concatenation) gets a new buffer, the context copied once."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer = cache.layers[i] if i < len(cache.layers) else None
+    st = getattr(layer, "_vc_kv", None)
+    if st is not None and layer.keys is st[3] and layer.values is st[4]:  # as the last step left it
+        n = st[3].shape[-2]
+        if n < st[0].shape[3]:
+            return st[0], n
+    if (type(layer) is not DynamicLayer or getattr(cache, "offloading", False) or not layer.is_initialized
+            or layer.keys.dim() != 4 or layer.keys.shape[-2] == 0):
+        return None
+    keys, vals = layer.keys, layer.values
+    n = keys.shape[-2]
+    if (st is None or st[0].shape[3] <= n or keys.shape != vals.shape or st[1].shape[:-2] != keys.shape[:-2]
+            or st[1].shape[-1] != keys.shape[-1] or st[1].dtype != keys.dtype
+            or keys.data_ptr() != st[1].data_ptr() or vals.data_ptr() != st[2].data_ptr()
+            or keys.stride() != st[1].stride() or vals.stride() != st[2].stride()):
+        cap = n + max(64, n // 2)
+        buf = keys.new_empty((2, *keys.shape[:-2], cap, keys.shape[-1]))
+        buf[0, ..., :n, :] = keys
+        buf[1, ..., :n, :] = vals
+        st = (buf, buf[0], buf[1], None, None)
+    layer._vc_kv = st
+    return st[0], n
+
+
+def _kv_commit(cache, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """After position ``n`` of layer ``i``'s buffer was written: the layer's keys and values become
+    its first ``n + 1`` positions (views); returns them."""
+    layer = cache.layers[i]
+    buf, kb, vb = layer._vc_kv[:3]
+    layer.keys, layer.values = kb[..., :n + 1, :], vb[..., :n + 1, :]
+    layer._vc_kv = (buf, kb, vb, layer.keys, layer.values)
+    return layer.keys, layer.values
+
+
+def _gemm_fn(mods):
+    """A callable ``f(h [1, in]) -> [1, out]`` for one linear layer, a :class:`visualchat.lowp.Fused`
+    group, or a tuple of layers (outputs side by side). fbgemm fp16 layers are called as torch's op
+    on their packed weight directly (no module call, no dtype checks: the step's input is float32)."""
+    from .lowp import Fused, _Fp16
+
+    if isinstance(mods, tuple):
+        fns = [_gemm_fn(m) for m in mods]
+        return lambda h: torch.cat([f(h) for f in fns], -1)
+    lin = mods.linear if isinstance(mods, Fused) else mods
+    if type(lin) is _Fp16:
+        op, packed = torch.ops.quantized.linear_dynamic_fp16.default, lin.packed
+        return lambda h: op(h, packed)
+    return mods
+
+
 class LeanDecoder:
     """``step(token, cache, key_is_image)`` -> float32 logits ``[V]`` for one new text token.
 
-    Per layer: one RMSNorm, one GEMM for q/k/v (a :class:`visualchat.lowp.Fused` matrix where the LM
-    was converted; else the three layers and a ``cat``), the rotary embedding of q and k as one small
-    matmul with a 64 x 64 rotation built once per step, the KV append, MMCA's two masked softmaxes over
-    one score matrix (masks built once per step), ``o_proj``, one RMSNorm, one GEMM for gate/up, SiLU,
-    ``down_proj``: about 20 tensor operations where transformers' layer takes about 60."""
+    Per layer: RMSNorm as one dot product and one ``addcmul`` (``F.rms_norm`` is several kernels on
+    CPU), one GEMM for q/k/v (a :class:`visualchat.lowp.Fused` matrix where the LM was converted;
+    else the three layers and a ``cat``; fbgemm's op called directly), the rotary embedding of q and k
+    as ``rows * C + roll(rows) * S`` over all q/k/v rows at once (tables built once per step: the
+    attention scale folded into q's rows, 1 and 0 for v's), one copy of the new k and v into the
+    layer's KV buffer (keys and values in one tensor with room to grow), MMCA's two masked softmaxes
+    over one score matrix (masks built once per step), ``o_proj``, RMSNorm, one GEMM for gate/up,
+    SiLU, ``down_proj``: about 20 tensor operations where transformers' layer takes about 60.
+
+    Threads: the GEMMs run on torch's thread count; the small ops between them (norms, rotary, KV,
+    attention at one query, a few KB each) run on one thread (``small_ops_one_thread``): a parallel
+    region costs a wake-up and a barrier of the other threads, more than these ops take, and on a
+    busy CPU a barrier can wait for a descheduled thread for a whole time slice."""
+
+    small_ops_one_thread = True
 
     def __init__(self, model):
         from .lowp import fused_group, lm_format
@@ -111,88 +150,140 @@ class LeanDecoder:
             at, mlp = layer.self_attn, layer.mlp
             qkv = fused_group(at.q_proj, at.k_proj, at.v_proj) or (at.q_proj, at.k_proj, at.v_proj)
             gate_up = fused_group(mlp.gate_proj, mlp.up_proj) or (mlp.gate_proj, mlp.up_proj)
-            self.layers.append((layer.input_layernorm.weight, qkv, at.o_proj,
-                                getattr(at, "scaling", self.head_dim ** -0.5),
-                                layer.post_attention_layernorm.weight, gate_up, mlp.down_proj))
-        # the rotary embedding as out = x @ R: R[j, j] = cos_j, and rotate_half's terms off the diagonal
-        d, half = self.head_dim, self.head_dim // 2
-        j = torch.arange(d)
-        self._rot_src = torch.cat([j[half:], j[:half]])  # out_j takes x[src_j] * (-sin_j or +sin_j)
-        self._rot_sign = torch.cat([-torch.ones(half), torch.ones(half)])
-        self._diag = j
+            self.layers.append((layer.input_layernorm.weight, _gemm_fn(qkv), _gemm_fn(at.o_proj),
+                                float(getattr(at, "scaling", self.head_dim ** -0.5)),
+                                layer.post_attention_layernorm.weight, _gemm_fn(gate_up), _gemm_fn(mlp.down_proj)))
+        self.head_fn = _gemm_fn(self.head)
+        half = self.head_dim // 2
+        self._sign = torch.cat([-torch.ones(half), torch.ones(half)])  # rotate_half = sign * roll(x, half)
         #: None, or ``tick(section)`` called as each section of a step ends (bench/default_model.py
         #: --profile times the sections with it); costs one test per section when None.
         self.tick = None
 
-    def _rotation(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """``[D, D]``: ``v @ R`` is the rotary embedding of a ``[.., D]`` vector at position ``pos``."""
-        cos, sin = self.dec.rotary_emb(x, torch.tensor([[pos]], device=x.device))  # [1, 1, D] each
-        cos, sin = cos.view(-1).to(x.dtype), sin.view(-1).to(x.dtype)
-        dev = x.device
-        r = torch.zeros(self.head_dim, self.head_dim, dtype=x.dtype, device=dev)
-        r[self._diag.to(dev), self._diag.to(dev)] = cos
-        r[self._rot_src.to(dev), self._diag.to(dev)] = sin * self._rot_sign.to(dev, x.dtype)
-        return r
+    def _rotary_tables(self, x: torch.Tensor, pos: int) -> dict:
+        """``{scaling: (C, S)}``, ``[Hq + 2 Hkv, D]`` each: ``rows * C + roll(rows, D/2) * S`` is the
+        rotary embedding at ``pos`` of q's rows (times the attention scale) and k's, and v's rows as
+        they are."""
+        cos, sin = self.dec.rotary_emb(x.view(1, 1, -1), torch.tensor([[pos]], device=x.device))  # [1, 1, D] each
+        cos, sin = cos.view(1, -1).to(x.dtype), (sin.view(-1).to(x.dtype) * self._sign.to(x.device, x.dtype)).view(1, -1)
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        one, zero = cos.new_ones(nkv, d), cos.new_zeros(nkv, d)
+        out = {}
+        for scaling in {lay[3] for lay in self.layers}:
+            c = torch.cat([(cos * scaling).expand(nh, d), cos.expand(nkv, d), one])
+            s = torch.cat([(sin * scaling).expand(nh, d), sin.expand(nkv, d), zero])
+            out[scaling] = (c, s)
+        return out
 
     @torch.no_grad()
     def step(self, token: int, cache, key_is_image: torch.Tensor) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        pin = self.small_ops_one_thread and threads > 1
+        if pin:
+            torch.set_num_threads(1)
+        try:
+            return self._step(token, cache, key_is_image, threads if pin else 0)
+        finally:
+            if pin:
+                torch.set_num_threads(threads)
+
+    def _step(self, token: int, cache, key_is_image: torch.Tensor, threads: int) -> torch.Tensor:
         m, tick = self.model, self.tick
         dev = m.embed_tokens.weight.device
-        x = m.embed_tokens(torch.tensor([[token]], device=dev))  # [1, 1, H]: a text token's row of the embedding copy
-        rot = self._rotation(x, cache.get_seq_length())
+        set_threads = torch.set_num_threads
+        # the residual stream [1, H], changed in place below (a fresh copy of a text token's embedding row)
+        x = m.embed_tokens(torch.tensor([token], device=dev)).view(1, -1).clone()
+        xv = x.view(-1)
+        zero = torch.zeros_like(x)
+        hsz, eps = self.hidden, self.eps
+        tables = self._rotary_tables(x, cache.get_seq_length())
         mode = m.attention_mode
         plan = attention._decode_masks(key_is_image) if mode == "mmca" else "causal"
-        nh, nkv, d, hsz = self.n_heads, self.n_kv, self.head_dim, (self.hidden,)
-        g, nq = nh // nkv, nh * d
+        if plan is not None and not isinstance(plan, str):
+            plan = plan[:, 0]  # [2, 1, 1, L]: added to scores [Hkv, g, L]
+        nh, nkv, d, half = self.n_heads, self.n_kv, self.head_dim, self.head_dim // 2
+        g, nq, rows = nh // nkv, nh * d, nh + 2 * nkv
         if tick:
-            tick("step setup (embedding row, rotation, MMCA masks)")
+            tick("step setup (embedding row, rotary tables, MMCA masks)")
         for i, (w1, qkv_proj, o_proj, scaling, w2, gate_up, down) in enumerate(self.layers):
-            h = F.rms_norm(x, hsz, w1, self.eps)
+            h = torch.addcmul(zero, x, w1, value=(float(torch.dot(xv, xv)) / hsz + eps) ** -0.5)
             if tick:
                 tick("RMSNorm")
-            qkv = qkv_proj(h) if not isinstance(qkv_proj, tuple) else torch.cat([f(h) for f in qkv_proj], -1)
+            if threads:
+                set_threads(threads)
+            qkv = qkv_proj(h)
+            if threads:
+                set_threads(1)
             if tick:
                 tick("GEMM q/k/v")
-            qk = torch.matmul(qkv[0, :, :nq + nkv * d].view(nh + nkv, d), rot)  # q and k rotated: [nh + nkv, D]
-            k = qk[nh:].view(1, nkv, 1, d)
-            v = qkv[0, :, nq + nkv * d:].view(1, nkv, 1, d)
+            c, s = tables[scaling]
+            r = qkv.view(rows, d)
+            r = torch.addcmul(r * c, r.roll(half, -1), s)  # q (scaled) and k rotated, v as it was: [rows, D]
             if tick:
                 tick("rotary embedding")
-            k, v = append_kv(cache, i, k, v)  # [1, nkv, L, D]
+            slot = _kv_state(cache, i)
+            if slot is not None:
+                buf, n = slot
+                buf.select(3, n).copy_(r[nh:].view(buf.shape[0], buf.shape[1], nkv, d))
+                k, v = _kv_commit(cache, i, n)
+            else:
+                kv = r[nh:].view(2, 1, nkv, 1, d)
+                k, v = cache.update(kv[0], kv[1], i)
             if tick:
                 tick("KV cache append")
-            if plan is None or isinstance(plan, str):  # text keys only, causal mode, or not the branch's case
-                a = attention.mmca_attention(qk[:nh].view(1, nh, 1, d), k, v, key_is_image, None, scaling, mode)
-            else:  # MMCA: the text-key and image-key softmaxes over one score matrix, added
-                scores = torch.matmul(qk[:nh].view(nkv, g, d), k[0].transpose(-1, -2))  # [nkv, g, L]
-                probs = torch.softmax(torch.add(plan[:, 0], scores, alpha=scaling), dim=-1)  # [2, nkv, g, L]
-                a = torch.matmul(probs.sum(0), v[0])  # [nkv, g, D]
+            q = r[:nh]
+            if plan is None or mode not in ("mmca", "causal"):  # not the one-query cases below: the general path
+                a = attention.mmca_attention(q.view(1, nh, 1, d), k, v, key_is_image, None, 1.0, mode)
+            else:
+                scores = torch.matmul(q.view(nkv, g, d), k[0].transpose(-1, -2))  # [Hkv, g, L] (scale in q)
+                if isinstance(plan, str):  # text keys only, or causal mode: one softmax over all keys
+                    probs = torch.softmax(scores, dim=-1)
+                else:  # MMCA: the text-key and image-key softmaxes over one score matrix, added
+                    probs = torch.softmax(torch.add(plan, scores), dim=-1).sum(0)
+                a = torch.matmul(probs, v[0])  # [Hkv, g, D]
             if tick:
                 tick("attention (MMCA)")
-            y = o_proj(a.view(1, 1, nq))
+            if threads:
+                set_threads(threads)
+            y = o_proj(a.view(1, nq))
+            if threads:
+                set_threads(1)
             if tick:
                 tick("GEMM o")
-            x = x + y
-            h = F.rms_norm(x, hsz, w2, self.eps)
+            x.add_(y)
+            h = torch.addcmul(zero, x, w2, value=(float(torch.dot(xv, xv)) / hsz + eps) ** -0.5)
             if tick:
                 tick("RMSNorm")
-            gu = gate_up(h) if not isinstance(gate_up, tuple) else torch.cat([f(h) for f in gate_up], -1)
+            if threads:
+                set_threads(threads)
+            gu = gate_up(h)
+            if threads:
+                set_threads(1)
             if tick:
                 tick("GEMM gate/up")
             n_int = gu.shape[-1] // 2
-            y = F.silu(gu[..., :n_int]) * gu[..., n_int:]
+            y = F.silu(gu[:, :n_int]).mul_(gu[:, n_int:])
             if tick:
                 tick("SiLU x up, residual adds")
+            if threads:
+                set_threads(threads)
             y = down(y)
+            if threads:
+                set_threads(1)
             if tick:
                 tick("GEMM down")
-            x = x + y
+            x.add_(y)
             if tick:
                 tick("SiLU x up, residual adds")
-        x = F.rms_norm(x, hsz, self.dec.norm.weight, self.eps)
+        h = torch.addcmul(zero, x, self.dec.norm.weight, value=(float(torch.dot(xv, xv)) / hsz + eps) ** -0.5)
         if tick:
             tick("RMSNorm")
-        logits = self.head(x)[0, -1].float()
+        if threads:
+            set_threads(threads)
+        logits = self.head_fn(h)
+        if threads:
+            set_threads(1)
+        logits = logits.view(-1).float()
         if tick:
             tick("GEMM head (logits)")
         return logits
