@@ -188,16 +188,21 @@ def run_llama_cpp(n_prompt: int, new_tokens: int, threads: int) -> dict | str:
                 n_threads_batch=threads, n_batch=512, verbose=False)
     load_s = time.perf_counter() - t
     prompt = fit_prompt(lambda s: llm.tokenize(s.encode(), add_bos=False, special=True), *LLAMA_PROMPT, n_prompt)
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:  # the last position's logits (Llama.scores is only filled with logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
     t = time.perf_counter()
     llm.eval(prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = greedy()
     ttft = time.perf_counter() - t
     out, steps = [tok], []
     t0 = time.perf_counter()
     for _ in range(new_tokens - 1):
         t = time.perf_counter()
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = greedy()
         steps.append(time.perf_counter() - t)
         out.append(tok)
     stream_s = time.perf_counter() - t0
