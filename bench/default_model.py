@@ -220,7 +220,6 @@ def run_llama_cpp(n_prompt: int, new_tokens: int, threads: int) -> dict | str:
     r.update(name=f"llama.cpp {llama_cpp.__version__} on the GGUF ({os.path.basename(gguf)})", load_s=load_s,
              ttft1_s=ttft, prompt_tokens=len(prompt), ctx=ctx,
              answer=llm.detokenize(out).decode("utf-8", "replace"))
-    del llm
     return r
 
 
@@ -326,9 +325,6 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", action="store_true", help="also profile the decode step: the fast path by section, today's by function")
     ap.add_argument("--fast", default="auto", help="the fast path's LM weight format (default: what auto picks)")
-    ap.add_argument("--small_ops", choices=("one_thread", "all_threads"), default="one_thread",
-                    help="the lean step's small ops between the GEMMs: on one thread (the default) or on all of "
-                         "torch's threads (LeanDecoder.small_ops_one_thread = False), for a side-by-side check")
     ap.add_argument("--llama_cpp", action="store_true",
                     help="add the peer anchor: llama.cpp's decode of the same GGUF (needs llama-cpp-python)")
     args = ap.parse_args()
@@ -336,10 +332,6 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.small_ops == "all_threads":
-        from visualchat.decode import LeanDecoder
-
-        LeanDecoder.small_ops_one_thread = False
     from PIL import Image
 
     cold = None
@@ -369,8 +361,7 @@ def main():
     if anchor is not None:
         anchor.update(anchor_figures(anchor["steps"], anchor["stream_s"], anchor["n_new"], anchor["weight_bytes"],
                                      anchor["kv_bytes"], bw))
-    b["name"] = f"fast: {b['weights']} weights, lean decode step" + (
-        " (small ops on all threads)" if args.small_ops == "all_threads" else "")
+    b["name"] = f"fast: {b['weights']} weights, lean decode step"
     for p in paths:
         p["limit_tok_s"] = bw / (p["weight_bytes"] + p["kv_bytes"])
         p["step_tok_s"] = 1 / p["step_s"]

@@ -8,8 +8,8 @@ runs the same computation with the same weights in fewer operations: RMSNorm as 
 ``rotate_half`` up to the sign, which is folded into ``S``; the attention scale into q's rows), the
 new k and v copied into a per-layer buffer with room to grow (transformers' ``DynamicLayer`` copies
 the whole layer per token), fbgemm's fp16 GEMM called on its packed weight directly, MMCA's one-query
-case as two masked softmaxes over one score matrix, and the small ops on one thread while the GEMMs
-use all of torch's. The logits equal the transformers path's to float32 rounding (tests/test_lowp.py).
+case as two masked softmaxes over one score matrix. The logits equal the transformers path's to
+float32 rounding (tests/test_lowp.py).
 
 It is used for a session's decode steps when the LM is a plain ``llama`` model (no rope scaling
 other than what the rotary module computes, SiLU MLP), the process is not one rank of several
@@ -122,14 +122,7 @@ class LeanDecoder:
     attention scale folded into q's rows, 1 and 0 for v's), one copy of the new k and v into the
     layer's KV buffer (keys and values in one tensor with room to grow), MMCA's two masked softmaxes
     over one score matrix (masks built once per step), ``o_proj``, RMSNorm, one GEMM for gate/up,
-    SiLU, ``down_proj``: about 20 tensor operations where transformers' layer takes about 60.
-
-    Threads: the GEMMs run on torch's thread count; the small ops between them (norms, rotary, KV,
-    attention at one query, a few KB each) run on one thread (``small_ops_one_thread``): a parallel
-    region costs a wake-up and a barrier of the other threads, more than these ops take, and on a
-    busy CPU a barrier can wait for a descheduled thread for a whole time slice."""
-
-    small_ops_one_thread = True
+    SiLU, ``down_proj``: about 20 tensor operations where transformers' layer takes about 60."""
 
     def __init__(self, model):
         from .lowp import fused_group, lm_format
@@ -177,20 +170,8 @@ class LeanDecoder:
 
     @torch.no_grad()
     def step(self, token: int, cache, key_is_image: torch.Tensor) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        pin = self.small_ops_one_thread and threads > 1
-        if pin:
-            torch.set_num_threads(1)
-        try:
-            return self._step(token, cache, key_is_image, threads if pin else 0)
-        finally:
-            if pin:
-                torch.set_num_threads(threads)
-
-    def _step(self, token: int, cache, key_is_image: torch.Tensor, threads: int) -> torch.Tensor:
         m, tick = self.model, self.tick
         dev = m.embed_tokens.weight.device
-        set_threads = torch.set_num_threads
         # the residual stream [1, H], changed in place below (a fresh copy of a text token's embedding row)
         x = m.embed_tokens(torch.tensor([token], device=dev)).view(1, -1).clone()
         xv = x.view(-1)
@@ -209,11 +190,7 @@ class LeanDecoder:
             h = torch.addcmul(zero, x, w1, value=(float(torch.dot(xv, xv)) / hsz + eps) ** -0.5)
             if tick:
                 tick("RMSNorm")
-            if threads:
-                set_threads(threads)
             qkv = qkv_proj(h)
-            if threads:
-                set_threads(1)
             if tick:
                 tick("GEMM q/k/v")
             c, s = tables[scaling]
@@ -243,33 +220,21 @@ class LeanDecoder:
                 a = torch.matmul(probs, v[0])  # [Hkv, g, D]
             if tick:
                 tick("attention (MMCA)")
-            if threads:
-                set_threads(threads)
             y = o_proj(a.view(1, nq))
-            if threads:
-                set_threads(1)
             if tick:
                 tick("GEMM o")
             x.add_(y)
             h = torch.addcmul(zero, x, w2, value=(float(torch.dot(xv, xv)) / hsz + eps) ** -0.5)
             if tick:
                 tick("RMSNorm")
-            if threads:
-                set_threads(threads)
             gu = gate_up(h)
-            if threads:
-                set_threads(1)
             if tick:
                 tick("GEMM gate/up")
             n_int = gu.shape[-1] // 2
             y = F.silu(gu[:, :n_int]).mul_(gu[:, n_int:])
             if tick:
                 tick("SiLU x up, residual adds")
-            if threads:
-                set_threads(threads)
             y = down(y)
-            if threads:
-                set_threads(1)
             if tick:
                 tick("GEMM down")
             x.add_(y)
@@ -278,11 +243,7 @@ class LeanDecoder:
         h = torch.addcmul(zero, x, self.dec.norm.weight, value=(float(torch.dot(xv, xv)) / hsz + eps) ** -0.5)
         if tick:
             tick("RMSNorm")
-        if threads:
-            set_threads(threads)
         logits = self.head_fn(h)
-        if threads:
-            set_threads(1)
         logits = logits.view(-1).float()
         if tick:
             tick("GEMM head (logits)")
