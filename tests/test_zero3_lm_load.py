@@ -163,3 +163,26 @@ def test_zero3_config_limits_gathered_parameters_to_a_few_layers(tmp_path, capsy
     memory.main(["--lm", str(tmp_path / "lm"), "--vision", "tiny", "--zero_stage", "3", "--gpus", "2"])
     out = capsys.readouterr().out
     assert "stage3_max_live_parameters 131 M" in out and "0.24 GiB of gathered parameters" in out
+
+
+def test_a_hub_id_in_the_hub_cache_is_read_from_its_snapshot(tmp_path, monkeypatch):
+    """The paper preset names its LM by hub id: once `huggingface-cli download` has put it in the hub
+    cache, the tensor-by-tensor load reads that snapshot folder; an id not in the cache, or a snapshot
+    missing a shard, is left to transformers' loader (which downloads)."""
+    from train.zero3 import lm_checkpoint_files, local_lm_folder
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--org--tiny-llama" / "snapshots" / ("a" * 40)
+    _save(snap, tie=False)
+    (cache / "models--org--tiny-llama" / "refs").mkdir()
+    (cache / "models--org--tiny-llama" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
+    folder = local_lm_folder("org/tiny-llama")
+    assert os.path.samefile(folder, snap) and len(lm_checkpoint_files(folder)) >= 2
+    assert local_lm_folder("org/not-downloaded") == "org/not-downloaded"
+    assert local_lm_folder(str(snap)) == str(snap)
+    index = json.load(open(snap / "model.safetensors.index.json"))
+    os.remove(snap / sorted(set(index["weight_map"].values()))[-1])
+    assert local_lm_folder("org/tiny-llama") == "org/tiny-llama"

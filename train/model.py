@@ -94,7 +94,8 @@ def partitioned_load(args, plan: Plan):
 def load_lm_zero3(lm_spec: str, args, plan: Plan):
     """(LM, tokenizer) built partitioned under ZeRO-3 in the run's precision. A local checkpoint with
     safetensors weights is filled tensor by tensor (:func:`train.zero3.partitioned_lm`: rank 0 holds
-    one tensor of the checkpoint at a time); anything else (a hub id, ``.bin`` or GGUF weights,
+    one tensor of the checkpoint at a time; a hub id already in the hub cache counts); anything else
+    (a hub id not downloaded yet, ``.bin`` or GGUF weights,
     ``--trust_remote_code``) goes through transformers' ZeRO-3 loader (:func:`partitioned_load`),
     which reads the whole checkpoint into one state dict on rank 0 before copying it in."""
     from transformers import AutoTokenizer
@@ -102,13 +103,13 @@ def load_lm_zero3(lm_spec: str, args, plan: Plan):
     from visualchat.deepspeed_ops import disable_shm_comm_build
     from visualchat.model import load_lm, resolve_lm
 
-    from .zero3 import partitioned_lm
+    from .zero3 import local_lm_folder, partitioned_lm
 
     import deepspeed
 
     disable_shm_comm_build()  # init_distributed would otherwise build the shm all-reduce op (minutes)
     deepspeed.init_distributed()  # wraps the process group D.init() made, so zero.Init sees every rank
-    path = resolve_lm(lm_spec)
+    path = local_lm_folder(resolve_lm(lm_spec))
     lm = partitioned_lm(path, deepspeed_config(args, plan), load_dtype(args, plan), args.trust_remote_code)
     if lm is None:
         with partitioned_load(args, plan):

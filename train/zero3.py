@@ -179,8 +179,27 @@ def lm_checkpoint_files(path: str) -> list[str] | None:
     return [single] if os.path.isfile(single) else None
 
 
+def local_lm_folder(spec: str) -> str:
+    """``spec`` itself when it is a local folder, else the hub cache's snapshot of the repository
+    ``spec`` when one is there (``huggingface-cli download <id>`` puts it there), else ``spec``."""
+    if os.path.isdir(spec) or spec.count("/") != 1:
+        return spec
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(spec, local_files_only=True)
+    except Exception:  # not in the cache (or not a repo id): transformers' loader downloads it
+        return spec
+    try:
+        lm_checkpoint_files(folder)
+    except ValueError:  # an incomplete snapshot: let transformers' loader fetch what is missing
+        return spec
+    return folder
+
+
 def partitioned_lm(path: str, ds_config: dict, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The causal LM at ``path`` built partitioned under ZeRO-3 in ``dtype`` and filled tensor by tensor
+    """The causal LM at ``path`` (a folder, or a hub id already in the hub cache: :func:`local_lm_folder`)
+    built partitioned under ZeRO-3 in ``dtype`` and filled tensor by tensor
     from its safetensors files (:func:`fill_partitioned`), or None where this path does not apply (no
     local safetensors weights, remote code whose names we cannot vouch for, a pre-quantized
     checkpoint, a transformers without the helpers used here): the caller then uses transformers'
@@ -193,6 +212,7 @@ def partitioned_lm(path: str, ds_config: dict, dtype: torch.dtype, trust_remote_
     fills the embedding from it. A checkpoint's tensors that the model lacks, or the model's that the
     checkpoint lacks, stop the load with their names (transformers would warn and initialise missing
     ones randomly)."""
+    path = local_lm_folder(path)
     files = lm_checkpoint_files(path)
     if files is None or trust_remote_code:
         return None
