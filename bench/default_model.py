@@ -21,7 +21,7 @@ app); built from source with the CPU's own instruction set:
     CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
         CMAKE_BUILD_PARALLEL_LEVEL=2 nice -n 5 pip install --no-cache-dir llama-cpp-python
 
-(about 15 minutes on 2 cores). Without it, --llama_cpp says so and the rest runs as usual.
+(about 12 minutes on a quiet 2-core machine). Without it, --llama_cpp says so and the rest runs as usual.
 Prints Markdown tables for bench/RESULTS.md.
 """
 from __future__ import annotations
