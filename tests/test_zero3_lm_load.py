@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.test_train_run import ROOT, _env
 
 PROBE = r'''
