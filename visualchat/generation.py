@@ -30,6 +30,8 @@ class GenerationConfig:
 def next_token(logits: torch.Tensor, previous: list[int], cfg: GenerationConfig,
                generator: torch.Generator | None = None) -> int:
     """Pick the next token from ``logits [V]`` (float32)."""
+    if cfg.temperature == 0 and (cfg.repetition_penalty == 1.0 or not previous):
+        return int(logits.argmax())  # greedy: nothing to change, so no copy of the vocabulary's logits
     logits = logits.float().clone()
     if cfg.repetition_penalty != 1.0 and previous:
         idx = torch.tensor(sorted(set(previous)), device=logits.device)
