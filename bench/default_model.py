@@ -80,8 +80,6 @@ def kv_bytes(session) -> int:
 
 def run_path(name: str, lm_weights: str | None, decode: str, new_tokens: int, rounds: int, ims) -> dict:
     """Load, then round 1 (3 images) and rounds 2..``rounds`` (no new image) of one conversation."""
-    import torch
-
     from visualchat.model import VisualChat
 
     os.environ["VISUALCHAT_DECODE"] = decode

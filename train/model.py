@@ -129,7 +129,6 @@ def gathered_base(vcm, args, plan: Plan):
 
 def build_model(args, plan: Plan):
     """(VisualChatModel, tokenizer, lm spec for the checkpoint config)."""
-    from visualchat.encoders import build_encoder
     from visualchat.model import VisualChatModel, load_lm
 
     from .tiny import is_tiny, resolve_lm_spec, resolve_vision_spec
