@@ -96,9 +96,10 @@ def recipe_budget(pct: int) -> str:
     return ",".join(parts)
 
 
-def checkpoint_info(run_dir: str, final: str = "final") -> dict:
+def checkpoint_info(ckpt: str) -> dict:
+    """The ``info`` block of the checkpoint directory ``ckpt``'s config (empty when unreadable)."""
     try:
-        with open(os.path.join(run_dir, final, "config.json")) as f:
+        with open(os.path.join(ckpt, "config.json")) as f:
             return json.load(f).get("info", {})
     except (OSError, ValueError):
         return {}
@@ -107,7 +108,7 @@ def checkpoint_info(run_dir: str, final: str = "final") -> dict:
 def trained_before(run_dir: str, cmd: list[str]) -> float | None:
     """Training wall seconds of a finished run in ``run_dir`` made with these flags (``--output_dir``
     aside), or None."""
-    info = checkpoint_info(run_dir)
+    info = checkpoint_info(os.path.join(run_dir, "final"))
     if not info.get("command"):
         return None
     if _flags(info["command"].split()[1:]) != _flags(cmd):
@@ -245,7 +246,7 @@ def main(argv=None) -> dict:
                    "--eval_every", str(args.eval_every), "--save_every", "0", "--resume", "none",
                    "--no_progress", "--lr", f"{lr:g}", "--output_dir", run_dir]
             jobs[att] = (name, run_dir, cmd)
-        trained = {att: (float(checkpoint_info(run_dir, "").get("wall_time_s", 0.0)) if cmd is None
+        trained = {att: (float(checkpoint_info(run_dir).get("wall_time_s", 0.0)) if cmd is None
                          else trained_before(run_dir, cmd)) for att, (name, run_dir, cmd) in jobs.items()}
         to_train = [att for att in todo if trained[att] is None]
         for group in ([to_train] if args.parallel else [[att] for att in to_train]):
@@ -267,7 +268,7 @@ def main(argv=None) -> dict:
                  "--n", str(args.eval_n), "--out", eval_json], out_dir + ".eval.log")
             with open(eval_json) as f:
                 acc = json.load(f)["accuracy"]
-            info = checkpoint_info(final, "")
+            info = checkpoint_info(final)
             metrics = os.path.join(run_dir, "metrics.jsonl")
             results["runs"].append({"attention": att, "budget_pct": pct, "conversations": n, "train_s": trained[att],
                                     "train_command": info.get("command") if cmd is None else " ".join(cmd),

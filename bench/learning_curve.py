@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import write_json  # noqa: E402
-from train.eval import prefix_accuracy  # noqa: E402
+from train.eval import GOALS, prefix_accuracy  # noqa: E402
 
 RECIPE = "recipe"  # the series of a run's own recipe (the default)
 TYPES = ("all", "single", "cross", "refer_back", "single/color", "single/count", "single/where", "cross/more")
@@ -110,7 +110,7 @@ def plot(points: list[dict], png: str) -> None:
             if xs:
                 ax.plot(xs, ys, "o-", lw=2.2 if t == "all" else 1.1, ms=3.5, label=t,
                         color="black" if t == "all" else None)
-        for series, marker in zip(sorted({p["series"] for p in mine} - {RECIPE}), "D^vsP"):
+        for series, marker in zip(sorted({p.get("series", RECIPE) for p in mine} - {RECIPE}), "D^vsP"):
             xs = [p["samples"] for p in mine if p.get("series") == series]
             ys = [100 * p["accuracy"]["all"]["accuracy"] for p in mine if p.get("series") == series]
             ax.plot(xs, ys, marker, ls="none", ms=7, mfc="none", mec="black", label=f"all, {series}")
@@ -179,8 +179,6 @@ def main(argv=None) -> int:
             done.add((name, samples))
             print(f"{name} step {step} ({samples} conversations): all {100 * acc['all']['accuracy']:.1f}%", flush=True)
             write_json(args.out, {"n_conversations": args.n, "points": points})
-    from train.eval import GOALS
-
     proj = {run: projection(points, run, GOALS) for run in sorted({p["run"] for p in points})}
     for run, cats in proj.items():
         for cat, p in cats.items():

@@ -75,14 +75,10 @@ def partitioned_load(args, plan: Plan):
     created inside ``deepspeed.zero.Init`` with this run's DeepSpeed config (so in its precision), and
     rank 0 copies the weights into the partitions one module at a time. Only for the LM: the flag is
     cleared again before anything else is loaded."""
-    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from visualchat.deepspeed_ops import disable_shm_comm_build
-
-    disable_shm_comm_build()  # init_distributed would otherwise build the shm all-reduce op (minutes)
-    deepspeed.init_distributed()  # wraps the process group D.init() made, so the config sees every rank
+    # DeepSpeed's process group is up already (load_lm_zero3 starts it), so the config sees every rank
     hf_config = HfDeepSpeedConfig(deepspeed_config(args, plan))  # noqa: F841 - held alive while loading
     try:
         yield
