@@ -129,6 +129,67 @@ def test_lean_decode_step_matches_transformers(tiny_tokenizer, tiny_clip_dir, mo
     torch.testing.assert_close(lean, hf, rtol=1e-5, atol=1e-5)
 
 
+def _session_run(vc, images):
+    """Logits of every forward and the cache's keys and values at the end, through what a session does
+    to its cache: a prefill, steps (past the lean step's room, made small by the caller), a crop (undo
+    and regenerate do one), more steps, then the next round's prefill (transformers' forward reading the
+    lean step's views) and two more steps."""
+    s = vc.new_session()
+    s.commit(s.prepare_round("What is in Image 1?", images))
+    out = [s._prefill(s._render())]
+    for t in range(5, 14):
+        out.append(s._step(t))
+    s._cache.crop(-2)
+    del s._cache_keys[-2:], s._cache_is_image[-2:]
+    for t in (21, 22, 23):
+        out.append(s._step(t))
+    s._answer_ids[-1] = [t for t in s._cache_keys[len(s._render()):] if isinstance(t, int)]
+    s.commit(s.prepare_round("And Image 2?", images[:1]))
+    out.append(s._prefill(s._render()))
+    for t in (31, 32):
+        out.append(s._step(t))
+    layers = s._cache.layers
+    return torch.stack(out), [torch.cat([la.keys, la.values]) for la in layers]
+
+
+@pytest.mark.parametrize("mode,n_images", [("mmca", 2), ("mmca", 0), ("causal", 2)])
+def test_lean_decode_state_follows_the_cache(tiny_tokenizer, tiny_clip_dir, monkeypatch, mode, n_images):
+    """The lean step keeps its own key/value buffers, masks and rotary tables per cache: they stay in
+    step with the cache through a rebuild when their room runs out (ROOM = 4 here), a crop and the next
+    round's prefill; the logits and the cache's keys and values are transformers' (float32 rounding
+    apart), for MMCA with and without images and for causal attention."""
+    from visualchat import decode
+    from visualchat.encoders import build_encoder
+    from visualchat.model import VisualChat
+
+    monkeypatch.setattr(decode, "ROOM", 4)
+    enc = build_encoder("clip:" + tiny_clip_dir)
+    vc = VisualChat.from_components(tiny_llama(tiny_tokenizer, seed=5), tiny_tokenizer, enc, attention=mode)
+    images = [color_image((255, 0, 0)), color_image((0, 0, 255))][:n_images]
+    assert lean_decoder(vc) is not None
+    lean_logits, lean_kv = _session_run(vc, images)
+    monkeypatch.setenv("VISUALCHAT_DECODE", "hf")
+    assert lean_decoder(vc) is None
+    hf_logits, hf_kv = _session_run(vc, images)
+    torch.testing.assert_close(lean_logits, hf_logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(lean_kv, hf_kv):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_step_leaves_a_cache_it_cannot_drive_to_transformers(tiny_tokenizer, tiny_clip_dir):
+    """A cache that is not a plain batch-1 DynamicCache (here: one of two rows) is not touched by the
+    lean step (it returns None, and the session runs transformers' forward)."""
+    vc, _ = _tiny_pair(tiny_tokenizer, tiny_clip_dir)
+    lean = lean_decoder(vc)
+    cache = vc.model.new_cache()
+    k = torch.randn(2, 2, 5, 8)
+    for i in range(2):
+        cache.update(k, k.clone(), i)
+    before = [la.keys for la in cache.layers]
+    assert lean.step(7, cache, [False] * 6) is None
+    assert [la.keys for la in cache.layers] == before and not hasattr(cache, "_vc_lean")
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("images", ["none", "some"])
 def test_mmca_decode_branch_matches_the_general_path(groups, images):

@@ -4,18 +4,21 @@ A decode step feeds one token through every layer; on a CPU with a small model m
 Python and small-op overhead around the matmuls (transformers' module calls, an RMSNorm of six ops, a
 rotary embedding built from slices and a ``cat``, a KV cache that concatenates). :class:`LeanDecoder`
 runs the same computation with the same weights in fewer operations: RMSNorm as a dot product and an
-``addcmul``, the rotary embedding as ``rows * C + roll(rows) * S`` (``roll`` by half the head is
-``rotate_half`` up to the sign, which is folded into ``S``; the attention scale into q's rows), the
-new k and v copied into a per-layer buffer with room to grow (transformers' ``DynamicLayer`` copies
-the whole layer per token), fbgemm's fp16 GEMM called on its packed weight directly, MMCA's one-query
-case as two masked softmaxes over one score matrix. The logits equal the transformers path's to
-float32 rounding (tests/test_lowp.py).
+``addcmul``, the rotary embedding as ``rows * C + flip(rows) * S`` over all q/k/v rows at once (swapping
+the halves of a head is ``rotate_half`` up to the sign, which is folded into ``S``; the attention scale
+into q's rows; the tables of every position built once per decode state), the new k and v written into
+the step's own per-layer buffers (keys kept transposed, room to grow; the cache's layers get views of
+them, transformers' ``DynamicLayer`` would copy the whole layer per token), fbgemm's fp16 GEMM called on
+its packed weight directly, MMCA's one-query case as two masked softmaxes over one score matrix (masks
+kept per state, one entry changed per step). The logits equal the transformers path's to float32
+rounding (tests/test_lowp.py).
 
 It is used for a session's decode steps when the LM is a plain ``llama`` model (no rope scaling
-other than what the rotary module computes, SiLU MLP), the process is not one rank of several
-(ranks > 0 replay rank 0's ``model.forward`` calls), and ``VISUALCHAT_DECODE`` is not ``hf``
-(``hf`` also turns off MMCA's one-query branch: the decode path as it was before, for comparisons).
-Everything else (prefill, training, other architectures) goes through transformers as before.
+other than what the rotary module computes, SiLU MLP), the attention is ``mmca`` or ``causal``, the
+cache is a plain batch-1 ``DynamicCache``, the process is not one rank of several (ranks > 0 replay
+rank 0's ``model.forward`` calls), and ``VISUALCHAT_DECODE`` is not ``hf`` (``hf`` also turns off MMCA's
+one-query branch: the decode path as it was before, for comparisons). Everything else (prefill,
+training, other architectures) goes through transformers as before.
 """
 from __future__ import annotations
 
@@ -24,8 +27,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import attention
-
 
 def unsupported_reason(model) -> str | None:
     """None when :class:`LeanDecoder` can run ``model`` (a VisualChatModel), else why not."""
@@ -33,6 +34,8 @@ def unsupported_reason(model) -> str | None:
         return "VISUALCHAT_DECODE=hf"
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         return "several ranks (the other ranks follow model.forward)"
+    if getattr(model, "attention_mode", None) not in ("mmca", "causal"):
+        return f"attention mode {getattr(model, 'attention_mode', None)!r}"
     lm = model.lm
     cfg = lm.config
     if getattr(cfg, "model_type", None) != "llama":
@@ -53,47 +56,83 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _kv_state(cache, i: int):
-    """``(buffer, n)`` for layer ``i`` of ``cache``: ``buffer [2, B, Hkv, capacity, D]`` holds the
-    layer's keys (``buffer[0]``) and values (``buffer[1]``) in its first ``n`` positions, with room
-    for one more; or None where the layer is not a plain :class:`DynamicLayer` (then the caller goes
-    through ``cache.update``). The layer's keys and values are prefix views of the buffer (set by
-    :func:`_kv_commit`); a crop (undo, regenerate) leaves them so and the buffer is reused, anything
-    else that replaced them (a prefill's concatenation) gets a new buffer, the context copied once."""
+#: Positions of room a rebuilt decode state leaves for new tokens (rounded up to a multiple of it).
+ROOM = 128
+
+
+class _State:
+    """The lean step's own copy of one cache's keys and values, built from the cache (after a prefill,
+    a crop, or when its room is used up) and kept in step with it. Per layer: the keys transposed in
+    ``kt [Hkv, D, cap]`` and the values in ``v [Hkv, cap, D]``, zeros beyond the ``n`` positions held, so
+    that every step works on whole buffers (no per-layer views to make); the cache's layer gets prefix
+    views of them after each step (``published``). Also per state: the additive masks of the attention
+    terms over all ``cap`` positions (``-inf`` beyond ``n``), the rotary tables of positions ``0..cap``,
+    and the step's scratch tensors. One state per cache, so two sessions never share scratch."""
+
+    def __init__(self, lean, cache, key_is_image, n: int, rows: int):
+        nkv, d, g = lean.n_kv, lean.head_dim, lean.n_heads // lean.n_kv
+        first = cache.layers[0].keys
+        dev, dt = first.device, first.dtype
+        self.n = n
+        self.cap = cap = -(-(n + ROOM) // ROOM) * ROOM
+        self.kt, self.v, self.full, self.published = [], [], [], []
+        for layer in cache.layers:
+            kt = torch.zeros(nkv, d, cap, device=dev, dtype=dt)
+            v = torch.zeros(nkv, cap, d, device=dev, dtype=dt)
+            kt[:, :, :n].copy_(layer.keys[0].transpose(1, 2))
+            v[:, :n].copy_(layer.values[0])
+            self.kt.append(kt)
+            self.v.append(v)
+            self.full.append((kt.transpose(1, 2)[None], v[None]))  # [1, Hkv, cap, D] views
+            self.published.append((layer.keys, layer.values))  # what the cache's layer holds now
+        # the masks: text keys (and the query itself) in the first term; image keys, all earlier than
+        # any text query, in the second (MMCA with images only); -inf for positions not yet written
+        is_img = torch.zeros(cap, dtype=torch.bool, device=dev)
+        is_img[:n] = torch.as_tensor(key_is_image, device=dev).view(-1)[:n].bool()
+        filled = torch.arange(cap, device=dev) < n
+        zero, ninf = torch.zeros((), device=dev, dtype=dt), torch.full((), float("-inf"), device=dev, dtype=dt)
+        if lean.model.attention_mode == "mmca" and bool(is_img.any()):
+            self.mask = torch.stack([torch.where(filled & ~is_img, zero, ninf),
+                                     torch.where(filled & is_img, zero, ninf)]).view(2, 1, 1, cap)
+        else:  # causal attention, or MMCA with no image: one softmax over every key
+            self.mask = torch.where(filled, zero, ninf).view(1, 1, cap)
+        self.text_mask = self.mask.view(-1, cap)[0]  # where each new (text) position is unmasked
+        self.tables = lean._rotary_tables(cap, dev, dt)  # {scaling: (C, S)}, [cap, rows, 2, D/2] each
+        # scratch: the rotated q/k/v rows (q's, k's and v's views for the attention), the attention output
+        self.rot = torch.empty(rows, d, device=dev, dtype=dt)
+        nh = lean.n_heads
+        self.rot3 = self.rot.view(rows, 2, d // 2)
+        self.q = self.rot[:nh].view(nkv, g, d)
+        self.k = self.rot[nh:nh + nkv].view(nkv, d, 1)
+        self.vrow = self.rot[nh + nkv:].view(nkv, 1, d)
+        self.att = torch.empty(nkv, g, d, device=dev, dtype=dt)
+        self.att_row = self.att.view(1, nh * d)
+        self.zero = torch.zeros(1, lean.hidden, device=dev, dtype=dt)
+
+    def in_step_with(self, cache) -> bool:
+        """Whether the cache still holds what this state last gave it, with room for one more token."""
+        if self.n >= self.cap or len(cache.layers) != len(self.kt):
+            return False
+        return all(layer.keys is p[0] and layer.values is p[1] for layer, p in zip(cache.layers, self.published))
+
+
+def _plain_cache_length(cache) -> int | None:
+    """The length of ``cache`` when every layer is a plain, non-empty, batch-1 :class:`DynamicLayer`
+    with 4-d keys of one shape and dtype (what :class:`_State` copies); else None."""
     from transformers.cache_utils import DynamicLayer
 
-    layer = cache.layers[i] if i < len(cache.layers) else None
-    st = getattr(layer, "_vc_kv", None)
-    if st is not None and layer.keys is st[3] and layer.values is st[4]:  # as the last step left it
-        n = st[3].shape[-2]
-        if n < st[0].shape[3]:
-            return st[0], n
-    if (type(layer) is not DynamicLayer or getattr(cache, "offloading", False) or not layer.is_initialized
-            or layer.keys.dim() != 4 or layer.keys.shape[-2] == 0):
+    layers = getattr(cache, "layers", None)
+    if not layers or getattr(cache, "offloading", False):
         return None
-    keys, vals = layer.keys, layer.values
-    n = keys.shape[-2]
-    if (st is None or st[0].shape[3] <= n or keys.shape != vals.shape or st[1].shape[:-2] != keys.shape[:-2]
-            or st[1].shape[-1] != keys.shape[-1] or st[1].dtype != keys.dtype
-            or keys.data_ptr() != st[1].data_ptr() or vals.data_ptr() != st[2].data_ptr()
-            or keys.stride() != st[1].stride() or vals.stride() != st[2].stride()):
-        cap = n + max(64, n // 2)
-        buf = keys.new_empty((2, *keys.shape[:-2], cap, keys.shape[-1]))
-        buf[0, ..., :n, :] = keys
-        buf[1, ..., :n, :] = vals
-        st = (buf, buf[0], buf[1], None, None)
-    layer._vc_kv = st
-    return st[0], n
-
-
-def _kv_commit(cache, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """After position ``n`` of layer ``i``'s buffer was written: the layer's keys and values become
-    its first ``n + 1`` positions (views); returns them."""
-    layer = cache.layers[i]
-    buf, kb, vb = layer._vc_kv[:3]
-    layer.keys, layer.values = kb[..., :n + 1, :], vb[..., :n + 1, :]
-    layer._vc_kv = (buf, kb, vb, layer.keys, layer.values)
-    return layer.keys, layer.values
+    shape = None
+    for layer in layers:
+        if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.dim() != 4:
+            return None
+        if shape is None:
+            shape = layer.keys.shape
+        if layer.keys.shape != shape or layer.values.shape != shape or shape[0] != 1 or shape[2] == 0:
+            return None
+    return shape[2]
 
 
 def _gemm_fn(mods):
@@ -118,11 +157,11 @@ class LeanDecoder:
     Per layer: RMSNorm as one dot product and one ``addcmul`` (``F.rms_norm`` is several kernels on
     CPU), one GEMM for q/k/v (a :class:`visualchat.lowp.Fused` matrix where the LM was converted;
     else the three layers and a ``cat``; fbgemm's op called directly), the rotary embedding of q and k
-    as ``rows * C + roll(rows) * S`` over all q/k/v rows at once (tables built once per step: the
-    attention scale folded into q's rows, 1 and 0 for v's), one copy of the new k and v into the
-    layer's KV buffer (keys and values in one tensor with room to grow), MMCA's two masked softmaxes
-    over one score matrix (masks built once per step), ``o_proj``, RMSNorm, one GEMM for gate/up,
-    SiLU, ``down_proj``: about 20 tensor operations where transformers' layer takes about 60."""
+    as ``rows * C + flip(rows) * S`` over all q/k/v rows at once into a scratch tensor whose q, k and v
+    views are made once per state, the new k and v appended with one ``index_copy_`` each, MMCA's two
+    masked softmaxes over one score matrix, ``o_proj``, RMSNorm, one GEMM for gate/up, SiLU,
+    ``down_proj``: about 25 tensor operations where transformers' layer takes about 60. The step's
+    buffers, masks, tables and scratch live in a :class:`_State` per cache."""
 
     def __init__(self, model):
         from .lowp import fused_group, lm_format
@@ -153,37 +192,65 @@ class LeanDecoder:
         #: --profile times the sections with it); costs one test per section when None.
         self.tick = None
 
-    def _rotary_tables(self, x: torch.Tensor, pos: int) -> dict:
-        """``{scaling: (C, S)}``, ``[Hq + 2 Hkv, D]`` each: ``rows * C + roll(rows, D/2) * S`` is the
-        rotary embedding at ``pos`` of q's rows (times the attention scale) and k's, and v's rows as
-        they are."""
-        cos, sin = self.dec.rotary_emb(x.view(1, 1, -1), torch.tensor([[pos]], device=x.device))  # [1, 1, D] each
-        cos, sin = cos.view(1, -1).to(x.dtype), (sin.view(-1).to(x.dtype) * self._sign.to(x.device, x.dtype)).view(1, -1)
+    def _rotary_tables(self, cap: int, dev, dtype) -> dict:
+        """``{scaling: (C, S)}``, ``[cap, Hq + 2 Hkv, 2, D/2]`` each: at position ``p``,
+        ``rows * C[p] + flip(rows) * S[p]`` (rows viewed as ``[rows, 2, D/2]``, ``flip`` swapping the
+        halves: ``rotate_half`` up to the sign, folded into ``S``) is the rotary embedding of q's rows
+        (times the attention scale) and k's, and v's rows as they are."""
+        pos = torch.arange(cap, device=dev)[None]
+        probe = torch.zeros(1, 1, self.hidden, device=dev, dtype=dtype)
+        cos, sin = self.dec.rotary_emb(probe, pos)  # [1, cap, D] each
+        cos, sin = cos[0].to(dtype), sin[0].to(dtype) * self._sign.to(dev, dtype)
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        one, zero = cos.new_ones(nkv, d), cos.new_zeros(nkv, d)
+        one, zero = cos.new_ones(cap, nkv, d), cos.new_zeros(cap, nkv, d)
         out = {}
         for scaling in {lay[3] for lay in self.layers}:
-            c = torch.cat([(cos * scaling).expand(nh, d), cos.expand(nkv, d), one])
-            s = torch.cat([(sin * scaling).expand(nh, d), sin.expand(nkv, d), zero])
-            out[scaling] = (c, s)
+            c = torch.cat([(cos * scaling)[:, None].expand(cap, nh, d), cos[:, None].expand(cap, nkv, d), one], 1)
+            s = torch.cat([(sin * scaling)[:, None].expand(cap, nh, d), sin[:, None].expand(cap, nkv, d), zero], 1)
+            out[scaling] = (c.view(cap, -1, 2, d // 2), s.view(cap, -1, 2, d // 2))
         return out
 
+    def state(self, cache, key_is_image) -> _State | None:
+        """The decode state of ``cache`` (its keys and values in this step's buffers), rebuilt when the
+        cache changed since the last step (a prefill, a crop) or its room is used up; None when the cache
+        is not one this step can drive (then the caller runs transformers' forward).
+        ``key_is_image``: one bool per position of the cache, the new token's included (a list or tensor;
+        read only when the state is rebuilt)."""
+        st = getattr(cache, "_vc_lean", None)
+        if st is not None and st.owner is self and st.in_step_with(cache):
+            return st
+        n = _plain_cache_length(cache)
+        if n is None:
+            return None
+        st = _State(self, cache, key_is_image, n, self.n_heads + 2 * self.n_kv)
+        st.owner = self
+        cache._vc_lean = st
+        return st
+
     @torch.no_grad()
-    def step(self, token: int, cache, key_is_image: torch.Tensor) -> torch.Tensor:
+    def step(self, token: int, cache, key_is_image) -> torch.Tensor | None:
+        """Feed one text token: float32 logits ``[V]``, the token's keys and values added to ``cache``;
+        None (nothing done) where ``cache`` is not one this step can drive."""
+        st = self.state(cache, key_is_image)
+        if st is None:
+            return None
         m, tick = self.model, self.tick
-        dev = m.embed_tokens.weight.device
+        n = st.n
         # the residual stream [1, H], changed in place below (a fresh copy of a text token's embedding row)
-        x = m.embed_tokens(torch.tensor([token], device=dev)).view(1, -1).clone()
-        xv = x.view(-1)
-        zero = torch.zeros_like(x)
+        emb = m.embed_tokens
+        if type(emb) is torch.nn.Embedding:
+            x = emb.weight[token].clone().view(1, -1)
+        else:
+            x = emb(torch.tensor([token], device=st.zero.device)).view(1, -1).clone()
+        xv, zero = x.view(-1), st.zero
         hsz, eps = self.hidden, self.eps
-        tables = self._rotary_tables(x, cache.get_seq_length())
-        mode = m.attention_mode
-        plan = attention._decode_masks(key_is_image) if mode == "mmca" else "causal"
-        if plan is not None and not isinstance(plan, str):
-            plan = plan[:, 0]  # [2, 1, 1, L]: added to scores [Hkv, g, L]
-        nh, nkv, d, half = self.n_heads, self.n_kv, self.head_dim, self.head_dim // 2
-        g, nq, rows = nh // nkv, nh * d, nh + 2 * nkv
+        tables = {sc: (c[n], s[n]) for sc, (c, s) in st.tables.items()}
+        st.text_mask[n] = 0.0  # the new text position: a key of the text term (it attends to itself)
+        at = torch.tensor([n], device=zero.device)
+        two_terms = st.mask.dim() == 4
+        mask = st.mask.narrow(-1, 0, n + 1)
+        rows, half = self.n_heads + 2 * self.n_kv, self.head_dim // 2
+        rot3 = st.rot3
         if tick:
             tick("step setup (embedding row, rotary tables, MMCA masks)")
         for i, (w1, qkv_proj, o_proj, scaling, w2, gate_up, down) in enumerate(self.layers):
@@ -194,33 +261,27 @@ class LeanDecoder:
             if tick:
                 tick("GEMM q/k/v")
             c, s = tables[scaling]
-            r = qkv.view(rows, d)
-            r = torch.addcmul(r * c, r.roll(half, -1), s)  # q (scaled) and k rotated, v as it was: [rows, D]
+            r = qkv.view(rows, 2, half)
+            torch.addcmul(torch.mul(r, c), r.flip(1), s, out=rot3)  # q (scaled) and k rotated, v as it was
             if tick:
                 tick("rotary embedding")
-            slot = _kv_state(cache, i)
-            if slot is not None:
-                buf, n = slot
-                buf.select(3, n).copy_(r[nh:].view(buf.shape[0], buf.shape[1], nkv, d))
-                k, v = _kv_commit(cache, i, n)
-            else:
-                kv = r[nh:].view(2, 1, nkv, 1, d)
-                k, v = cache.update(kv[0], kv[1], i)
+            kt, vb = st.kt[i], st.v[i]
+            kt.index_copy_(2, at, st.k)
+            vb.index_copy_(1, at, st.vrow)
+            kf, vf = st.full[i]
+            layer = cache.layers[i]
+            layer.keys, layer.values = kf.narrow(2, 0, n + 1), vf.narrow(2, 0, n + 1)
+            st.published[i] = (layer.keys, layer.values)
             if tick:
                 tick("KV cache append")
-            q = r[:nh]
-            if plan is None or mode not in ("mmca", "causal"):  # not the one-query cases below: the general path
-                a = attention.mmca_attention(q.view(1, nh, 1, d), k, v, key_is_image, None, 1.0, mode)
-            else:
-                scores = torch.matmul(q.view(nkv, g, d), k[0].transpose(-1, -2))  # [Hkv, g, L] (scale in q)
-                if isinstance(plan, str):  # text keys only, or causal mode: one softmax over all keys
-                    probs = torch.softmax(scores, dim=-1)
-                else:  # MMCA: the text-key and image-key softmaxes over one score matrix, added
-                    probs = torch.softmax(torch.add(plan, scores), dim=-1).sum(0)
-                a = torch.matmul(probs, v[0])  # [Hkv, g, D]
+            # MMCA: the text-key and image-key softmaxes over one score matrix, added (or one softmax);
+            # over the n + 1 positions held (the keys and values are read from memory: no more of them)
+            scores = torch.bmm(st.q, kt.narrow(2, 0, n + 1))  # [Hkv, g, n + 1]; the scale is in q
+            probs = torch.softmax(torch.add(mask, scores) if two_terms else scores.add_(mask), dim=-1)
+            torch.bmm(probs.sum(0) if two_terms else probs, vb.narrow(1, 0, n + 1), out=st.att)  # [Hkv, g, D]
             if tick:
                 tick("attention (MMCA)")
-            y = o_proj(a.view(1, nq))
+            y = o_proj(st.att_row)
             if tick:
                 tick("GEMM o")
             x.add_(y)
@@ -231,7 +292,7 @@ class LeanDecoder:
             if tick:
                 tick("GEMM gate/up")
             n_int = gu.shape[-1] // 2
-            y = F.silu(gu[:, :n_int]).mul_(gu[:, n_int:])
+            y = F.silu(gu.narrow(1, 0, n_int)).mul_(gu.narrow(1, n_int, n_int))
             if tick:
                 tick("SiLU x up, residual adds")
             y = down(y)
@@ -240,6 +301,7 @@ class LeanDecoder:
             x.add_(y)
             if tick:
                 tick("SiLU x up, residual adds")
+        st.n = n + 1
         h = torch.addcmul(zero, x, self.dec.norm.weight, value=(float(torch.dot(xv, xv)) / hsz + eps) ** -0.5)
         if tick:
             tick("RMSNorm")
@@ -251,12 +313,16 @@ class LeanDecoder:
 
 
 def lean_decoder(vc) -> LeanDecoder | None:
-    """The LeanDecoder for ``vc`` (built once, kept on it), or None where it does not apply."""
-    if unsupported_reason(vc.model) is not None:
-        return None
+    """The LeanDecoder for ``vc`` (built once, kept on it), or None where it does not apply. Checked
+    again only when the model, its weight format or ``VISUALCHAT_DECODE`` changed (once per step
+    otherwise costs a walk over every layer)."""
     from .lowp import lm_format
 
-    lean = getattr(vc, "_lean_decoder", None)
-    if lean is None or lean.model is not vc.model or lean.weights != lm_format(vc.model.lm):
-        lean = vc._lean_decoder = LeanDecoder(vc.model)
+    key = (vc.model, lm_format(vc.model.lm), os.environ.get("VISUALCHAT_DECODE", ""),
+           torch.distributed.is_available() and torch.distributed.is_initialized())
+    cached = getattr(vc, "_lean_decoder", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    lean = None if unsupported_reason(vc.model) is not None else LeanDecoder(vc.model)
+    vc._lean_decoder = (key, lean)
     return lean

@@ -218,10 +218,12 @@ class Session:
         dev = self.vc.device
         self._cache_keys.append(token)
         self._cache_is_image.append(False)
-        kis = torch.tensor([self._cache_is_image], device=dev)
         lean = lean_decoder(self.vc)  # fewer ops per layer for LLaMA LMs (visualchat/decode.py)
         if lean is not None:
-            return lean.step(token, self._cache, kis)
+            logits = lean.step(token, self._cache, self._cache_is_image)
+            if logits is not None:
+                return logits
+        kis = torch.tensor([self._cache_is_image], device=dev)
         out = self.vc.model(torch.tensor([[token]], device=dev),
                             torch.zeros(1, 1, dtype=torch.bool, device=dev),
                             past_key_values=self._cache, key_is_image=kis,
