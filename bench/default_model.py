@@ -78,6 +78,42 @@ def kv_bytes(session) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in c.layers) if c is not None else 0
 
 
+def matmul_calls(vc) -> list:
+    """``(f, in_features)`` for each matrix product of one decode step, in the step's order: the lean
+    step's own callables (fused q/k/v and gate/up, fbgemm's op) where it runs, else every linear layer
+    of the LM (today's path: q, k, v, o, gate, up, down per layer, then the head)."""
+    from torch import nn
+
+    from visualchat import lowp
+    from visualchat.decode import lean_decoder
+
+    lean = lean_decoder(vc)
+    if lean is not None:
+        calls = []
+        for _, qkv, o, _, _, gate_up, down in lean.layers:
+            calls += [(qkv, lean.hidden), (o, lean.n_heads * lean.head_dim), (gate_up, lean.hidden),
+                      (down, vc.model.lm.config.intermediate_size)]
+        return calls + [(lean.head_fn, lean.hidden)]
+    return [(m, m.in_features) for m in vc.model.lm.modules() if type(m) is nn.Linear or isinstance(m, lowp.LowpLinear)]
+
+
+def matmuls_alone_s(vc, repeats: int = 15) -> float:
+    """Seconds for one decode step's matrix products alone, back to back (no other work between them):
+    the median of ``repeats``. What these kernels allow a step at best."""
+    import torch
+
+    calls = matmul_calls(vc)
+    xs = {n: torch.randn(1, n) for n in {n for _, n in calls}}
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            for f, n in calls:
+                f(xs[n])
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
 def run_path(name: str, lm_weights: str | None, decode: str, new_tokens: int, rounds: int, ims) -> dict:
     """Load, then round 1 (3 images) and rounds 2..``rounds`` (no new image) of one conversation."""
     from visualchat.model import VisualChat
@@ -103,6 +139,7 @@ def run_path(name: str, lm_weights: str | None, decode: str, new_tokens: int, ro
         s._step(100 + tok)
         steps.append(time.perf_counter() - t)
     r["step_s"] = statistics.median(steps)
+    r["matmuls_s"] = matmuls_alone_s(vc)
     r["kv_bytes"] = kv_bytes(s)
     r["ctx"] = len(s._cache_keys)
     r["vc"] = vc
@@ -363,6 +400,7 @@ def main():
     for p in paths:
         p["limit_tok_s"] = bw / (p["weight_bytes"] + p["kv_bytes"])
         p["step_tok_s"] = 1 / p["step_s"]
+        p["matmuls_tok_s"] = 1 / p["matmuls_s"]
 
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -376,9 +414,11 @@ def main():
          f"{a['fed_last']} tokens fed)", "ttft_last_s", "{:.3f} s"),
         ("round 1 decode as the session streams it (tokens/s)", "session_tok_s", "{:.1f}"),
         (f"decode step alone at {a['ctx']} tokens of context (tokens/s, median of 32)", "step_tok_s", "{:.1f}"),
+        ("the step's matrix products alone, back to back (tokens/s, median of 15)", "matmuls_tok_s", "{:.1f}"),
         ("bytes read per token (linear weights + KV cache)", None, None),
         ("bandwidth limit (tokens/s)", "limit_tok_s", "{:.1f}"),
         ("decode step / bandwidth limit", None, None),
+        ("matrix products alone / bandwidth limit", None, "matmuls"),
     ]
     head = f"\n| measure | {a['name']} | {b['name']} | fast / today |"
     if anchor is not None:
@@ -389,6 +429,9 @@ def main():
             va, vb = (f"{(p['weight_bytes'] + p['kv_bytes']) / 1e6:.0f} MB" for p in paths)
             ratio = f"{(b['weight_bytes'] + b['kv_bytes']) / (a['weight_bytes'] + a['kv_bytes']):.2f}x"
             vc = f"{(anchor['weight_bytes'] + anchor['kv_bytes']) / 1e6:.0f} MB" if anchor else ""
+        elif key is None and fmt == "matmuls":
+            va, vb = (f"{100 * p['matmuls_tok_s'] / p['limit_tok_s']:.0f}%" for p in paths)
+            ratio, vc = "", "-"
         elif key is None:
             va, vb = (f"{100 * p['step_tok_s'] / p['limit_tok_s']:.0f}%" for p in paths)
             ratio = ""

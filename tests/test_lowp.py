@@ -118,6 +118,24 @@ def test_bench_section_profile_times_every_section_of_the_lean_step(tiny_tokeniz
     assert lean.tick is None and "step" not in vars(lean)
 
 
+def test_bench_matmuls_alone_cover_every_weight_once(tiny_tokenizer, tiny_clip_dir, monkeypatch):
+    """bench/default_model.py's "matrix products alone" row runs each of the step's products once: the
+    lean step's 4 per layer + the head, or today's 7 per layer + the head, together every weight of the
+    LM's linear layers (what the bandwidth limit counts)."""
+    from bench.default_model import matmul_calls, matmuls_alone_s
+
+    ref, vc = _tiny_pair(tiny_tokenizer, tiny_clip_dir)
+    lowp.convert_lm(vc.model.lm, "fp16" if lowp.UNSUPPORTED["fp16"]() is None else "fp32")
+    n_weights = sum(m.weight.numel() for m in ref.model.lm.modules() if type(m) is nn.Linear)
+    layers = ref.model.lm.config.num_hidden_layers
+    for v, env, per_layer in ((vc, "lean", 4), (ref, "hf", 7)):
+        monkeypatch.setenv("VISUALCHAT_DECODE", env)
+        calls = matmul_calls(v)
+        assert len(calls) == per_layer * layers + 1
+        assert sum(n * f(torch.randn(1, n)).shape[-1] for f, n in calls) == n_weights
+        assert matmuls_alone_s(v, repeats=2) > 0
+
+
 def test_lean_decode_step_matches_transformers(tiny_tokenizer, tiny_clip_dir, monkeypatch):
     """The lean decode step computes what transformers' forward does (float32 rounding apart)."""
     vc, _ = _tiny_pair(tiny_tokenizer, tiny_clip_dir)
