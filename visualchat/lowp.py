@@ -33,6 +33,7 @@ back into float32 copies.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -238,21 +239,33 @@ def convert_lm(lm: nn.Module, fmt: str) -> int:
     for name, m in targets:
         if m.weight.device.type != "cpu":
             raise ValueError(f"{name} is on {m.weight.device}; the {fmt} weight format is CPU-only")
-    done = set()
+    # what to build: (weights, make, place); ``make`` converts, ``place`` swaps the result in. torch's
+    # packing runs without the GIL, so the makes run on the intra-op threads side by side, the largest
+    # first (the fp16 packing of the default's 135 M weights takes 2.6 s on one core, 1.6 s on two)
+    jobs, done = [], set()
     for parent in list(lm.modules()):  # sibling layers with one input: one stacked matrix
         for names in GROUPS:
             ms = [getattr(parent, n, None) for n in names]
             if all(type(m) is nn.Linear for m in ms) and len({m.in_features for m in ms}) == 1:
-                group = Fused(fmt, [m.weight for m in ms], [m.bias for m in ms])
-                for i, (n, m) in enumerate(zip(names, ms)):
-                    done.add(id(m))
-                    setattr(parent, n, _Part(group, i, m.in_features))
+                done.update(id(m) for m in ms)
+
+                def place(group, parent=parent, names=names, ms=ms):
+                    for i, (n, m) in enumerate(zip(names, ms)):
+                        setattr(parent, n, _Part(group, i, m.in_features))
+
+                jobs.append((sum(m.weight.numel() for m in ms),
+                             lambda ms=ms: Fused(fmt, [m.weight for m in ms], [m.bias for m in ms]), place))
     for name, m in targets:
-        if id(m) in done:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = lm.get_submodule(parent_name) if parent_name else lm
-        setattr(parent, child, _CLASSES[fmt](m.weight, m.bias))
+        if id(m) not in done:
+            parent_name, _, child = name.rpartition(".")
+            parent = lm.get_submodule(parent_name) if parent_name else lm
+            jobs.append((m.weight.numel(), lambda m=m: _CLASSES[fmt](m.weight, m.bias),
+                         lambda new, parent=parent, child=child: setattr(parent, child, new)))
+    jobs.sort(key=lambda job: -job[0])
+    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), 8))) as pool:
+        built = list(pool.map(lambda job: job[1](), jobs))  # an error is raised here, before anything is placed
+    for (_, _, place), new in zip(jobs, built):
+        place(new)
     lm.vc_weight_format = fmt
     return len(targets)
 
