@@ -66,6 +66,20 @@ def test_lowp_logits_close_to_fp32_on_tiny_model(tiny_tokenizer, tiny_clip_dir, 
     assert 0 < err <= rtol * scale, (err, scale)
 
 
+def test_convert_refuses_a_weight_beyond_fp16_and_leaves_the_lm_as_it_was(tiny_tokenizer):
+    """A weight float16 cannot hold is refused with a clear error, and nothing of the LM is replaced
+    (the conversions run side by side; none is placed before all have succeeded)."""
+    if lowp.UNSUPPORTED["fp16"]() is not None:
+        pytest.skip(lowp.UNSUPPORTED["fp16"]())
+    lm = tiny_llama(tiny_tokenizer, seed=1).requires_grad_(False)
+    with torch.no_grad():
+        lm.model.layers[1].mlp.down_proj.weight[0, 0] = 1e6
+    before = {n: type(m) for n, m in lm.named_modules()}
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        lowp.convert_lm(lm, "fp16")
+    assert {n: type(m) for n, m in lm.named_modules()} == before and lowp.lm_format(lm) == "fp32"
+
+
 def test_fused_parts_share_one_gemm_and_match_separate_layers():
     """q/k/v (and gate/up) become one stacked fp16 matrix: the three calls on one input run one GEMM,
     each part gives its own layer's output, and an input changed in place (or a new one) is recomputed."""
