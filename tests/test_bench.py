@@ -212,3 +212,22 @@ def test_colour_task_data_trains_and_probes(tmp_path, capsys):
     assert "colour probe on 60 examples" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="only"):
         colour_task.probe(str(tmp_path / "colour.jsonl"), 10_000, ["efficientnet-lite0"])
+
+
+def test_prompt_lookup_estimate_drafts_from_earlier_text_and_counts_forwards():
+    """bench/decode_parts.py --lookup: a draft is what followed the latest earlier occurrence of the
+    longest recurring end (never across an image slot), and a forward keeps the matching drafts plus
+    one token."""
+    from bench.decode_parts import draft, forwards_for
+
+    assert draft([1, 2, 3, 9, 7, 1, 2], 2) == [3, 9]
+    assert draft([5, 1, 2, 8, 4, 1, 2, 6, 1, 2], 1) == [6]  # the latest occurrence wins
+    assert draft([1, 2, 3, 4], 3) == []
+    assert draft([7, -1, 7], 2) == []  # what follows is an image slot: nothing to draft
+    assert draft([3, 4, -1, 3], 3) == [4]  # a draft stops at an image slot
+    context = [10, 11, 12, 13, 14]
+    # the answer repeats the context: after its first token every forward accepts k drafts + 1
+    assert forwards_for(context, [10, 11, 12, 13, 14], 4) == 1
+    assert forwards_for(context, [10, 11, 12, 13, 14], 1) == 2
+    # nothing recurs: one forward per token after the first
+    assert forwards_for(context, [20, 21, 22, 23], 4) == 3
