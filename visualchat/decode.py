@@ -63,11 +63,14 @@ ROOM = 128
 class _State:
     """The lean step's own copy of one cache's keys and values, built from the cache (after a prefill,
     a crop, or when its room is used up) and kept in step with it. Per layer: the keys transposed in
-    ``kt [Hkv, D, cap]`` and the values in ``v [Hkv, cap, D]``, zeros beyond the ``n`` positions held, so
-    that every step works on whole buffers (no per-layer views to make); the cache's layer gets prefix
-    views of them after each step (``published``). Also per state: the additive masks of the attention
-    terms over all ``cap`` positions (``-inf`` beyond ``n``), the rotary tables of positions ``0..cap``,
-    and the step's scratch tensors. One state per cache, so two sessions never share scratch."""
+    ``kt [Hkv, D, cap]`` and the values in ``v [Hkv, cap, D]`` (zeros beyond the ``n`` positions held),
+    so that a new position is one ``index_copy_`` into each and the attention reads their first
+    ``n + 1`` positions as they lie; the cache's layer gets prefix views of them after each step
+    (``published``: transformers' next prefill or crop works on those). Also per state: the additive
+    masks of the attention terms over all ``cap`` positions (``-inf`` beyond ``n``; built for the
+    model's attention mode, which is fixed when the model is built), the rotary tables of positions
+    ``0..cap``, and the step's scratch tensors. One state per cache, so two sessions never share
+    scratch."""
 
     def __init__(self, lean, cache, key_is_image, n: int, rows: int):
         nkv, d, g = lean.n_kv, lean.head_dim, lean.n_heads // lean.n_kv
@@ -124,13 +127,14 @@ def _plain_cache_length(cache) -> int | None:
     layers = getattr(cache, "layers", None)
     if not layers or getattr(cache, "offloading", False):
         return None
-    shape = None
+    shape = dtype = None
     for layer in layers:
         if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.dim() != 4:
             return None
         if shape is None:
-            shape = layer.keys.shape
-        if layer.keys.shape != shape or layer.values.shape != shape or shape[0] != 1 or shape[2] == 0:
+            shape, dtype = layer.keys.shape, layer.keys.dtype
+        if layer.keys.shape != shape or layer.values.shape != shape or shape[0] != 1 or shape[2] == 0 \
+                or layer.keys.dtype != dtype or layer.values.dtype != dtype:
             return None
     return shape[2]
 
