@@ -72,8 +72,9 @@ class _State:
     ``0..cap``, and the step's scratch tensors. One state per cache, so two sessions never share
     scratch."""
 
-    def __init__(self, lean, cache, key_is_image, n: int, rows: int):
+    def __init__(self, lean, cache, key_is_image, n: int):
         nkv, d, g = lean.n_kv, lean.head_dim, lean.n_heads // lean.n_kv
+        rows = lean.n_heads + 2 * nkv  # q's, k's and v's rows of a head's width
         first = cache.layers[0].keys
         dev, dt = first.device, first.dtype
         self.n = n
@@ -168,11 +169,10 @@ class LeanDecoder:
     buffers, masks, tables and scratch live in a :class:`_State` per cache."""
 
     def __init__(self, model):
-        from .lowp import fused_group, lm_format
+        from .lowp import fused_group
 
-        self.model = model
+        self.model = model  # (lean_decoder rebuilds this when the LM's weight format changes)
         lm = model.lm
-        self.weights = lm_format(lm)  # the modules below are the LM's current linear layers
         self.dec = lm.get_decoder()
         self.head = lm.get_output_embeddings()
         cfg = lm.config
@@ -226,7 +226,7 @@ class LeanDecoder:
         n = _plain_cache_length(cache)
         if n is None:
             return None
-        st = _State(self, cache, key_is_image, n, self.n_heads + 2 * self.n_kv)
+        st = _State(self, cache, key_is_image, n)
         st.owner = self
         cache._vc_lean = st
         return st
@@ -253,7 +253,6 @@ class LeanDecoder:
         at = torch.tensor([n], device=zero.device)
         two_terms = st.mask.dim() == 4
         mask = st.mask.narrow(-1, 0, n + 1)
-        rows, half = self.n_heads + 2 * self.n_kv, self.head_dim // 2
         rot3 = st.rot3
         if tick:
             tick("step setup (embedding row, rotary tables, MMCA masks)")
@@ -265,7 +264,7 @@ class LeanDecoder:
             if tick:
                 tick("GEMM q/k/v")
             c, s = tables[scaling]
-            r = qkv.view(rows, 2, half)
+            r = qkv.view(rot3.shape)
             torch.addcmul(torch.mul(r, c), r.flip(1), s, out=rot3)  # q (scaled) and k rotated, v as it was
             if tick:
                 tick("rotary embedding")
