@@ -58,7 +58,7 @@ class Batcher:
         is_img = torch.zeros(B, L, dtype=torch.bool)
         labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros(B, L, dtype=torch.bool)
-        feats, ims = [], []
+        feats, ims, concept_labels = [], [], []
         for i, s in enumerate(items):
             n = len(s)
             ids[i, :n] = torch.tensor(s.input_ids)
@@ -66,6 +66,7 @@ class Batcher:
             labels[i, :n] = torch.tensor(s.labels)
             mask[i, :n] = True
             for ref in s.images:
+                concept_labels.append(labels_of(ref))
                 key = image_key(ref) if self.features is not None else None
                 if key is not None and self.features.has(key):
                     feats.append(self.features.get(key))
@@ -74,6 +75,10 @@ class Batcher:
         # Right padding needs no key mask: every real position comes before every pad, so under causal
         # attention and MMCA no real query ever sees a pad key, and pads carry no labels.
         out = {"input_ids": ids, "is_image": is_img, "padding_mask": None, "labels": labels, "n_tokens": int(mask.sum())}
+        if any(y is not None for y in concept_labels):  # per-image labels (--aux_loss); -100: unlabelled image
+            width = max(len(y) for y in concept_labels if y is not None)
+            out["image_labels"] = torch.tensor([y if y is not None else [IGNORE_INDEX] * width for y in concept_labels],
+                                               dtype=torch.long)
         if feats and ims:
             raise RuntimeError("a batch mixes cached and uncached images; fill the feature cache first")
         if feats:
@@ -83,6 +88,18 @@ class Batcher:
         if not to_device:
             return out
         return to_device_batch(out, self.device)
+
+
+def labels_of(ref: Any) -> list[int] | None:
+    """An image's per-cell concept labels when its data set knows them (a shapes image: from its scene
+    graph), else None."""
+    from .features import is_lazy
+
+    if not is_lazy(ref):
+        return None
+    from train.data.shapes import concept_labels
+
+    return concept_labels(ref.scene)
 
 
 def to_device_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

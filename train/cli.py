@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: --lr; 0 keeps the embedding frozen and trains the projection alone)")
     flag(g, "--projection_lr", help="peak learning rate of the projection "
             "(default: --lr; a grounded projection keeps its start only with a small one, e.g. 3e-4)")
+    flag(g, "--aux_loss", help="weight of the 'words' projection's per-cell label loss, added to the answers' loss "
+            "for every image whose data set labels its cells (shapes); 0: off (real data has no labels)")
+    flag(g, "--detach_image_rows", help="the answers' loss does not reach the projection (it learns from "
+            "--aux_loss alone), so the backward need not run through the LM below its lowest trained layer")
     flag(g, "--weight_decay", help="AdamW weight decay")
     flag(g, "--adam_betas", help="AdamW betas as b1,b2 (the paper's; the reference code used 0.9,0.95)")
     flag(g, "--epochs", help="passes over the training samples (ignored with --max_steps)")
@@ -153,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag(g, "--lora_alpha", help="LoRA alpha for the LM (default 2 x rank)")
     flag(g, "--lora_target_modules", help="LM modules that get LoRA (comma separated, or 'all-linear')")
     flag(g, "--lora_dropout", help="LoRA dropout")
+    flag(g, "--lora_layers", help="LM LoRA on the top N decoder layers only (0: all); with a frozen input side "
+            "(--embedding_lr 0 and --detach_image_rows) the backward stops below them")
     flag(g, "--vision_lora_rank", help="LoRA rank for the vision encoder (0: off)")
     flag(g, "--vision_lora_alpha", help="LoRA alpha for the vision encoder (default 2 x rank)")
     flag(g, "--vision_lora_target_modules", help="vision modules that get LoRA")

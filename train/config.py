@@ -57,6 +57,8 @@ class TrainConfig:
     lr: float = 1e-3
     embedding_lr: Optional[float] = None
     projection_lr: Optional[float] = None
+    aux_loss: float = 0.0
+    detach_image_rows: bool = False
     weight_decay: float = 0.0
     adam_betas: str = "0.0,0.95"
     epochs: float = 1
@@ -83,6 +85,7 @@ class TrainConfig:
     lora_alpha: Optional[float] = None
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
     lora_dropout: float = 0.0
+    lora_layers: int = 0
     vision_lora_rank: int = 0
     vision_lora_alpha: Optional[float] = None
     vision_lora_target_modules: str = "q_proj,k_proj,v_proj,out_proj"

@@ -15,18 +15,34 @@ import torch
 from visualchat.lora import inject
 
 
-def lora_kwargs(rank: int, alpha: float | None, targets: str | list[str], dropout: float = 0.0) -> dict[str, Any]:
+def lora_kwargs(rank: int, alpha: float | None, targets: str | list[str], dropout: float = 0.0,
+                layers: list[int] | None = None) -> dict[str, Any]:
+    """peft ``LoraConfig`` kwargs; ``layers``: only these decoder layers get adapters (all when None)."""
     if isinstance(targets, str):
         targets = "all-linear" if targets.strip() == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    return {"r": int(rank), "lora_alpha": float(alpha if alpha is not None else 2 * rank),
-            "target_modules": targets, "lora_dropout": float(dropout), "bias": "none"}
+    kw = {"r": int(rank), "lora_alpha": float(alpha if alpha is not None else 2 * rank),
+          "target_modules": targets, "lora_dropout": float(dropout), "bias": "none"}
+    if layers is not None:
+        kw.update(layers_to_transform=list(layers), layers_pattern="layers")
+    return kw
+
+
+def top_layers(lm, n: int) -> list[int] | None:
+    """The indices of the LM's top ``n`` decoder layers (None: ``n`` is 0, every layer)."""
+    if not n:
+        return None
+    total = lm.config.num_hidden_layers
+    if not 0 < n <= total:
+        raise ValueError(f"--lora_layers {n}: the LM has {total} decoder layers")
+    return list(range(total - n, total))
 
 
 def apply_lora(vcm, args) -> dict[str, Any]:
     """Inject the adapters the flags ask for into ``vcm.lm`` / ``vcm.encoder``; returns config.lora."""
     cfg: dict[str, Any] = {}
     if args.lora_rank > 0:
-        cfg["lm"] = lora_kwargs(args.lora_rank, args.lora_alpha, args.lora_target_modules, args.lora_dropout)
+        cfg["lm"] = lora_kwargs(args.lora_rank, args.lora_alpha, args.lora_target_modules, args.lora_dropout,
+                                top_layers(vcm.lm, args.lora_layers))
         inject(vcm.lm, cfg["lm"])
     if args.vision_lora_rank > 0:
         cfg["vision"] = lora_kwargs(args.vision_lora_rank, args.vision_lora_alpha, args.vision_lora_target_modules,

@@ -17,17 +17,30 @@ class TrainModule(nn.Module):
     """What the engine runs: images (as cached features or pixels) + tokens -> (loss, n_labels) (a plain
     tuple: DeepSpeed's ZeRO-3 hooks look for tensors in tuples)."""
 
-    def __init__(self, vcm, train_encoder: bool = False):
+    def __init__(self, vcm, train_encoder: bool = False, aux_loss: float = 0.0, detach_image_rows: bool = False):
         super().__init__()
         self.vcm = vcm
         self.train_encoder = train_encoder
+        self.aux_loss = aux_loss  # weight of the projection's per-image label loss (0: off)
+        self.detach_image_rows = detach_image_rows  # the answers' loss stops at the image rows
 
-    def forward(self, input_ids, is_image, padding_mask, labels, image_feats=None, pixel_values=None):
+    def forward(self, input_ids, is_image, padding_mask, labels, image_feats=None, pixel_values=None,
+                image_labels=None):
         if pixel_values is not None:
             with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
                 image_feats = self.vcm.encoder(pixel_values.to(next(self.vcm.encoder.parameters()).dtype))
-        out = self.vcm(input_ids, is_image, image_feats, padding_mask, labels)
-        return out.loss, out.n_tokens
+        if self.detach_image_rows and image_feats is not None:
+            rows = self.vcm.project(image_feats.reshape(-1, self.vcm.projection.in_tokens, image_feats.shape[-1]))
+            out = self.vcm(input_ids, is_image, None, padding_mask, labels, image_embeds=rows.detach())
+        else:
+            out = self.vcm(input_ids, is_image, image_feats, padding_mask, labels)
+        loss = out.loss
+        if self.aux_loss and image_labels is not None and image_feats is not None:
+            # the answers' loss plus the heads' loss on what every labelled image shows (--aux_loss)
+            proj = self.vcm.projection
+            feats = image_feats.reshape(-1, proj.in_tokens, image_feats.shape[-1]).to(proj.first.weight.dtype)
+            loss = loss + self.aux_loss * proj.net.aux_loss(feats, image_labels.to(feats.device))
+        return loss, out.n_tokens
 
 
 def enable_gradient_checkpointing(lm: nn.Module) -> int:
@@ -153,8 +166,13 @@ def build_model(args, plan: Plan):
 
         gather_base.enter_context(deepspeed.zero.GatheredParameters([lm.get_input_embeddings().weight]))
     torch.manual_seed(args.seed)  # the projection's initialisation
+    concepts = None
+    if args.vis_proj == "words":  # the one data set with per-cell labels names the concept space
+        from .data.shapes import CONCEPTS as concepts
     try:
-        vcm = VisualChatModel(lm, enc, args.attention, args.vis_proj)
+        vcm = VisualChatModel(lm, enc, args.attention, args.vis_proj, concepts)
+        if concepts is not None:
+            vcm.projection.net.init_tables(tok, vcm.base_embedding)
     except ValueError as e:
         raise TrainError(f"--vis_proj {args.vis_proj!r}: {e}") from None
     finally:

@@ -215,7 +215,10 @@ class Trainer:
             enable_gradient_checkpointing(vcm.lm)
         if cfg.embedding_lr == 0:
             vcm.embed_tokens.weight.requires_grad_(False)
-        self.module = TrainModule(vcm, train_encoder=cfg.vision_lora_rank > 0)
+        if cfg.aux_loss and vcm.projection.kind != "words":
+            raise TrainError(f"--aux_loss trains the heads of the 'words' projection; --vis_proj is {cfg.vis_proj!r}")
+        self.module = TrainModule(vcm, train_encoder=cfg.vision_lora_rank > 0, aux_loss=cfg.aux_loss,
+                                  detach_image_rows=cfg.detach_image_rows)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.trainable = trainable_names(self.module)
         log.info("trainable: %d tensors, %s parameters (%s)", len(self.params),
@@ -312,6 +315,7 @@ class Trainer:
                 idx, weight = [0], 0.0
             batch = self.val_batcher.collate([val_s[j] for j in idx])
             batch.pop("n_tokens")
+            batch.pop("image_labels", None)  # the validation loss is the answers' alone
             loss, n = self.engine.forward(batch)
             tot += float(loss) * n * weight
             cnt += n * weight

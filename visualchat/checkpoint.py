@@ -10,11 +10,15 @@ A checkpoint is a directory: ``config.json`` (see :mod:`visualchat.config`) and
   differ from the base LM's input embedding (sparse store), or ``embed_tokens.weight`` ``[V, H]``
   when more than half the rows changed (dense store);
 - optional LoRA adapter tensors under ``lora.`` (see the trainer).
-Only safetensors is ever read. Loading checks every tensor's name, dtype, exact shape (nothing is
+A checkpoint larger than :data:`SHARD_BYTES` is written in shards of at most that size instead
+(``trainable-00001-of-0000N.safetensors`` ..., with ``trainable.safetensors.index.json`` mapping every
+tensor to its file, as transformers does), so that every file stays under the size limit of the
+Hugging Face Hub without git-lfs; loading reads either form. Only safetensors is ever read. Loading checks every tensor's name, dtype, exact shape (nothing is
 broadcast), finiteness and, for embedding indices, range and uniqueness; messages name the file.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -24,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from .config import VisualChatConfig
 
 WEIGHTS_NAME = "trainable.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+SHARD_BYTES = 10 * 1000 * 1000  # the largest file a checkpoint writes (10 MB)
 DENSE_FRACTION = 0.5
 
 
@@ -56,15 +62,55 @@ def save_checkpoint(model, path: str, config: VisualChatConfig, extra: dict[str,
     tensors.update(embedding_tensors(emb, model.base_embedding))
     for k, v in (extra or {}).items():
         tensors[k] = v.detach().cpu().contiguous()
+    shards = shard(tensors, SHARD_BYTES)
+    names = ([WEIGHTS_NAME] if len(shards) == 1
+             else [f"trainable-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for old in os.listdir(path):  # a checkpoint saved here before, in the other form or more shards
+        if old == INDEX_NAME or (old.startswith("trainable") and old.endswith(".safetensors") and old not in names):
+            os.remove(os.path.join(path, old))
+    for name, part in zip(names, shards):
+        _write_atomic(path, name, lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(v) for v in tensors.values())},
+                 "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
+        _write_atomic(path, INDEX_NAME, lambda tmp: json.dump(index, open(tmp, "w"), indent=1, sort_keys=True))
+    config.save(path)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def shard(tensors: dict[str, torch.Tensor], limit: int = SHARD_BYTES) -> list[dict[str, torch.Tensor]]:
+    """Tensors in name order, cut into groups of at most ``limit`` bytes of data each; a tensor larger
+    than ``limit`` alone is split along its first dimension into ``name``, ``name@1``, ... (joined again
+    by :func:`load_tensors`). One group when everything fits."""
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(tensors):
+        v = tensors[k]
+        pieces = [(k, v)]
+        if _nbytes(v) > limit and v.dim() >= 1 and v.shape[0] > 1:
+            rows = max(1, limit // max(1, _nbytes(v[0])))
+            pieces = [(k if i == 0 else f"{k}@{i}", c.contiguous()) for i, c in enumerate(v.split(rows))]
+        for name, t in pieces:
+            if size + _nbytes(t) > limit and parts[-1]:
+                parts.append({})
+                size = 0
+            parts[-1][name] = t
+            size += _nbytes(t)
+    return parts
+
+
+def _write_atomic(path: str, name: str, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
+        write(tmp)
+        os.replace(tmp, os.path.join(path, name))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    config.save(path)
 
 
 def check_compatible(model, config: VisualChatConfig, path: str = "checkpoint", any_grid: bool = False) -> None:
@@ -89,10 +135,41 @@ def check_compatible(model, config: VisualChatConfig, path: str = "checkpoint", 
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
-    file = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in checkpoint {path!r}")
-    return load_file(file)
+    """Every tensor of the checkpoint at ``path``: one ``trainable.safetensors``, or the shards its
+    ``trainable.safetensors.index.json`` lists (a tensor split over pieces ``name``, ``name@1``, ... is
+    joined again)."""
+    index_file = os.path.join(path, INDEX_NAME)
+    if not os.path.isfile(index_file):
+        file = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in checkpoint {path!r}")
+        return load_file(file)
+    try:
+        weight_map = json.load(open(index_file))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointMismatch(f"{index_file} is not a valid shard index: {e}") from None
+    pieces: dict[str, torch.Tensor] = {}
+    for name in files:
+        if os.path.basename(name) != name or not name.endswith(".safetensors"):
+            raise CheckpointMismatch(f"{index_file} names {name!r}, which is not a safetensors file beside it")
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"checkpoint {path!r}: shard {name} listed in {INDEX_NAME} is missing")
+        pieces.update(load_file(file))
+    if set(pieces) != set(weight_map):
+        raise CheckpointMismatch(f"{index_file}: the shards hold other tensors than the index lists")
+    out: dict[str, torch.Tensor] = {}
+    for k in sorted(k for k in pieces if "@" not in k):
+        parts, i = [pieces[k]], 1
+        while f"{k}@{i}" in pieces:
+            parts.append(pieces[f"{k}@{i}"])
+            i += 1
+        out[k] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    stray = [k for k in pieces if "@" in k and k.split("@")[0] not in out]
+    if stray:
+        raise CheckpointMismatch(f"{index_file}: pieces without their first part: {stray[:3]}")
+    return out
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ class VisualChatConfig:
     max_seq_len: int | None = None  # None: the LM's max_position_embeddings
     system: str = DEFAULT_SYSTEM
     lora: dict[str, Any] | None = None  # peft LoraConfig kwargs when the checkpoint holds adapters
+    concepts: dict[str, Any] | None = None  # the "words" projection's cells, heads and labels (else None)
     info: dict[str, Any] = field(default_factory=dict)  # provenance: hardware, time, data, command
 
     def __post_init__(self):
@@ -61,6 +62,15 @@ class VisualChatConfig:
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or isinstance(self.max_seq_len, bool)
                                              or self.max_seq_len < 1):
             bad("max_seq_len", "null or an integer >= 1")
+        if (self.vis_proj == "words") != (self.concepts is not None):
+            bad("concepts", "an object of cells, heads and labels exactly when vis_proj is 'words', else null")
+        if self.concepts is not None:
+            from .projection import check_concepts
+
+            try:
+                check_concepts(self.concepts)
+            except ValueError as e:
+                raise ValueError(f"{where}: field 'concepts': {e}") from None
         if self.lora is not None and not isinstance(self.lora, dict):
             bad("lora", "null or an object of LoRA settings")
         if not isinstance(self.info, dict):

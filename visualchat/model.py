@@ -64,7 +64,7 @@ class VisualChatModel(nn.Module):
     embedding rows are measured against, and the output head when the LM ties them."""
 
     def __init__(self, lm: nn.Module, encoder: VisionEncoder, attention_mode: AttentionMode = "mmca",
-                 vis_proj: str = "linear"):
+                 vis_proj: str = "linear", concepts: dict | None = None):
         super().__init__()
         if attention_mode not in attention.MODES:
             raise ValueError(f"attention must be one of {attention.MODES}, got {attention_mode!r}")
@@ -73,7 +73,7 @@ class VisualChatModel(nn.Module):
         self.attention_mode = attention_mode
         lm.config._attn_implementation = attention.register()
         base = lm.get_input_embeddings().weight
-        self.projection = Projection(vis_proj, encoder.hidden_size, base.shape[1], encoder.num_tokens).to(
+        self.projection = Projection(vis_proj, encoder.hidden_size, base.shape[1], encoder.num_tokens, concepts).to(
             device=base.device, dtype=base.dtype)
         self.embed_tokens = nn.Embedding(base.shape[0], base.shape[1], device=base.device, dtype=base.dtype)
         with torch.no_grad():
@@ -201,7 +201,7 @@ def config_for(model: VisualChatModel, lm_spec: str, **config_kw) -> VisualChatC
     return VisualChatConfig(lm=lm_spec, vision=model.encoder.spec(), attention=model.attention_mode,
                             vis_proj=model.projection.spec, image_tokens=model.image_tokens,
                             vision_hidden_size=model.encoder.hidden_size, lm_hidden_size=shape[1],
-                            vocab_size=shape[0], **config_kw)
+                            vocab_size=shape[0], concepts=model.projection.concepts, **config_kw)
 
 
 class VisualChat:
@@ -222,9 +222,14 @@ class VisualChat:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_components(cls, lm, tokenizer, encoder: VisionEncoder, attention: str = "mmca",
-                        lm_spec: str = "custom", vis_proj: str = "linear", **config_kw) -> "VisualChat":
-        """Build an (untrained) model from loaded parts: any HF causal LM, its tokenizer, an encoder."""
-        model = VisualChatModel(lm, encoder, attention, vis_proj)
+                        lm_spec: str = "custom", vis_proj: str = "linear", concepts: dict | None = None,
+                        **config_kw) -> "VisualChat":
+        """Build an (untrained) model from loaded parts: any HF causal LM, its tokenizer, an encoder
+        (``concepts``: the cells and labels of a ``words`` projection, whose word tables are filled from
+        this LM's embedding)."""
+        model = VisualChatModel(lm, encoder, attention, vis_proj, concepts)
+        if vis_proj == "words":
+            model.projection.net.init_tables(tokenizer, model.base_embedding)
         return cls(model, tokenizer, config_for(model, lm_spec, **config_kw))
 
     @classmethod
@@ -263,7 +268,7 @@ class VisualChat:
         else:
             base_lm, tok = load_lm(lm or config.lm, dtype, device, quantization, trust_remote_code)
             enc = build_encoder(vision or config.vision).to(device=device, dtype=dtype)
-        model = VisualChatModel(base_lm, enc, config.attention, config.vis_proj)
+        model = VisualChatModel(base_lm, enc, config.attention, config.vis_proj, config.concepts)
         model.projection.to(device=device, dtype=dtype)
         model.embed_tokens.to(device=device, dtype=dtype)
         if path is not None:

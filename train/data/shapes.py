@@ -350,6 +350,30 @@ class LazyImage:
 
 
 # -----------------------------------------------------------------------------------------------
+# per-image labels (what the scene graph says about every cell: the "words" projection's targets)
+
+#: The concept space of the ``words`` projection (``visualchat.projection.Words``) for this world:
+#: the 3x3 cells by name, three cell heads (each with an "empty" class) and the written word, read
+#: from the middle row where it is drawn.
+CONCEPTS = {
+    "cells": list(POSITIONS),
+    "cell_heads": {"size": ["empty", *SIZES], "color": ["empty", *COLORS], "shape": ["empty", *SHAPES]},
+    "image_heads": {"word": {"cells": [3, 4, 5], "labels": ["none", *WORDS]}},
+}
+
+
+def concept_labels(scene: Scene) -> list[int]:
+    """The scene's label of every head of :data:`CONCEPTS`: per cell (reading order) its size, colour
+    and shape class (0 = empty), then the word's class (0 = none)."""
+    heads = CONCEPTS["cell_heads"]
+    cells = [[0, 0, 0] for _ in POSITIONS]
+    for o in scene.objects:
+        cells[o.cell] = [heads["size"].index(o.size), heads["color"].index(o.color), heads["shape"].index(o.shape)]
+    word = CONCEPTS["image_heads"]["word"]["labels"].index(scene.word or "none")
+    return [y for c in cells for y in c] + [word]
+
+
+# -----------------------------------------------------------------------------------------------
 # questions: each returns (question, answer), or None when it cannot be asked of these scenes
 
 def describe(scene: Scene) -> str:
