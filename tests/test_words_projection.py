@@ -74,7 +74,7 @@ def test_the_aux_loss_trains_the_heads_to_the_labels(tiny_tokenizer, tiny_clip_d
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(net.aux_loss(feats, labels)) < 0.05 < first
+    assert float(net.aux_loss(feats, labels).detach()) < 0.05 < first
     assert all(not p.requires_grad for p in (net.cell_names, net.head_names, *net.tables.values()))
 
 
@@ -161,3 +161,122 @@ def test_shard_splits_big_tensors_and_load_joins_them(tmp_path, tiny_tokenizer, 
     os.remove(tmp_path / "ckpt2" / sorted(f for f in os.listdir(tmp_path / "ckpt2") if f.startswith("trainable-"))[0])
     with pytest.raises(FileNotFoundError, match="missing"):
         load_tensors(str(tmp_path / "ckpt2"))
+
+
+# -- the trainer's side: per-image labels, --aux_loss, --detach_image_rows, --lora_layers -----------------
+def test_concept_labels_follow_the_scene_graph():
+    from train.data.shapes import CONCEPTS, Obj, Scene, concept_labels
+
+    check_concepts(CONCEPTS, 9)
+    sc = Scene("white", (Obj("star", "blue", "large", 0), Obj("circle", "red", "small", 8)), "cat")
+    y = concept_labels(sc)
+    heads = CONCEPTS["cell_heads"]
+    assert len(y) == 9 * 3 + 1
+    assert y[0:3] == [heads["size"].index("large"), heads["color"].index("blue"), heads["shape"].index("star")]
+    assert y[24:27] == [heads["size"].index("small"), heads["color"].index("red"), heads["shape"].index("circle")]
+    assert y[3:24] == [0] * 21  # empty cells
+    assert CONCEPTS["image_heads"]["word"]["labels"][y[-1]] == "cat"
+    assert concept_labels(Scene("gray", (Obj("star", "blue", "large", 0),)))[-1] == 0  # no word: "none"
+
+
+def test_collate_gives_per_image_labels_only_for_labelled_images(tiny_tokenizer):
+    from train.batches import Batcher
+    from train.data.shapes import concept_labels, generate
+    from train.samples import Sample
+
+    s = generate("train", 1, 0)[0]
+    refs = [im for r in s.conversation.rounds for im in r.images]
+    labelled = Sample([1, 2, 3], [False, True, False], [-100, -100, 3], refs[:1])
+    plain = Sample([1, 2], [False, False], [-100, 2], [])
+    b = Batcher([], 2, 1, 0, 0, encoder=build_encoder("efficientnet-lite0:head@3"))
+    batch = b.collate([labelled, plain], to_device=False)
+    assert batch["image_labels"].tolist() == [concept_labels(refs[0].scene)]
+    assert "image_labels" not in b.collate([plain], to_device=False)
+
+
+def _module(aux: float, detach: bool = False):
+    from train.model import TrainModule
+    from train.tiny import random_lm
+
+    tok = pytest.importorskip("tests.conftest").tiny_tokenizer.__wrapped__()
+    lm = random_lm(tok, "llama", 0, keep_rng=False, **{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                      "num_attention_heads": 4, "num_key_value_heads": 2,
+                                                      "tie_word_embeddings": True})
+    from visualchat.encoders.base import VisionEncoder
+    from visualchat.model import VisualChatModel
+
+    class Grid(VisionEncoder):  # 9 tokens of 8 dims: one per cell
+        hidden_size, num_tokens = 8, 9
+
+        def forward(self, pixel_values):
+            return pixel_values
+
+    from train.data.shapes import CONCEPTS
+
+    torch.manual_seed(0)
+    vcm = VisualChatModel(lm, Grid(), "mmca", "words", CONCEPTS)
+    vcm.projection.net.init_tables(tok, vcm.base_embedding)
+    return TrainModule(vcm, aux_loss=aux, detach_image_rows=detach), vcm
+
+
+def _batch(with_labels: bool):
+    from train.data.shapes import Obj, Scene, concept_labels
+
+    k = 9 * 5 + 2
+    ids = torch.tensor([[1] * 3 + [5] * k + [7, 8, 9, 10]])
+    is_img = torch.tensor([[False] * 3 + [True] * k + [False] * 4])
+    labels = torch.tensor([[-100] * (3 + k) + [-100, 8, 9, 10]])
+    b = {"input_ids": ids, "is_image": is_img, "padding_mask": None, "labels": labels,
+         "image_feats": torch.randn(1, 9, 8, generator=torch.Generator().manual_seed(1))}
+    if with_labels:
+        b["image_labels"] = torch.tensor([concept_labels(Scene("white", (Obj("star", "red", "small", 4),)))])
+    return b
+
+
+def test_aux_loss_changes_nothing_without_labels_and_adds_the_heads_loss_with_them():
+    on, vcm = _module(1.0)
+    off, _ = _module(0.0)
+    l_on, n_on = on(**_batch(False))
+    l_off, n_off = off(**_batch(False))
+    assert n_on == n_off and torch.equal(l_on, l_off)  # no labels: exactly the answers' loss
+    l_lab, _ = on(**_batch(True))
+    aux = vcm.projection.net.aux_loss(_batch(True)["image_feats"], _batch(True)["image_labels"])
+    torch.testing.assert_close(l_lab, l_off + aux)
+    assert float(off(**_batch(True))[0]) == float(l_off)  # weight 0: labels are ignored
+
+
+def test_detached_image_rows_get_no_gradient_from_the_answers():
+    for detach in (False, True):
+        m, vcm = _module(0.0, detach)
+        loss, _ = m(**_batch(False))
+        loss.backward()
+        g = vcm.projection.net.cell_mlp[0].weight.grad
+        assert (g is None or float(g.abs().sum()) == 0.0) == detach
+
+
+def test_lora_layers_adapts_only_the_top_layers(tmp_path):
+    s = _train_in_process_words(tmp_path, "--lora_rank", "4", "--lora_layers", "1", "--max_steps", "2")
+    assert s["steps"] == 2
+    cfg = json.load(open(tmp_path / "final" / "config.json"))
+    assert cfg["lora"]["lm"]["layers_to_transform"] == [1]
+    t = load_tensors(str(tmp_path / "final"))
+    lora = [k for k in t if k.startswith("lora.")]
+    assert lora and all(".layers.1." in k for k in lora)
+    assert cfg["vis_proj"] == "words" and cfg["concepts"]["cells"][0] == "top left"
+    # the checkpoint with trained LM tensors loads and serves
+    vc = VisualChat.from_pretrained(str(tmp_path / "final"), device="cpu")
+    from train.data.shapes import generate
+
+    im = generate("test", 1, 0)[0].conversation.rounds[0].images[0].load()
+    assert isinstance(vc.new_session().ask("Describe Image 1.", images=[im], max_new_tokens=4), str)
+
+
+def _train_in_process_words(out, *flags):
+    from train import cli
+    from train.trainer import train
+
+    args = cli.parse_args(["--preset", "smoke", "--engine", "torch", "--eval_every", "0", "--output_dir", str(out),
+                           "--no_progress", "--vision", "efficientnet-lite0:head@3", "--vis_proj", "words",
+                           "--aux_loss", "1", "--detach_image_rows", "--embedding_lr", "0", "--dataset_samples", "8",
+                           *flags])
+    return train(args)
