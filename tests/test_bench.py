@@ -231,3 +231,16 @@ def test_prompt_lookup_estimate_drafts_from_earlier_text_and_counts_forwards():
     assert forwards_for(context, [10, 11, 12, 13, 14], 1) == 2
     # nothing recurs: one forward per token after the first
     assert forwards_for(context, [20, 21, 22, 23], 4) == 3
+
+
+def test_chat_retention_flags_a_looping_answer_and_not_a_fluent_one():
+    """bench/chat_retention.py's repetition check: what the old default wrote for a story ("A, a, a, ...",
+    "HHHH...") loops; ordinary answers, and a word said twice or three times, do not."""
+    from bench.chat_retention import loops
+
+    assert loops("A, a, a, a, a, a, a, a, a, a, a, a")
+    assert loops("HHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHH")
+    assert loops("Once upon a time, the dragon flew. The dragon flew. The dragon flew. The dragon flew.")
+    assert not loops("Once upon a time, a dragon lived in a cave by the sea. Every morning it flew over the village.")
+    assert not loops("I'm an AI assistant. How can I help you today?")
+    assert not loops("It is very, very, very cold.")

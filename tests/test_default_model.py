@@ -24,8 +24,8 @@ def test_default_lm_is_converted_once_and_cached():
 
 
 def test_default_loads_and_three_images_produce_tokens(default_vc):
-    k = default_vc.config.image_tokens  # 9 (efficientnet-lite0:head@3: one token per cell) since stage 2
-    assert k == default_vc.model.encoder.num_tokens and default_vc.model.encoder.hidden_size == 1280
+    k = default_vc.config.image_tokens  # the rows one image takes (the words projection: 5 per cell + 2)
+    assert k == default_vc.model.image_tokens and default_vc.model.encoder.hidden_size == 1280
     assert default_vc.model.lm.config.model_type == "llama"
     ims = [Image.open(os.path.join(EXAMPLES, f"shapes_{i}.png")) for i in (1, 2, 3)]
     s = default_vc.new_session()
@@ -86,6 +86,17 @@ def test_shipped_checkpoint_still_chats_without_images(default_vc):
         a = default_vc.new_session().ask(q, max_new_tokens=40)
         assert len(a.split()) >= 4 and "answer is" not in a, (q, a)
     assert "Vienna" in default_vc.new_session().ask("What is the capital of Austria?", max_new_tokens=20)
+
+
+def test_shipped_default_writes_a_story_without_looping(default_vc):
+    """Issue 29: asked for a story with no image, the previous default wrote "A, a, a, ..." up to the
+    token cap. The shipped default must answer open requests with text that does not repeat one phrase
+    back to back (bench/chat_retention.py's check, which the old checkpoint fails)."""
+    from bench.chat_retention import OPEN, loops
+
+    for q in OPEN:
+        a = default_vc.new_session().ask(q, max_new_tokens=96)
+        assert len(a.split()) >= 8 and not loops(a), (q, a)
 
 
 def example_rounds() -> list[tuple[str, str, list[int]]]:

@@ -280,3 +280,18 @@ def _train_in_process_words(out, *flags):
                            "--aux_loss", "1", "--detach_image_rows", "--embedding_lr", "0", "--dataset_samples", "8",
                            *flags])
     return train(args)
+
+
+def test_a_checkpoint_from_before_concepts_still_loads(tmp_path, tiny_tokenizer, tiny_clip_dir):
+    """A config.json written before the ``concepts`` field existed (a linear projection, one
+    trainable.safetensors) loads as before."""
+    lm_dir = _base(tmp_path, tiny_tokenizer)
+    enc = build_encoder("clip:" + tiny_clip_dir)
+    vc = VisualChat.from_components(tiny_llama(tiny_tokenizer), tiny_tokenizer, enc, lm_spec=lm_dir)
+    vc.save_pretrained(str(tmp_path / "old"))
+    cfg = json.load(open(tmp_path / "old" / "config.json"))
+    del cfg["concepts"]
+    json.dump(cfg, open(tmp_path / "old" / "config.json", "w"))
+    vc2 = VisualChat.from_pretrained(str(tmp_path / "old"), device="cpu")
+    assert vc2.config.concepts is None and vc2.config.vis_proj == "linear"
+    torch.testing.assert_close(_logits(vc2), _logits(vc), atol=1e-5, rtol=1e-5)
