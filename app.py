@@ -213,18 +213,24 @@ class ChatUI:
 
     def api_generate(self, conversation: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                     model: str = "chat", request: "gr.Request" = None) -> Iterator[str]:
+                     model: str = "chat", request: "gr.Request" = None) -> Iterator[dict]:
         """Answer the last round of a whole conversation; nothing is kept between calls.
 
         conversation: a list of rounds, each {"question": str, "images": [...], "answer": str}. Images are
-        files (gradio_client.handle_file(path)), data:image/...;base64, URLs or "base64:..." strings; every
-        round but the last may carry the answer it got. Images are numbered Image 1..N across the rounds.
-        model: "chat" (the Chat tab's model), "ca" or "mmca" (the Compare tab's). Returns the answer (a
-        streaming client sees it grow). Every field is checked against the server's limits first."""
+        files uploaded to this server (gradio_client.handle_file(path) uploads a local file), or the image
+        itself inline as a "data:image/png;base64,..." string (also image/jpeg, gif, webp, bmp) or a
+        "base64:..." string; web URLs and server paths are refused. Every round but the last may carry the
+        answer it got. Images are numbered Image 1..N across the rounds. model: "chat" (the Chat tab's
+        model), "ca" or "mmca" (the Compare tab's). Returns {"answer": str, "finish_reason": str}: why the
+        answer ended, "stop" (the model ended it), "length" (it reached max_new_tokens), "timeout" (the
+        server's time limit per answer; the answer so far is kept) or "stopped" (cancelled); a streaming
+        client sees the answer grow with finish_reason null until the end. A request the server refuses
+        (checked against its limits before any model work) is an error titled "Refused"."""
         import gradio as gr
 
         from visualchat.serving import AbandonedError, bounded
         from webapp.api import forget_request_inputs, unread_probe, validate_api_request
+        from webapp.refusal import log_refusal
 
         limits = self.server.limits
         try:
@@ -232,27 +238,33 @@ class ChatUI:
                 self.server, conversation, max_new_tokens, temperature, top_p, repetition_penalty, seed, model)
             stream = self.server.stream(model, history, question, images, gen)  # a Session built from the history
         except INPUT_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            log_refusal("/generate", e)
+            raise gr.Error(str(e), title="Refused", print_exception=False) from None
         finally:
             forget_request_inputs(request, "generate")  # Gradio's session copy of the request (it can be MBs)
             del conversation
-        stream = bounded(stream, limits.answer_seconds, unread_probe(request, limits.unread_seconds))
-        text = ""
+        answer, timed_out = stream, []
+        stream = bounded(answer, limits.answer_seconds, unread_probe(request, limits.unread_seconds),
+                         on_deadline=lambda: timed_out.append(True))
+        text, reason = "", "stopped"  # until the answer ends by itself (a cancelled request keeps "stopped")
         try:
             for piece in stream:
                 text += piece
-                yield text
+                yield {"answer": text, "finish_reason": None}
+            reason = "timeout" if timed_out else answer.finish_reason
         except AbandonedError as e:
             log.warning("/generate: %s (nothing read for %g s)", e, limits.unread_seconds)
             raise gr.Error(f"{e} (nothing was read for {limits.unread_seconds:g} s)", print_exception=False) from None
         except INPUT_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except Exception as e:
+            log_refusal("/generate", e)
+            raise gr.Error(str(e), title="Refused", print_exception=False) from None
+        except Exception:
             log.exception("/generate failed")
-            raise gr.Error(f"the model failed while answering: {type(e).__name__}: {e}") from None
+            raise gr.Error("the model failed while answering; the server keeps serving, so try again",
+                           print_exception=False) from None
         finally:
             stream.close()
-        yield text.strip()
+        yield {"answer": text.strip(), "finish_reason": reason}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,16 +302,61 @@ API_NAMES = {"chat": {"send": "chat", "regenerate": "regenerate", "example": "ex
              "compare": {"send": "compare", "example": "compare_example", "clear": "compare_clear"}}
 
 
-def _model_line(server) -> str:
-    vc = server.chat
+def _names(vc) -> tuple[str, str, str]:
+    """(language model, vision encoder, checkpoint) of a loaded model, as the page names them."""
     lm = vc.config.lm
-    lm = "SmolLM2-135M-Instruct (embedded)" if lm in ("default", None) else os.path.basename(str(lm).rstrip("/"))
+    lm = "SmolLM2-135M-Instruct" if lm in ("default", None) else os.path.basename(str(lm).rstrip("/"))
     vision = vc.config.vision.split(":", 1)[0] if ":" in vc.config.vision else vc.config.vision
+    vision = {"default": "efficientnet-lite0"}.get(vision, vision)
     ckpt = vc.path
     ckpt = os.path.relpath(ckpt, HERE) if ckpt and ckpt.startswith(HERE) else (ckpt or "none")
-    return (f"**Model** {esc(lm)} + {esc(vision)} · **checkpoint** `{esc(ckpt)}` ({vc.config.attention.upper()}, "
-            f"K={vc.config.image_tokens} tokens per image, up to {vc.config.max_images} images) · "
-            f"**serving** {esc(server.backend)}")
+    return lm, vision, ckpt
+
+
+def _model_line(server) -> str:
+    """One plain sentence: what is loaded, what it is good at, and how often it is right (the score its
+    checkpoint records: ``info.eval``, written by ``python -m train.eval --write_info``)."""
+    vc = server.chat
+    lm, vision, _ = _names(vc)
+    what = f"a small language model ({esc(lm)}) that sees images through {esc(vision)}"
+    if vc.untrained:
+        return (f"**Loaded:** {what}, with no trained image connection: it ignores the images. Its accuracy has "
+                "not been measured.")
+    score = (vc.config.info or {}).get("eval")
+    if trained_on_shapes(vc):
+        what += ", trained only on pictures of coloured shapes"
+    if isinstance(score, dict) and score.get("task") == "shapes" and score.get("accuracy") is not None:
+        right = (f"; it answers **{100 * score['accuracy']:.0f}%** of questions about such pictures exactly right "
+                 f"(measured on {score['rounds']} test questions)")
+    else:
+        right = ". Its accuracy has not been measured"
+    return f"**Loaded:** {what}{right}."
+
+
+def _details(server) -> str:
+    """The collapsed Details panel: checkpoint, attention, image tokens, serving backend, training, score."""
+    vc = server.chat
+    c, info = vc.config, vc.config.info or {}
+    lm, vision, ckpt = _names(vc)
+    rows = [f"- **Checkpoint** `{esc(ckpt)}`: language model {esc(lm)}, vision encoder {esc(vision)}",
+            f"- **Attention** {'MMCA (multi-modal causal attention)' if c.attention == 'mmca' else esc(c.attention)}; "
+            f"each image becomes K={c.image_tokens} tokens; up to {c.max_images} images per conversation",
+            f"- **Serving** {esc(server.backend)}"]
+    if info.get("steps"):
+        rows.append(f"- **Training** {info['steps']} steps on {info.get('train_samples', '?')} samples of "
+                    f"{esc(', '.join(map(str, info.get('datasets') or [])))}" +
+                    (f", {info['wall_time_s'] / 60:.0f} min" if info.get("wall_time_s") else "") +
+                    (f" (`{esc(info['command'])}`)" if info.get("command") else ""))
+    score = info.get("eval")
+    if isinstance(score, dict) and score.get("accuracy") is not None:
+        cats = ", ".join(f"{esc(k)} {100 * v:.0f}%" for k, v in (score.get("by_category") or {}).items())
+        rows.append(f"- **Measured** {esc(score.get('metric', 'accuracy'))} {100 * score['accuracy']:.1f}% on "
+                    f"{score.get('rounds')} rounds of {score.get('conversations')} test conversations"
+                    + (f" ({cats})" if cats else "") + f", {esc(score.get('date', ''))}: `{esc(score.get('command', ''))}`")
+    elif not vc.untrained:
+        rows.append("- **Measured** nothing recorded in this checkpoint; "
+                    "`python -m train.eval --checkpoint DIR --write_info` scores it and records the result")
+    return "\n".join(rows)
 
 
 def _layer_choices(vc) -> list[tuple[str, int]]:
@@ -329,6 +386,8 @@ def _header(server) -> None:
                     "**Image 1 … Image N**, numbered in the order they arrive, and reads them with multi-modal "
                     "causal attention (MMCA), as in [DeepSpeed-VisualChat](https://arxiv.org/abs/2309.14327).")
         gr.Markdown(_model_line(server), elem_id="vc-model")
+        with gr.Accordion("Details", open=False, elem_id="vc-details"):
+            gr.Markdown(_details(server))
         if trained_on_shapes(server.chat):
             gr.HTML(status_html("info", SHAPES_NOTE), elem_classes="vc-status", elem_id="vc-knows")
         if server.chat.untrained:
@@ -544,14 +603,14 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, queue_size: int = 16
     # client as their message instead of {"error": null}; the handlers turn their own errors into gr.Error
     kw.setdefault("show_error", True)
     serving = getattr(demo, "serving", None)
-    if serving is not None:  # refuse an oversized API body before Gradio reads it into memory
+    if serving is not None:  # refuse an oversized API body, or a file entry that is no upload, before Gradio reads it
         from starlette.middleware import Middleware
 
-        from webapp.api import RequestSizeLimit
+        from webapp.api import RequestGuard
 
         app_kwargs = dict(kw.pop("app_kwargs", None) or {})
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
-                                    Middleware(RequestSizeLimit, max_bytes=serving.limits.max_request_bytes)]
+                                    Middleware(RequestGuard, max_bytes=serving.limits.max_request_bytes)]
         kw["app_kwargs"] = app_kwargs
     return demo.launch(server_name=host, server_port=port, css=CSS, max_file_size=max_file_size, share=share,
                        footer_links=["api", "gradio", "settings"], **kw)
