@@ -288,6 +288,7 @@ class PanelView:
     prompt: Any = None
     regenerate: Any = None
     undo: Any = None
+    sample: Any = None  # "Sample a different answer", offered after a Regenerate at temperature 0
 
     @property
     def outputs(self) -> list:
@@ -423,6 +424,7 @@ def _chat_tab(server, max_new_tokens: int, below: int) -> tuple[PanelView, list]
             with gr.Row():
                 stop_btn = gr.Button("Stop", variant="secondary", size="sm", elem_id="stop", interactive=False)
                 regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+                sample_btn = gr.Button("Sample a different answer", size="sm", elem_id="sample", visible=False)
                 undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
                 clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
         with gr.Column(scale=2, min_width=300):
@@ -452,7 +454,7 @@ def _chat_tab(server, max_new_tokens: int, below: int) -> tuple[PanelView, list]
                                     placeholder="The Figure-3 prompt appears here; each image is "
                                                 "[Image i: K tokens].")
     view = PanelView([chatbot], gallery, textbox, status, stop_btn, clear_btn, examples, looked, layer,
-                     looked_note_, prompt=prompt, regenerate=regen_btn, undo=undo_btn)
+                     looked_note_, prompt=prompt, regenerate=regen_btn, undo=undo_btn, sample=sample_btn)
     return view, [max_tokens, temperature, top_p, rep]
 
 
@@ -520,6 +522,9 @@ def _wire(ui: ChatUI, panel: Panel, v: PanelView, tab, settings: list, queue_kw:
     if v.regenerate is not None:
         events.append(v.regenerate.click(**busy).then(panel.regenerate, [tab, *settings],
                                                       api_name=api["regenerate"], **answer))
+    if v.sample is not None:
+        events.append(v.sample.click(**busy).then(panel.sample, [tab, *settings],
+                                                  **{**answer, "api_visibility": "private"}))
     events.append(v.examples.click(**busy).then(panel.run_example, [v.examples, tab, *settings],
                                                 api_name=api["example"], **answer))
     v.textbox.stop(None, None, None, cancels=events, api_visibility="private")
@@ -527,9 +532,11 @@ def _wire(ui: ChatUI, panel: Panel, v: PanelView, tab, settings: list, queue_kw:
                      api_visibility="private", show_progress="hidden", **queue_kw)
     quick = dict(api_visibility="private", queue=False, show_progress="hidden")
     for evt in events:
-        (evt.then(panel.refresh, [tab], outs, **quick)
-         .then(ui.stop_idle, None, [v.stop], **quick)
-         .then(**looked_io))
+        after = (evt.then(panel.refresh, [tab], outs, **quick)
+                 .then(ui.stop_idle, None, [v.stop], **quick))
+        if v.sample is not None:
+            after = after.then(panel.sample_offer, [tab], [v.sample], **quick)
+        after.then(**looked_io)
     v.stop.click(None, None, None, cancels=events, api_visibility="private")
     if v.undo is not None:
         v.undo.click(panel.undo, [tab], outs, api_name=api["undo"], api_visibility="undocumented", cancels=events,
@@ -565,33 +572,51 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
         # the request (for noticing an answer nobody reads) is injected by Gradio from this type hint
         ChatUI.api_generate.__annotations__["request"] = gr.Request
         gr.api(ui.api_generate, api_name="generate", **queue_kw)
-        with gr.Accordion("Use it from Python (gradio_client)", open=False):
-            gr.Markdown(API_HELP)
+        with gr.Accordion("Use it from Python (gradio_client)", open=False, elem_id="api-help"):
+            help_md = gr.Markdown(api_help(), elem_id="api-snippet")
+        page_url = gr.Textbox(visible=False)
+        # the browser says where the page came from (a proxy or a non-default port included)
+        demo.load(api_help, [page_url], [help_md], js="() => window.location.origin + window.location.pathname",
+                  api_visibility="private", queue=False, show_progress="hidden")
 
     demo.ui = ui
     demo.serving = server  # (demo.server is the web server once launched)
     return demo
 
 
-API_HELP = """
+def api_help(url: str = "") -> str:
+    """The "Use it from Python" help, its snippet pointing at ``url``: the address the page was loaded from
+    (the browser sends it when the page loads), else a placeholder."""
+    url = url or "http://YOUR-APP-ADDRESS/"
+    url = url if url.endswith("/") else url + "/"
+    return f"""
 The stateless endpoint `/generate` takes a whole conversation and returns the answer to its last round:
 
 ```python
 from gradio_client import Client, handle_file
 
-client = Client("http://127.0.0.1:7860/")
-answer = client.predict(
+client = Client("{url}")
+result = client.predict(
     conversation=[
-        {"question": "How many squares are in Image 1?", "images": [handle_file("shapes_4.png")],
-         "answer": "There are 2 squares."},                  # earlier rounds may carry their answers
-        {"question": "Which image has more triangles, Image 1 or Image 2?",
-         "images": [handle_file("shapes_5.png")]},          # this one becomes Image 2
+        {{"question": "How many squares are in Image 1?", "images": [handle_file("shapes_4.png")],
+         "answer": "There are 2 squares."}},                  # earlier rounds may carry their answers
+        {{"question": "Which image has more triangles, Image 1 or Image 2?",
+         "images": [handle_file("shapes_5.png")]}},          # this one becomes Image 2
     ],
     max_new_tokens=64, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
     api_name="/generate")
+print(result["answer"], result["finish_reason"])
 ```
 
-Images may also be `data:image/png;base64,...` URLs. `model="ca"` or `"mmca"` asks the Compare tab's models.
+**Images** are accepted in two forms only: a local file sent with `handle_file("path")` (it is uploaded to
+this server first), or the image itself inline as a string `"data:image/png;base64,<base64 data>"` (also
+`image/jpeg`, `image/gif`, `image/webp`, `image/bmp`). Web addresses (`https://...`) and paths on the
+server are refused: download the image and send it as a file.
+
+**finish_reason** says why the answer ended: `stop` (the model ended it), `length` (it reached
+`max_new_tokens`), `timeout` (the server's time limit per answer; the answer so far is kept) or `stopped`
+(cancelled). A refused request (an image or question over this server's limits, a bad field) is an error
+titled "Refused" that says what to change. `model="ca"` or `"mmca"` asks the Compare tab's models.
 """
 
 

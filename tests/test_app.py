@@ -186,13 +186,18 @@ def test_streaming_stop_keeps_partial_then_regenerate_undo_clear(demo, tmp_path)
     kept = chat.rounds[-1].answer
     assert kept and partial.strip().startswith(kept[:3])
     chatbot, _, prompt, _, status = ui.chat.refresh(tab)
-    assert "Stopped" in status and chatbot[-1]["content"] == kept
-    assert kept in prompt
+    assert "Stopped" in status and chatbot[-1]["content"] == f"{kept}\n\n*({views.FINISH_NOTES['stopped']})*"
+    assert kept in prompt and chat.finish_reason == "stopped"
     # Regenerate replaces the last answer; Undo removes the round; Clear empties everything
     chatbot, *_ , status = last(ui.chat.regenerate(tab, *SETTINGS))[0]
     assert len(chatbot) == 2 and chat.status == "done"
-    chatbot, gallery, prompt, _, status = ui.chat.undo(tab)
+    chatbot, gallery, prompt, textbox, status = ui.chat.undo(tab)
     assert chatbot == [] and gallery == [] and "Removed the last round" in status
+    # the question and its image go back into the input box, the image as the model saw it
+    assert textbox.value["text"] == "Describe Image 1." and len(textbox.value["files"]) == 1
+    back = textbox.value["files"][0]
+    with Image.open(back["path"] if isinstance(back, dict) else back) as im:
+        assert im.size == (40, 30)
     assert "Nothing to undo" in ui.chat.undo(tab)[4]
     last(ui.chat.send(msg("Hi?"), tab, *SETTINGS))
     chatbot, gallery, prompt, textbox, status = ui.chat.clear(tab)

@@ -164,6 +164,20 @@ def eval_info(result: dict, command: str) -> dict:
             "lm_weights": result.get("lm_weights", "fp32"), "date": time.strftime("%Y-%m-%d"), "command": command}
 
 
+def recorded_args(argv: list[str]) -> list[str]:
+    """The arguments that made a score, for ``info.eval``'s command: without --write_info and where the
+    JSON went (--out)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif a != "--write_info" and not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
 def write_eval_info(checkpoint: str, info: dict) -> None:
     """Record ``info`` as the checkpoint's ``info.eval`` in its config.json (the rest unchanged)."""
     from visualchat.config import VisualChatConfig
@@ -274,8 +288,7 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=2)
     print(f"-> {out}")
     if args.write_info:
-        command = "python -m train.eval " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
-                                                     if a != "--write_info")
+        command = "python -m train.eval " + " ".join(recorded_args(argv if argv is not None else sys.argv[1:]))
         write_eval_info(args.checkpoint, eval_info(result, command))
         print(f"-> {os.path.join(args.checkpoint, 'config.json')} (info.eval)")
     return 0

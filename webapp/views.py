@@ -41,9 +41,9 @@ def chat_messages(chat) -> list[dict]:
 #: The note under an answer that did not end by itself (finish reason ``stop``: no note; a refused request
 #: adds no round, its reason is in the status line).
 FINISH_NOTES = {
-    "length": "cut off: the answer reached the token limit, Max new tokens in Generation settings",
-    "stopped": "stopped before the end; the partial answer is kept",
-    "timeout": "stopped at this server's time limit per answer; the partial answer is kept",
+    "length": "cut off at the token limit: raise Max new tokens in Generation settings for longer answers",
+    "stopped": "stopped before the end",
+    "timeout": "stopped at this server's time limit per answer",
 }
 
 
