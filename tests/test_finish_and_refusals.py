@@ -322,3 +322,20 @@ def test_no_refusal_message_holds_a_path_a_variable_or_internals(served, tmp_pat
     assert "Not sent" in status and "8000x8000" in status
     _assert_clean(status)
     assert "big.png" in status
+
+
+def test_the_zerogpu_replay_reports_why_it_ended(tiny_models):  # noqa: F811
+    """On ZeroGPU every answer is replayed in the GPU worker; its finish reason comes back as the stream's
+    last item (here the worker is this process: `spaces` is not installed)."""
+    from visualchat.chat_session import ChatSession
+    from visualchat.serving import Server
+
+    server = Server.from_models(tiny_models[0], stateless=True)
+    stream = server.stream("chat", [], "Hi", [], {"max_new_tokens": 3})
+    assert all(isinstance(p, str) for p in stream) and stream.finish_reason == "length"
+    chat = ChatSession(server)
+    with EndsAtOnce(tiny_models[0]):
+        list(chat.send("Hi", max_new_tokens=30))
+    assert chat.finish_reason == "stop" and chat.rounds[-1].finish_reason == "stop"
+    list(chat.send("Again", max_new_tokens=2))
+    assert chat.finish_reason == "length" and [r.finish_reason for r in chat.rounds] == ["stop", "length"]

@@ -41,21 +41,28 @@ def app_url(tiny_tokenizer, tiny_clip_dir):
         s.__exit__(None, None, None)
 
 
-@pytest.fixture(scope="module")
-def page(app_url):
+def chromium_page(width: int, height: int):
+    """A page of Debian's Chromium (driven by Playwright, nothing downloaded) in a fresh profile, at
+    ``width`` x ``height``; a generator for a fixture to yield from."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (never `playwright install`)")
-    os.makedirs(ARTIFACTS, exist_ok=True)
     profile = tempfile.mkdtemp(prefix="vc-chromium-")
     with sync_api.sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS,
-                                                   viewport={"width": 1366, "height": 768})
+                                                   viewport={"width": width, "height": height})
         pg = ctx.new_page()
         pg.set_default_timeout(30_000)
-        pg.goto(app_url)
-        pg.wait_for_selector("#message textarea")
         yield pg
         ctx.close()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    for pg in chromium_page(1366, 768):
+        pg.goto(app_url)
+        pg.wait_for_selector("#message textarea")
+        yield pg
 
 
 def shot(pg, name):
