@@ -54,6 +54,14 @@ CSS = """
 #chatbot .image-container img, #chat-ca .image-container img, #chat-mmca .image-container img {max-height: 150px; width: auto;}
 #chatbot .message.component, #chat-ca .message.component, #chat-mmca .message.component {max-width: 240px;}
 #gallery .grid-container, #compare-gallery .grid-container {padding-top: 34px !important;}
+/* the galleries: as tall as their images (up to 8 in the Chat tab's three columns fit a 1280x800 window without
+   scrolling), each item as high as its picture (an image with its attention map beside it is twice as wide),
+   the caption below the picture instead of over its corner */
+#gallery, #gallery .grid-wrap, #compare-gallery, #compare-gallery .grid-wrap {height: auto !important; max-height: none !important;}
+#gallery .grid-container, #compare-gallery .grid-container {row-gap: 26px; padding-bottom: 24px; grid-auto-rows: min-content !important;}
+#gallery .thumbnail-item, #compare-gallery .thumbnail-item {aspect-ratio: auto; height: auto; overflow: visible;}
+#gallery .thumbnail-item img, #compare-gallery .thumbnail-item img {width: 100%; height: auto;}
+#gallery .caption-label, #compare-gallery .caption-label {top: calc(100% + 3px); bottom: auto; left: 0; right: 0; max-width: none; text-align: center; background: none; box-shadow: none; padding: 0; color: var(--body-text-color);}
 """
 
 
@@ -428,12 +436,13 @@ def _chat_tab(server, max_new_tokens: int, below: int) -> tuple[PanelView, list]
                 undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
                 clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
         with gr.Column(scale=2, min_width=300):
-            gallery = gr.Gallery(label="Images in this conversation (as the model numbers them)", columns=4,
-                                 height=240, object_fit="contain", fit_columns=False, elem_id="gallery",
+            gallery = gr.Gallery(label="Images in this conversation (as the model numbers them)", columns=3,
+                                 object_fit="contain", fit_columns=False, elem_id="gallery",
                                  buttons=["fullscreen"], interactive=False)
             with gr.Row(equal_height=True):
                 looked = gr.Checkbox(label="Where it looked", value=False, elem_id="looked", scale=1,
-                                     info="overlay the last answer's attention on every image")
+                                     info="beside every image, the map of the last answer's attention; "
+                                          "its hot cells outlined on the image")
                 layer = gr.Dropdown(choices=_layer_choices(server.chat), value=-1, label="Layers",
                                     elem_id="looked-layer", scale=1, min_width=120)
             looked_note_ = gr.HTML("", elem_classes="vc-status", elem_id="looked-note")
@@ -494,7 +503,7 @@ def _compare_tab(server, below: int) -> PanelView:
                                   samples=[[t] for t, _ in EXAMPLES], type="index", layout="table",
                                   elem_id="compare-examples")
         with gr.Column(scale=2):
-            gallery = gr.Gallery(label="Images in this conversation", columns=2, height=420,
+            gallery = gr.Gallery(label="Images in this conversation", columns=2,
                                  fit_columns=False, object_fit="contain", interactive=False,
                                  elem_id="compare-gallery")
             with gr.Row(equal_height=True):

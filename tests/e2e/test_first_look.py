@@ -3,18 +3,19 @@ browser is downloaded): what a newcomer sees. The model line and its collapsed D
 answer cut at the token cap, Undo putting the question and its image back in the box, the API snippet
 naming the port the page came from, and the attention maps at 1280x800: eight images in the gallery
 without scrolling, each in its own colours beside its map, captions outside the pictures (a screenshot
-is written to assets/screenshots/chat-where-it-looked.png)."""
+goes to test-artifacts/e2e/; assets/screenshots/chat-where-it-looked.png is the same view of the shipped
+default, taken by bench/screenshot_maps.py)."""
 import os
 import time
 
 import pytest
 
-from tests.e2e.test_browser import EXAMPLES, ROOT, attach_and_send, bot_texts, chromium_page, wait_for
+from tests.e2e.test_browser import ARTIFACTS, EXAMPLES, attach_and_send, bot_texts, chromium_page, wait_for
 from tests.e2e.test_browser import pytestmark  # noqa: F401 (skipped without Debian's chromium)
 from tests.test_app import build_tiny_models
 from tests.test_app_client import serve
 
-SCREENSHOT = os.path.join(ROOT, "assets", "screenshots", "chat-where-it-looked.png")
+SCREENSHOT = os.path.join(ARTIFACTS, "9-chat-where-it-looked-1280x800.png")
 
 
 @pytest.fixture(scope="module")
@@ -107,21 +108,26 @@ def test_the_api_snippet_names_the_port_the_page_came_from(page, served):
     assert "Web addresses (https://...) and paths on the server are refused" in text
 
 
-def test_where_it_looked_at_1280x800_eight_images_readable(page, served):
-    demo, url = served
-    pg = fresh(page, url)
-    set_max_tokens(pg, 6)
+def show_eight_maps(pg, url, questions=("What is in these images?", "And in these?"), max_tokens=6, timeout=90):
+    """Two rounds of four example images each, then "Where it looked" on, the page scrolled to its top."""
+    fresh(pg, url)
+    set_max_tokens(pg, max_tokens)
     files = [os.path.join(EXAMPLES, f"shapes_{i}.png") for i in (1, 2, 3, 4, 5, 1, 2, 3)]
-    attach_and_send(pg, "#message", files[:4], "What is in these images?")
-    wait_for(lambda: "tokens/s" in pg.locator("#status").inner_text(), timeout=90)
-    attach_and_send(pg, "#message", files[4:], "And in these?")
-    wait_for(lambda: pg.locator("#chatbot .bot-row").count() == 2 and "tokens/s" in pg.locator("#status").inner_text(),
-             timeout=90)
+    for n, (question, some) in enumerate(zip(questions, (files[:4], files[4:])), 1):
+        attach_and_send(pg, "#message", some, question)
+        wait_for(lambda: pg.locator("#chatbot .bot-row").count() == n and
+                 "tokens/s" in pg.locator("#status").inner_text(), timeout=timeout)
     pg.locator("#looked input[type=checkbox]").check()
     wait_for(lambda: len([c for c in pg.locator("#gallery .caption-label").all_inner_texts() if c.endswith("%")]) == 8,
-             timeout=90)
+             timeout=timeout)
     time.sleep(1.0)  # the maps load
     pg.evaluate("window.scrollTo(0, 0)")
+
+
+def test_where_it_looked_at_1280x800_eight_images_readable(page, served):
+    demo, url = served
+    pg = page
+    show_eight_maps(pg, url)
     gallery = pg.locator("#gallery").bounding_box()
     # all eight items lie inside the gallery and the window, none scrolled out of sight
     grid = pg.locator("#gallery .grid-wrap")
