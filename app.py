@@ -237,7 +237,7 @@ class ChatUI:
         import gradio as gr
 
         from visualchat.serving import AbandonedError, bounded
-        from webapp.api import forget_request_inputs, unread_probe, validate_api_request
+        from webapp.api import forget_idle_sessions, forget_request_inputs, unread_probe, validate_api_request
         from webapp.refusal import log_refusal
 
         limits = self.server.limits
@@ -250,6 +250,7 @@ class ChatUI:
             raise gr.Error(str(e), title="Refused", print_exception=False) from None
         finally:
             forget_request_inputs(request, "generate")  # Gradio's session copy of the request (it can be MBs)
+            forget_idle_sessions(request)  # earlier API calls' sessions (each call is a session of its own)
             del conversation
         answer, timed_out = stream, []
         stream = bounded(answer, limits.answer_seconds, unread_probe(request, limits.unread_seconds),
@@ -395,8 +396,6 @@ def _header(server) -> None:
                     "**Image 1 … Image N**, numbered in the order they arrive, and reads them with multi-modal "
                     "causal attention (MMCA), as in [DeepSpeed-VisualChat](https://arxiv.org/abs/2309.14327).")
         gr.Markdown(_model_line(server), elem_id="vc-model")
-        with gr.Accordion("Details", open=False, elem_id="vc-details"):
-            gr.Markdown(_details(server))
         if trained_on_shapes(server.chat):
             gr.HTML(status_html("info", SHAPES_NOTE), elem_classes="vc-status", elem_id="vc-knows")
         if server.chat.untrained:
@@ -404,6 +403,8 @@ def _header(server) -> None:
                                         "(<code>assets/checkpoints/shapes-mmca</code> is missing), so answers come "
                                         "from the language model alone and ignore the images."),
                     elem_classes="vc-status", elem_id="vc-untrained")
+        with gr.Accordion("Details", open=False, elem_id="vc-details"):
+            gr.Markdown(_details(server))
 
 
 def _chat_tab(server, max_new_tokens: int, below: int) -> tuple[PanelView, list]:

@@ -251,6 +251,17 @@ class RssSampler:
         self._t.join()
 
 
+def examples(results: list[dict]) -> list[dict]:
+    """A soak's results to keep: the first of each kind and outcome, and every unclear one."""
+    seen, out = set(), []
+    for r in results:
+        key = (r["kind"], r["outcome"])
+        if key not in seen or r["outcome"] == "unclear":
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def _lines(path: str) -> int:
     with open(path, "rb") as f:
         return sum(1 for _ in f)
@@ -342,7 +353,8 @@ def main(argv=None) -> int:
         if a.json:
             from bench.common import write_json
 
-            write_json(a.json, {"summary": s, "results": out["results"], "command": " ".join(sys.argv),
+            results = out["results"] if not a.soak else examples(out["results"])
+            write_json(a.json, {"summary": s, "results": results, "command": " ".join(sys.argv),
                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ok": ok})
         print("OK" if ok else "FAILED", flush=True)
         return 0 if ok else 1

@@ -127,12 +127,12 @@ def test_answer_time_limit_stops_between_tokens(demo):
             t0 = time.time()
             answer = list(demo.ui.api_generate([{"question": "Tell me a long story."}], max_new_tokens=300))[-1]
             assert time.time() - t0 < 5 and slow.calls < 40
-            assert isinstance(answer["answer"], str) and answer["finish_reason"] == "length"
+            assert answer["answer"] and answer["finish_reason"] == "timeout"  # the answer so far is kept
         with Slow(server.chat, delay=0.4):  # the limit passes during the first forwards
             tab = TabState()
             last(demo.ui.chat.send(msg("Tell me a long story."), tab, 300, 0.0, 1.0, 1.0))
         assert tab.chat.status == "stopped" and "limit per answer" in tab.chat.error
-        assert "Stopped: the answer reached 0.3 s, this server&#x27;s limit per answer" in demo.ui.chat.refresh(tab)[4]
+        assert "Stopped: the answer reached 0.3 s, this server&#x27;s time limit per answer" in demo.ui.chat.refresh(tab)[4]
         assert tab.chat.last_stats["new_tokens"] < 40
     finally:
         server.limits.answer_seconds = before
@@ -238,7 +238,7 @@ def test_an_answer_nobody_reads_does_not_hold_the_worker(tiny_models):  # noqa: 
             t0 = time.time()
             answer = client(url).predict(conversation=[{"question": "Hi"}], max_new_tokens=3, api_name="/generate")
             waited = time.time() - t0
-        assert isinstance(answer, str)
+        assert isinstance(answer["answer"], str) and answer["finish_reason"] in ("stop", "length")
         assert waited < 8, f"the next caller waited {waited:.1f} s behind an answer nobody read"
         assert slow.calls < 150, f"the unread answer ran {slow.calls} forwards"
     finally:

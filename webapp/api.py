@@ -290,3 +290,29 @@ def forget_request_inputs(request, api_name: str) -> int:
                 cfg["props"]["value"] = None
                 n += 1
     return n
+
+
+def forget_idle_sessions(request, idle_seconds: float = 30.0) -> int:
+    """Drop the sessions Gradio keeps that hold no state (no ``gr.State`` value was ever made in them) and
+    have not been used for ``idle_seconds``. Every POST to /gradio_api/call/<api_name> is a session of its
+    own, and Gradio keeps each session's copy of every component's config (about 240 KB for this page) for
+    up to 10,000 sessions: the stateless API grew the server by that much per request (bench/RESULTS.md,
+    issue 27's soak: +459 MB in 3,116 requests). Such a session holds nothing Gradio cannot rebuild on
+    its next request; a browser tab's conversation (its ``TabState``) is state and stays. Returns how many
+    were dropped."""
+    import datetime
+
+    try:
+        holder = request.request.app.get_blocks().state_holder
+    except Exception:  # not a queued Gradio request (a test calling the handler directly)
+        return 0
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=idle_seconds)
+    dropped = 0
+    with holder.lock:
+        for sid in list(holder.session_data):
+            used = holder.time_last_used.get(sid)
+            if used is not None and used < cutoff and not holder.session_data[sid].state_data:
+                del holder.session_data[sid]
+                holder.time_last_used.pop(sid, None)
+                dropped += 1
+    return dropped
