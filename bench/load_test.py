@@ -220,10 +220,12 @@ def run_soak(url: str, seconds: float, clients: int = 4, image_path: str | None 
 
 
 class RssSampler:
-    """Samples a process's resident set size (VmRSS) every ``every`` seconds in a thread."""
+    """Samples a process's resident set size (VmRSS) every ``every`` seconds in a thread; ``timeline``
+    keeps one sample every ``keep_every`` seconds: (seconds since the start, bytes)."""
 
-    def __init__(self, pid: int, every: float = 0.1):
+    def __init__(self, pid: int, every: float = 0.1, keep_every: float = 60.0):
         self.pid, self.every, self.peak, self._stop = pid, every, 0, threading.Event()
+        self.keep_every, self.timeline = keep_every, []
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def now(self) -> int:
@@ -234,11 +236,16 @@ class RssSampler:
         return 0
 
     def _run(self):
+        t0 = time.monotonic()
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, self.now())
+                rss = self.now()
             except OSError:
                 return
+            self.peak = max(self.peak, rss)
+            t = time.monotonic() - t0
+            if not self.timeline or t - self.timeline[-1][0] >= self.keep_every:
+                self.timeline.append((round(t), rss))
             self._stop.wait(self.every)
 
     def __enter__(self):
@@ -344,7 +351,8 @@ def main(argv=None) -> int:
             s["big_data_url_alone"] = f"{big['outcome']} in {big['seconds']:.1f} s: {big.get('message', '')[:160]}"
         if sampler:
             s.update(rss_before_mb=round(before / 2 ** 20), rss_peak_mb=round(sampler.peak / 2 ** 20),
-                     rss_after_mb=round(after / 2 ** 20))
+                     rss_after_mb=round(after / 2 ** 20),
+                     rss_timeline_mb=[(t, round(b / 2 ** 20)) for t, b in sampler.timeline])
         for r in out["results"] if not a.soak else []:
             print(f"{r['outcome']:9s} {r.get('seconds', 0):7.2f} s  {r['kind']:38s} {r.get('message', '')[:110]!r}")
         print(json.dumps(s, indent=1))
