@@ -157,7 +157,8 @@ def api_image(item, upload_dir: str | None = None, limits: Limits | None = None,
         name = item.get("orig_name") if isinstance(item.get("orig_name"), str) else os.path.basename(path)
         if not is_in_or_equal(path, upload_dir or get_upload_folder()):
             raise ImageError(f"{field} ({name!r}) was not uploaded through this server; send it with "
-                             "gradio_client.handle_file(...) or as a data:image/...;base64, URL")
+                             "gradio_client.handle_file(...) or inline as a data:image/png;base64,... string "
+                             "(web URLs and server paths are not read)")
         try:
             size = os.path.getsize(path)
         except OSError:
@@ -179,8 +180,8 @@ def api_image(item, upload_dir: str | None = None, limits: Limits | None = None,
     if isinstance(item, str) and item.startswith("base64:"):
         return _b64_payload(item[len("base64:"):], field, limits)
     got = "null" if item is None else ("a dict without 'path'" if isinstance(item, dict) else type(item).__name__)
-    raise ImageError(f"{field} must be a file (gradio_client.handle_file(path)), a data:image/...;base64, URL "
-                     f"or a 'base64:...' string, got {got}")
+    raise ImageError(f"{field} must be a file uploaded with gradio_client.handle_file(path), an inline "
+                     f"data:image/png;base64,... string or a 'base64:...' string, got {got}")
 
 
 def parse_api_conversation(conversation, limits: Limits | None = None,
@@ -234,7 +235,7 @@ def validate_api_request(server, conversation, max_new_tokens=128, temperature=0
     if not isinstance(model, str) or model not in server.models:
         got = repr(model) if isinstance(model, str) else ("null" if model is None else type(model).__name__)
         raise ValueError(f"model must be one of {sorted(server.models)}, got {got}"
-                         + ("" if server.compare.ready else f" ({server.compare.note})"))
+                         + ("" if server.compare.ready else " (the Compare tab's models are not loaded on this server)"))
     gen = check_generation(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed), server.limits)
     history, question, images = parse_api_conversation(conversation, server.limits)
