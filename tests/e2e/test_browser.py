@@ -114,11 +114,11 @@ def test_chat_upload_two_images_stream_stop_and_compare(page):
     shot(pg, "2-answered.png")
 
     # 2. a long answer, stopped half-way: the partial answer stays
-    pg.get_by_text("Generation settings").click()
+    pg.get_by_text("Generation settings", exact=True).click()
     box = pg.locator("#max-new-tokens input[type=number]")
     box.fill("300")
     box.press("Enter")
-    pg.get_by_text("Generation settings").click()
+    pg.get_by_text("Generation settings", exact=True).click()
     pg.locator("#message textarea").fill("Tell me a long story about Image 2.")
     pg.locator("#message textarea").press("Enter")
     wait_for(lambda: len(bot_texts(pg)) == 2 and len(bot_texts(pg)[-1]) > 20)
@@ -190,7 +190,7 @@ def test_compare_stop_note_trash_icon_and_both_maps(page, app_url):
     pg = page
     pg.goto(app_url)
     pg.wait_for_selector("#message textarea")
-    pg.get_by_text("Generation settings").click()  # long answers (the settings serve both tabs), to stop one
+    pg.get_by_text("Generation settings", exact=True).click()  # long answers (the settings serve both tabs), to stop one
     box = pg.locator("#max-new-tokens input[type=number]")
     box.fill("300")
     box.press("Enter")

@@ -45,11 +45,11 @@ def fresh(pg, url):
 
 
 def set_max_tokens(pg, n):
-    pg.get_by_text("Generation settings").click()
+    pg.get_by_text("Generation settings", exact=True).click()
     box = pg.locator("#max-new-tokens input[type=number]")
     box.fill(str(n))
     box.press("Enter")
-    pg.get_by_text("Generation settings").click()
+    pg.get_by_text("Generation settings", exact=True).click()
 
 
 def test_model_line_and_collapsed_details(page, served):
