@@ -120,7 +120,8 @@ def looked_note(named_maps: list, layer: int | None) -> str:
     rows, cols = m0.grid
     which = f"the mean of all {m0.n_layers} layers" if layer is None else f"layer {layer + 1} of {m0.n_layers}"
     text = (f"<b>Where it looked</b>: the last answer's attention over each image's {m0.image_tokens} tokens "
-            f"({rows}×{cols}), averaged over the answer's tokens, all heads and {which}; brighter = more. "
+            f"({rows}×{cols}), averaged over the answer's tokens, all heads and {which}, drawn beside each image; "
+            "brighter = more. Outlined on both: the fewest cells that hold half of it. "
             "Captions: each image's share of the attention the answer paid to images.")
     for name, m in named_maps:
         who = f"{name}" if name else "This model"
