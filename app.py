@@ -618,10 +618,10 @@ result = client.predict(
 print(result["answer"], result["finish_reason"])
 ```
 
-**Images** are accepted in two forms only: a local file sent with `handle_file("path")` (it is uploaded to
-this server first), or the image itself inline as a string `"data:image/png;base64,<base64 data>"` (also
-`image/jpeg`, `image/gif`, `image/webp`, `image/bmp`). Web addresses (`https://...`) and paths on the
-server are refused: download the image and send it as a file.
+**Images** are accepted in these forms only: a local file sent with `handle_file("path")` (it is uploaded
+to this server first), or the image itself inline as a string, `"data:image/png;base64,<base64 data>"`
+(also `image/jpeg`, `image/gif`, `image/webp`, `image/bmp`) or `"base64:<base64 data>"`. Web addresses
+(`https://...`) and paths on the server are refused: download the image and send it as a file.
 
 **finish_reason** says why the answer ended: `stop` (the model ended it), `length` (it reached
 `max_new_tokens`), `timeout` (the server's time limit per answer; the answer so far is kept) or `stopped`
