@@ -4,7 +4,7 @@ answer cut at the token cap, Undo putting the question and its image back in the
 naming the port the page came from, and the attention maps at 1280x800: eight images in the gallery
 without scrolling, each in its own colours beside its map, captions outside the pictures (a screenshot
 goes to test-artifacts/e2e/; assets/screenshots/chat-where-it-looked.png is the same view of the shipped
-default, taken by bench/screenshot_maps.py)."""
+default, taken by bench/screenshot_maps.py); and Regenerate at temperature 0 offering to sample."""
 import os
 import time
 
@@ -146,3 +146,20 @@ def test_where_it_looked_at_1280x800_eight_images_readable(page, served):
         assert c["y"] >= boxes[i]["y"] + boxes[i]["height"] - 1, (c, boxes[i])
     os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
     pg.screenshot(path=SCREENSHOT)
+
+
+def test_regenerate_at_temperature_zero_offers_sampling(page, served):
+    demo, url = served
+    pg = fresh(page, url)
+    set_max_tokens(pg, 6)
+    pg.locator("#message textarea").fill("Hello?")
+    pg.locator("#message textarea").press("Enter")
+    wait_for(lambda: "tokens/s" in pg.locator("#status").inner_text(), timeout=60)
+    assert not pg.locator("#sample").is_visible()
+    pg.locator("#regenerate").click()
+    wait_for(lambda: "Same answer" in pg.locator("#status").inner_text(), timeout=60)
+    wait_for(lambda: pg.locator("#sample").is_visible())
+    pg.locator("#sample").click()
+    wait_for(lambda: "tokens/s" in pg.locator("#status").inner_text() and
+             "Same answer" not in pg.locator("#status").inner_text(), timeout=60)
+    wait_for(lambda: not pg.locator("#sample").is_visible())
