@@ -6,7 +6,8 @@
 This file is the entry point: flags, the page's layout and the launch. The Gradio side's pieces are in
 the ``webapp`` package beside it: one chat panel over N models and its handlers (``webapp/panel.py``: the
 Chat tab is a panel with one model, Compare the same with two), rendering (``webapp/views.py``), a
-browser tab's state (``webapp/state.py``) and the /generate API's input (``webapp/api.py``). Loading
+browser tab's state (``webapp/state.py``), the /generate API's input (``webapp/api.py``) and refusals
+(``webapp/refusal.py``: one log line each, nothing internal in the user's message). Loading
 and ZeroGPU live in visualchat/serving.py, DeepSpeed and the multi-rank lockstep in
 visualchat/tensor_parallel.py, a tab's conversation in visualchat/chat_session.py, driving a
 visualchat.session.Session. The handlers are plain methods (inputs in, output values out), so tests
