@@ -69,13 +69,19 @@ def test_model_line_and_collapsed_details(page, served):
     assert "K=16" in text and demo.serving.backend in text and "python -m train.eval --n 2" in text
 
 
-def test_a_note_under_an_answer_cut_at_the_cap(page, served):
-    demo, url = served
-    pg = fresh(page, url)
-    set_max_tokens(pg, 4)
-    pg.locator("#message textarea").fill("Tell me a long story.")
+def ask_fresh(pg, url, question, max_tokens):
+    """A fresh page, Max new tokens set, one question answered (no image)."""
+    fresh(pg, url)
+    set_max_tokens(pg, max_tokens)
+    pg.locator("#message textarea").fill(question)
     pg.locator("#message textarea").press("Enter")
     wait_for(lambda: "tokens/s" in pg.locator("#status").inner_text(), timeout=60)
+    return pg
+
+
+def test_a_note_under_an_answer_cut_at_the_cap(page, served):
+    demo, url = served
+    pg = ask_fresh(page, url, "Tell me a long story.", 4)
     answer = bot_texts(pg)[-1]
     assert "cut off at the token limit" in answer and "Max new tokens" in answer, answer
 
@@ -150,11 +156,7 @@ def test_where_it_looked_at_1280x800_eight_images_readable(page, served):
 
 def test_regenerate_at_temperature_zero_offers_sampling(page, served):
     demo, url = served
-    pg = fresh(page, url)
-    set_max_tokens(pg, 6)
-    pg.locator("#message textarea").fill("Hello?")
-    pg.locator("#message textarea").press("Enter")
-    wait_for(lambda: "tokens/s" in pg.locator("#status").inner_text(), timeout=60)
+    pg = ask_fresh(page, url, "Hello?", 6)
     assert not pg.locator("#sample").is_visible()
     pg.locator("#regenerate").click()
     wait_for(lambda: "Same answer" in pg.locator("#status").inner_text(), timeout=60)
