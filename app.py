@@ -6,7 +6,8 @@
 This file is the entry point: flags, the page's layout and the launch. The Gradio side's pieces are in
 the ``webapp`` package beside it: one chat panel over N models and its handlers (``webapp/panel.py``: the
 Chat tab is a panel with one model, Compare the same with two), rendering (``webapp/views.py``), a
-browser tab's state (``webapp/state.py``) and the /generate API's input (``webapp/api.py``). Loading
+browser tab's state (``webapp/state.py``), the /generate API's input (``webapp/api.py``) and refusals
+(``webapp/refusal.py``: one log line each, nothing internal in the user's message). Loading
 and ZeroGPU live in visualchat/serving.py, DeepSpeed and the multi-rank lockstep in
 visualchat/tensor_parallel.py, a tab's conversation in visualchat/chat_session.py, driving a
 visualchat.session.Session. The handlers are plain methods (inputs in, output values out), so tests
@@ -54,6 +55,14 @@ CSS = """
 #chatbot .image-container img, #chat-ca .image-container img, #chat-mmca .image-container img {max-height: 150px; width: auto;}
 #chatbot .message.component, #chat-ca .message.component, #chat-mmca .message.component {max-width: 240px;}
 #gallery .grid-container, #compare-gallery .grid-container {padding-top: 34px !important;}
+/* the galleries: as tall as their images (up to 8 in the Chat tab's three columns fit a 1280x800 window without
+   scrolling), each item as high as its picture (an image with its attention map beside it is twice as wide),
+   the caption below the picture instead of over its corner */
+#gallery, #gallery .grid-wrap, #compare-gallery, #compare-gallery .grid-wrap {height: auto !important; max-height: none !important;}
+#gallery .grid-container, #compare-gallery .grid-container {row-gap: 26px; padding-bottom: 24px; grid-auto-rows: min-content !important;}
+#gallery .thumbnail-item, #compare-gallery .thumbnail-item {aspect-ratio: auto; height: auto; overflow: visible;}
+#gallery .thumbnail-item img, #compare-gallery .thumbnail-item img {width: 100%; height: auto;}
+#gallery .caption-label, #compare-gallery .caption-label {top: calc(100% + 3px); bottom: auto; left: 0; right: 0; max-width: none; text-align: center; background: none; box-shadow: none; padding: 0; color: var(--body-text-color);}
 """
 
 
@@ -213,18 +222,24 @@ class ChatUI:
 
     def api_generate(self, conversation: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                     model: str = "chat", request: "gr.Request" = None) -> Iterator[str]:
+                     model: str = "chat", request: "gr.Request" = None) -> Iterator[dict]:
         """Answer the last round of a whole conversation; nothing is kept between calls.
 
         conversation: a list of rounds, each {"question": str, "images": [...], "answer": str}. Images are
-        files (gradio_client.handle_file(path)), data:image/...;base64, URLs or "base64:..." strings; every
-        round but the last may carry the answer it got. Images are numbered Image 1..N across the rounds.
-        model: "chat" (the Chat tab's model), "ca" or "mmca" (the Compare tab's). Returns the answer (a
-        streaming client sees it grow). Every field is checked against the server's limits first."""
+        files uploaded to this server (gradio_client.handle_file(path) uploads a local file), or the image
+        itself inline as a "data:image/png;base64,..." string (also image/jpeg, gif, webp, bmp) or a
+        "base64:..." string; web URLs and server paths are refused. Every round but the last may carry the
+        answer it got. Images are numbered Image 1..N across the rounds. model: "chat" (the Chat tab's
+        model), "ca" or "mmca" (the Compare tab's). Returns {"answer": str, "finish_reason": str}: why the
+        answer ended, "stop" (the model ended it), "length" (it reached max_new_tokens), "timeout" (the
+        server's time limit per answer; the answer so far is kept) or "stopped" (cancelled); a streaming
+        client sees the answer grow with finish_reason null until the end. A request the server refuses
+        (checked against its limits before any model work) is an error titled "Refused"."""
         import gradio as gr
 
         from visualchat.serving import AbandonedError, bounded
-        from webapp.api import forget_request_inputs, unread_probe, validate_api_request
+        from webapp.api import forget_idle_sessions, forget_request_inputs, unread_probe, validate_api_request
+        from webapp.refusal import log_refusal
 
         limits = self.server.limits
         try:
@@ -232,27 +247,34 @@ class ChatUI:
                 self.server, conversation, max_new_tokens, temperature, top_p, repetition_penalty, seed, model)
             stream = self.server.stream(model, history, question, images, gen)  # a Session built from the history
         except INPUT_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            log_refusal("/generate", e)
+            raise gr.Error(str(e), title="Refused", print_exception=False) from None
         finally:
             forget_request_inputs(request, "generate")  # Gradio's session copy of the request (it can be MBs)
+            forget_idle_sessions(request)  # earlier API calls' sessions (each call is a session of its own)
             del conversation
-        stream = bounded(stream, limits.answer_seconds, unread_probe(request, limits.unread_seconds))
-        text = ""
+        answer, timed_out = stream, []
+        stream = bounded(answer, limits.answer_seconds, unread_probe(request, limits.unread_seconds),
+                         on_deadline=lambda: timed_out.append(True))
+        text, reason = "", "stopped"  # until the answer ends by itself (a cancelled request keeps "stopped")
         try:
             for piece in stream:
                 text += piece
-                yield text
+                yield {"answer": text, "finish_reason": None}
+            reason = "timeout" if timed_out else answer.finish_reason
         except AbandonedError as e:
             log.warning("/generate: %s (nothing read for %g s)", e, limits.unread_seconds)
             raise gr.Error(f"{e} (nothing was read for {limits.unread_seconds:g} s)", print_exception=False) from None
         except INPUT_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except Exception as e:
+            log_refusal("/generate", e)
+            raise gr.Error(str(e), title="Refused", print_exception=False) from None
+        except Exception:
             log.exception("/generate failed")
-            raise gr.Error(f"the model failed while answering: {type(e).__name__}: {e}") from None
+            raise gr.Error("the model failed while answering; the server keeps serving, so try again",
+                           print_exception=False) from None
         finally:
             stream.close()
-        yield text.strip()
+        yield {"answer": text.strip(), "finish_reason": reason}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,6 +298,7 @@ class PanelView:
     prompt: Any = None
     regenerate: Any = None
     undo: Any = None
+    sample: Any = None  # "Sample a different answer", offered after a Regenerate at temperature 0
 
     @property
     def outputs(self) -> list:
@@ -290,16 +313,61 @@ API_NAMES = {"chat": {"send": "chat", "regenerate": "regenerate", "example": "ex
              "compare": {"send": "compare", "example": "compare_example", "clear": "compare_clear"}}
 
 
-def _model_line(server) -> str:
-    vc = server.chat
+def _names(vc) -> tuple[str, str, str]:
+    """(language model, vision encoder, checkpoint) of a loaded model, as the page names them."""
     lm = vc.config.lm
-    lm = "SmolLM2-135M-Instruct (embedded)" if lm in ("default", None) else os.path.basename(str(lm).rstrip("/"))
+    lm = "SmolLM2-135M-Instruct" if lm in ("default", None) else os.path.basename(str(lm).rstrip("/"))
     vision = vc.config.vision.split(":", 1)[0] if ":" in vc.config.vision else vc.config.vision
+    vision = {"default": "efficientnet-lite0"}.get(vision, vision)
     ckpt = vc.path
     ckpt = os.path.relpath(ckpt, HERE) if ckpt and ckpt.startswith(HERE) else (ckpt or "none")
-    return (f"**Model** {esc(lm)} + {esc(vision)} · **checkpoint** `{esc(ckpt)}` ({vc.config.attention.upper()}, "
-            f"K={vc.config.image_tokens} tokens per image, up to {vc.config.max_images} images) · "
-            f"**serving** {esc(server.backend)}")
+    return lm, vision, ckpt
+
+
+def _model_line(server) -> str:
+    """One plain sentence: what is loaded, what it is good at, and how often it is right (the score its
+    checkpoint records: ``info.eval``, written by ``python -m train.eval --write_info``)."""
+    vc = server.chat
+    lm, vision, _ = _names(vc)
+    what = f"a small language model ({esc(lm)}) that sees images through {esc(vision)}"
+    if vc.untrained:
+        return (f"**Loaded:** {what}, with no trained image connection: it ignores the images. Its accuracy has "
+                "not been measured.")
+    score = (vc.config.info or {}).get("eval")
+    if trained_on_shapes(vc):
+        what += ", trained only on pictures of coloured shapes"
+    if isinstance(score, dict) and score.get("task") == "shapes" and score.get("accuracy") is not None:
+        right = (f"; it answers **{100 * score['accuracy']:.0f}%** of questions about such pictures exactly right "
+                 f"(measured on {score['rounds']} test questions)")
+    else:
+        right = ". Its accuracy has not been measured"
+    return f"**Loaded:** {what}{right}."
+
+
+def _details(server) -> str:
+    """The collapsed Details panel: checkpoint, attention, image tokens, serving backend, training, score."""
+    vc = server.chat
+    c, info = vc.config, vc.config.info or {}
+    lm, vision, ckpt = _names(vc)
+    rows = [f"- **Checkpoint** `{esc(ckpt)}`: language model {esc(lm)}, vision encoder {esc(vision)}",
+            f"- **Attention** {'MMCA (multi-modal causal attention)' if c.attention == 'mmca' else esc(c.attention)}; "
+            f"each image becomes K={c.image_tokens} tokens; up to {c.max_images} images per conversation",
+            f"- **Serving** {esc(server.backend)}"]
+    if info.get("steps"):
+        rows.append(f"- **Training** {info['steps']} steps on {info.get('train_samples', '?')} samples of "
+                    f"{esc(', '.join(map(str, info.get('datasets') or [])))}" +
+                    (f", {info['wall_time_s'] / 60:.0f} min" if info.get("wall_time_s") else "") +
+                    (f" (`{esc(info['command'])}`)" if info.get("command") else ""))
+    score = info.get("eval")
+    if isinstance(score, dict) and score.get("accuracy") is not None:
+        cats = ", ".join(f"{esc(k)} {100 * v:.0f}%" for k, v in (score.get("by_category") or {}).items())
+        rows.append(f"- **Measured** {esc(score.get('metric', 'accuracy'))} {100 * score['accuracy']:.1f}% on "
+                    f"{score.get('rounds')} rounds of {score.get('conversations')} test conversations"
+                    + (f" ({cats})" if cats else "") + f", {esc(score.get('date', ''))}: `{esc(score.get('command', ''))}`")
+    elif not vc.untrained:
+        rows.append("- **Measured** nothing recorded in this checkpoint; "
+                    "`python -m train.eval --checkpoint DIR --write_info` scores it and records the result")
+    return "\n".join(rows)
 
 
 def _layer_choices(vc) -> list[tuple[str, int]]:
@@ -336,6 +404,8 @@ def _header(server) -> None:
                                         "(<code>assets/checkpoints/shapes-mmca</code> is missing), so answers come "
                                         "from the language model alone and ignore the images."),
                     elem_classes="vc-status", elem_id="vc-untrained")
+        with gr.Accordion("Details", open=False, elem_id="vc-details"):
+            gr.Markdown(_details(server))
 
 
 def _chat_tab(server, max_new_tokens: int, below: int) -> tuple[PanelView, list]:
@@ -364,15 +434,17 @@ def _chat_tab(server, max_new_tokens: int, below: int) -> tuple[PanelView, list]
             with gr.Row():
                 stop_btn = gr.Button("Stop", variant="secondary", size="sm", elem_id="stop", interactive=False)
                 regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+                sample_btn = gr.Button("Sample a different answer", size="sm", elem_id="sample", visible=False)
                 undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
                 clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
         with gr.Column(scale=2, min_width=300):
-            gallery = gr.Gallery(label="Images in this conversation (as the model numbers them)", columns=4,
-                                 height=240, object_fit="contain", fit_columns=False, elem_id="gallery",
+            gallery = gr.Gallery(label="Images in this conversation (as the model numbers them)", columns=3,
+                                 object_fit="contain", fit_columns=False, elem_id="gallery",
                                  buttons=["fullscreen"], interactive=False)
             with gr.Row(equal_height=True):
                 looked = gr.Checkbox(label="Where it looked", value=False, elem_id="looked", scale=1,
-                                     info="overlay the last answer's attention on every image")
+                                     info="beside every image, the map of the last answer's attention; "
+                                          "its hot cells outlined on the image")
                 layer = gr.Dropdown(choices=_layer_choices(server.chat), value=-1, label="Layers",
                                     elem_id="looked-layer", scale=1, min_width=120)
             looked_note_ = gr.HTML("", elem_classes="vc-status", elem_id="looked-note")
@@ -393,7 +465,7 @@ def _chat_tab(server, max_new_tokens: int, below: int) -> tuple[PanelView, list]
                                     placeholder="The Figure-3 prompt appears here; each image is "
                                                 "[Image i: K tokens].")
     view = PanelView([chatbot], gallery, textbox, status, stop_btn, clear_btn, examples, looked, layer,
-                     looked_note_, prompt=prompt, regenerate=regen_btn, undo=undo_btn)
+                     looked_note_, prompt=prompt, regenerate=regen_btn, undo=undo_btn, sample=sample_btn)
     return view, [max_tokens, temperature, top_p, rep]
 
 
@@ -433,7 +505,7 @@ def _compare_tab(server, below: int) -> PanelView:
                                   samples=[[t] for t, _ in EXAMPLES], type="index", layout="table",
                                   elem_id="compare-examples")
         with gr.Column(scale=2):
-            gallery = gr.Gallery(label="Images in this conversation", columns=2, height=420,
+            gallery = gr.Gallery(label="Images in this conversation", columns=2,
                                  fit_columns=False, object_fit="contain", interactive=False,
                                  elem_id="compare-gallery")
             with gr.Row(equal_height=True):
@@ -461,6 +533,9 @@ def _wire(ui: ChatUI, panel: Panel, v: PanelView, tab, settings: list, queue_kw:
     if v.regenerate is not None:
         events.append(v.regenerate.click(**busy).then(panel.regenerate, [tab, *settings],
                                                       api_name=api["regenerate"], **answer))
+    if v.sample is not None:
+        events.append(v.sample.click(**busy).then(panel.sample, [tab, *settings],
+                                                  **{**answer, "api_visibility": "private"}))
     events.append(v.examples.click(**busy).then(panel.run_example, [v.examples, tab, *settings],
                                                 api_name=api["example"], **answer))
     v.textbox.stop(None, None, None, cancels=events, api_visibility="private")
@@ -468,9 +543,11 @@ def _wire(ui: ChatUI, panel: Panel, v: PanelView, tab, settings: list, queue_kw:
                      api_visibility="private", show_progress="hidden", **queue_kw)
     quick = dict(api_visibility="private", queue=False, show_progress="hidden")
     for evt in events:
-        (evt.then(panel.refresh, [tab], outs, **quick)
-         .then(ui.stop_idle, None, [v.stop], **quick)
-         .then(**looked_io))
+        after = (evt.then(panel.refresh, [tab], outs, **quick)
+                 .then(ui.stop_idle, None, [v.stop], **quick))
+        if v.sample is not None:
+            after = after.then(panel.sample_offer, [tab], [v.sample], **quick)
+        after.then(**looked_io)
     v.stop.click(None, None, None, cancels=events, api_visibility="private")
     if v.undo is not None:
         v.undo.click(panel.undo, [tab], outs, api_name=api["undo"], api_visibility="undocumented", cancels=events,
@@ -506,33 +583,51 @@ def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128
         # the request (for noticing an answer nobody reads) is injected by Gradio from this type hint
         ChatUI.api_generate.__annotations__["request"] = gr.Request
         gr.api(ui.api_generate, api_name="generate", **queue_kw)
-        with gr.Accordion("Use it from Python (gradio_client)", open=False):
-            gr.Markdown(API_HELP)
+        with gr.Accordion("Use it from Python (gradio_client)", open=False, elem_id="api-help"):
+            help_md = gr.Markdown(api_help(), elem_id="api-snippet")
+        page_url = gr.Textbox(visible=False)
+        # the browser says where the page came from (a proxy or a non-default port included)
+        demo.load(api_help, [page_url], [help_md], js="() => window.location.origin + window.location.pathname",
+                  api_visibility="private", queue=False, show_progress="hidden")
 
     demo.ui = ui
     demo.serving = server  # (demo.server is the web server once launched)
     return demo
 
 
-API_HELP = """
+def api_help(url: str = "") -> str:
+    """The "Use it from Python" help, its snippet pointing at ``url``: the address the page was loaded from
+    (the browser sends it when the page loads), else a placeholder."""
+    url = url or "http://YOUR-APP-ADDRESS/"
+    url = url if url.endswith("/") else url + "/"
+    return f"""
 The stateless endpoint `/generate` takes a whole conversation and returns the answer to its last round:
 
 ```python
 from gradio_client import Client, handle_file
 
-client = Client("http://127.0.0.1:7860/")
-answer = client.predict(
+client = Client("{url}")
+result = client.predict(
     conversation=[
-        {"question": "How many squares are in Image 1?", "images": [handle_file("shapes_4.png")],
-         "answer": "There are 2 squares."},                  # earlier rounds may carry their answers
-        {"question": "Which image has more triangles, Image 1 or Image 2?",
-         "images": [handle_file("shapes_5.png")]},          # this one becomes Image 2
+        {{"question": "How many squares are in Image 1?", "images": [handle_file("shapes_4.png")],
+         "answer": "There are 2 squares."}},                  # earlier rounds may carry their answers
+        {{"question": "Which image has more triangles, Image 1 or Image 2?",
+         "images": [handle_file("shapes_5.png")]}},          # this one becomes Image 2
     ],
     max_new_tokens=64, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
     api_name="/generate")
+print(result["answer"], result["finish_reason"])
 ```
 
-Images may also be `data:image/png;base64,...` URLs. `model="ca"` or `"mmca"` asks the Compare tab's models.
+**Images** are accepted in these forms only: a local file sent with `handle_file("path")` (it is uploaded
+to this server first), or the image itself inline as a string, `"data:image/png;base64,<base64 data>"`
+(also `image/jpeg`, `image/gif`, `image/webp`, `image/bmp`) or `"base64:<base64 data>"`. Web addresses
+(`https://...`) and paths on the server are refused: download the image and send it as a file.
+
+**finish_reason** says why the answer ended: `stop` (the model ended it), `length` (it reached
+`max_new_tokens`), `timeout` (the server's time limit per answer; the answer so far is kept) or `stopped`
+(cancelled). A refused request (an image or question over this server's limits, a bad field) is an error
+titled "Refused" that says what to change. `model="ca"` or `"mmca"` asks the Compare tab's models.
 """
 
 
@@ -544,14 +639,14 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, queue_size: int = 16
     # client as their message instead of {"error": null}; the handlers turn their own errors into gr.Error
     kw.setdefault("show_error", True)
     serving = getattr(demo, "serving", None)
-    if serving is not None:  # refuse an oversized API body before Gradio reads it into memory
+    if serving is not None:  # refuse an oversized API body, or a file entry that is no upload, before Gradio reads it
         from starlette.middleware import Middleware
 
-        from webapp.api import RequestSizeLimit
+        from webapp.api import RequestGuard
 
         app_kwargs = dict(kw.pop("app_kwargs", None) or {})
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
-                                    Middleware(RequestSizeLimit, max_bytes=serving.limits.max_request_bytes)]
+                                    Middleware(RequestGuard, max_bytes=serving.limits.max_request_bytes)]
         kw["app_kwargs"] = app_kwargs
     return demo.launch(server_name=host, server_port=port, css=CSS, max_file_size=max_file_size, share=share,
                        footer_links=["api", "gradio", "settings"], **kw)

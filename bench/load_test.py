@@ -6,6 +6,11 @@ afterwards, and its RSS must come back to within --rss-margin-mb of where it sta
     python bench/load_test.py                                   # starts python app.py --no-compare itself
     python bench/load_test.py --requests 30 --concurrency 1 --queue-size 16 --json bench/results/load_test.json
     python bench/load_test.py --url http://127.0.0.1:7860/      # an app already running (no RSS figures)
+    python bench/load_test.py --soak 600 --json bench/results/soak.json   # 10 minutes, 4 clients (issue 27)
+
+``--soak SECONDS``: instead of one burst, ``--clients`` clients (4) each send the same mix one request
+after another until the time is up; the figures are answered / refused / unclear, latency p50/p95, the
+app's RSS at the start, its peak and at the end, and the app's log lines per refused request.
 
 Requests go through Gradio's plain HTTP API (POST /gradio_api/call/generate, then GET its event
 stream), as curl would. ``run_load`` is importable (tests/test_load.py runs a short version on tiny
@@ -27,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -63,13 +69,13 @@ def data_url(raw: bytes, mime="image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(raw).decode()
 
 
-def request_mix(n: int, image_path: str | None = None, big_mb: int = 50) -> list[tuple[str, list]]:
-    """``n`` (kind, data) pairs: the /generate arguments [conversation, max_new_tokens, temperature,
-    top_p, repetition_penalty, seed, model], cycling through normal, oversized and malformed cases."""
+def cases(image_path: str | None = None) -> list[tuple[str, list]]:
+    """One of each request kind: (kind, the /generate arguments [conversation, max_new_tokens, temperature,
+    top_p, repetition_penalty, seed, model]), normal, oversized and malformed."""
     img = data_url(open(image_path, "rb").read()) if image_path else data_url(_png_bytes())
     thin = data_url(thin_png())
     ok = lambda conv, mnt=12: [conv, mnt, 0.0, 1.0, 1.0, None, "chat"]  # noqa: E731
-    cases = [
+    return [
         ("normal", ok([{"question": "What is in Image 1?", "images": [img]}])),
         ("oversized: thin 1x39M PNG", ok([{"question": "What is in Image 1?", "images": [thin]}])),
         ("oversized: max_new_tokens 10**9", ok([{"question": "Hi"}], 10 ** 9)),
@@ -84,12 +90,26 @@ def request_mix(n: int, image_path: str | None = None, big_mb: int = 50) -> list
         ("malformed: lone surrogate", ok([{"question": "Hi \ud800"}])),
         ("malformed: path not uploaded", ok([{"question": "Hi", "images": [
             {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}]}])),
+        ("malformed: relative path file entry", ok([{"question": "Hi", "images": [
+            {"path": "x.png", "meta": {"_type": "gradio.FileData"}}]}])),
+        ("malformed: URL file entry", ok([{"question": "Hi", "images": [
+            {"path": "http://127.0.0.1:9/x.png", "meta": {"_type": "gradio.FileData"}}]}])),
         ("normal", ok([{"question": "What color is the shape in Image 1?", "images": [img]}, ])),
     ]
-    out = [cases[i % len(cases)] for i in range(n)]
-    if big_mb and n >= 3:  # one inline image over --max-file-size (the issue's 50 MB)
-        big = "data:image/png;base64," + "A" * (big_mb * 1_000_000 * 4 // 3)
-        out[2] = (f"oversized: {big_mb} MB data URL", ok([{"question": "Hi", "images": [big]}]))
+
+
+def big_case(big_mb: int) -> tuple[str, list]:
+    """An inline image over --max-file-size (issue 20's 50 MB)."""
+    big = "data:image/png;base64," + "A" * (big_mb * 1_000_000 * 4 // 3)
+    return f"oversized: {big_mb} MB data URL", [[{"question": "Hi", "images": [big]}], 12, 0.0, 1.0, 1.0, None, "chat"]
+
+
+def request_mix(n: int, image_path: str | None = None, big_mb: int = 50) -> list[tuple[str, list]]:
+    """``n`` (kind, data) pairs cycling through :func:`cases`; the third is :func:`big_case` (``big_mb`` > 0)."""
+    kinds = cases(image_path)
+    out = [kinds[i % len(kinds)] for i in range(n)]
+    if big_mb and n >= 3:
+        out[2] = big_case(big_mb)
     return out
 
 
@@ -114,8 +134,10 @@ def one_request(url: str, kind: str, data, timeout: float = 600) -> dict:
             lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
             if lines.get("event") in ("complete", "error"):
                 event, payload = lines["event"], json.loads(lines.get("data", "null"))
-        if event == "complete" and isinstance(payload, list) and isinstance(payload[0], str):
-            res.update(outcome="answered", message=payload[0][:80])
+        if event == "complete" and isinstance(payload, list) and isinstance(payload[0], dict) and \
+                isinstance(payload[0].get("answer"), str):
+            res.update(outcome="answered", message=payload[0]["answer"][:80],
+                       finish_reason=payload[0].get("finish_reason"))
         elif event == "error" and payload not in (None, {"error": None}) and str(payload).strip():
             res.update(outcome="refused", message=str(payload)[:300])
         else:
@@ -154,21 +176,56 @@ def run_load(url: str, n: int = 30, image_path: str | None = None, big_mb: int =
     wall = time.monotonic() - t0
     done = [r if r is not None else {"kind": mix[i][0], "outcome": "unclear", "message": "no result"}
             for i, r in enumerate(results)]
+    return {"summary": _summary(done, wall, timeout), "results": done}
+
+
+def _summary(done: list[dict], wall: float, timeout: float) -> dict:
     secs = sorted(r.get("seconds", timeout) for r in done)
     pct = lambda q: secs[min(len(secs) - 1, int(round(q * (len(secs) - 1))))]  # noqa: E731
-    summary = {"requests": n, "answered": sum(r["outcome"] == "answered" for r in done),
-               "refused": sum(r["outcome"] == "refused" for r in done),
-               "unclear": sum(r["outcome"] == "unclear" for r in done),
-               "queue_full": sum("Queue is full" in r.get("message", "") for r in done),
-               "p50_s": round(pct(0.5), 2), "p95_s": round(pct(0.95), 2), "wall_s": round(wall, 1)}
-    return {"summary": summary, "results": done}
+    return {"requests": len(done), "answered": sum(r["outcome"] == "answered" for r in done),
+            "refused": sum(r["outcome"] == "refused" for r in done),
+            "unclear": sum(r["outcome"] == "unclear" for r in done),
+            "queue_full": sum("Queue is full" in r.get("message", "") for r in done),
+            "p50_s": round(pct(0.5), 2), "p95_s": round(pct(0.95), 2), "wall_s": round(wall, 1),
+            "finish_reasons": dict(Counter(r["finish_reason"] for r in done if r.get("finish_reason"))),
+            "by_kind": {k: dict(Counter(r["outcome"] for r in done if r["kind"] == k))
+                        for k in sorted({r["kind"] for r in done})}}
+
+
+def run_soak(url: str, seconds: float, clients: int = 4, image_path: str | None = None, big_mb: int = 50,
+             timeout: float = 600) -> dict:
+    """``clients`` threads, each sending the mix of :func:`request_mix` (each from its own place in it) one
+    request after another until ``seconds`` have passed; returns the results and a summary."""
+    mix = cases(image_path) + ([big_case(big_mb)] if big_mb else [])
+    results: list[dict] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(i):
+        j = i * (len(mix) // clients)
+        while time.monotonic() < deadline:
+            kind, data = mix[j % len(mix)]
+            r = one_request(url, kind, data, timeout)
+            with lock:
+                results.append(r)
+            j += 1
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + timeout + 60)
+    return {"summary": _summary(results, time.monotonic() - t0, timeout), "results": results}
 
 
 class RssSampler:
-    """Samples a process's resident set size (VmRSS) every ``every`` seconds in a thread."""
+    """Samples a process's resident set size (VmRSS) every ``every`` seconds in a thread; ``timeline``
+    keeps one sample every ``keep_every`` seconds: (seconds since the start, bytes)."""
 
-    def __init__(self, pid: int, every: float = 0.1):
+    def __init__(self, pid: int, every: float = 0.1, keep_every: float = 60.0):
         self.pid, self.every, self.peak, self._stop = pid, every, 0, threading.Event()
+        self.keep_every, self.timeline = keep_every, []
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def now(self) -> int:
@@ -179,11 +236,16 @@ class RssSampler:
         return 0
 
     def _run(self):
+        t0 = time.monotonic()
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, self.now())
+                rss = self.now()
             except OSError:
                 return
+            self.peak = max(self.peak, rss)
+            t = time.monotonic() - t0
+            if not self.timeline or t - self.timeline[-1][0] >= self.keep_every:
+                self.timeline.append((round(t), rss))
             self._stop.wait(self.every)
 
     def __enter__(self):
@@ -194,6 +256,22 @@ class RssSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+
+
+def examples(results: list[dict]) -> list[dict]:
+    """A soak's results to keep: the first of each kind and outcome, and every unclear one."""
+    seen, out = set(), []
+    for r in results:
+        key = (r["kind"], r["outcome"])
+        if key not in seen or r["outcome"] == "unclear":
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def _lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
 
 def _free_port() -> int:
@@ -226,6 +304,9 @@ def main(argv=None) -> int:
     p.add_argument("--rss-margin-mb", type=float, default=300)
     p.add_argument("--settle", type=float, default=5.0, help="seconds to wait before the 'after' RSS")
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                   help="instead of one burst of --requests: --clients clients send the mix for this long")
+    p.add_argument("--clients", type=int, default=4, help="--soak: clients sending at the same time")
     a = p.parse_args(argv)
     image = os.path.join(ROOT, "assets", "examples", "shapes_1.png")
     proc = None
@@ -236,8 +317,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "app.py", "--port", str(port), "--concurrency", str(a.concurrency),
                "--queue-size", str(a.queue_size), *a.app_args.split()]
         print("starting:", " ".join(cmd), flush=True)
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"load_test_app_{port}.log"), "w"))
+        app_log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"load_test_app_{port}.log")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(app_log, "w"))
     try:
         if proc is not None:
             _wait_up(url, proc)
@@ -247,11 +328,13 @@ def main(argv=None) -> int:
         before = sampler.now() if sampler else None
         if sampler:
             sampler.__enter__()
+        log_before = _lines(app_log) if proc is not None else None
         try:
-            out = run_load(url, a.requests, image, a.big_mb)
+            out = run_soak(url, a.soak, a.clients, image, a.big_mb) if a.soak else run_load(url, a.requests, image, a.big_mb)
         finally:
             if sampler:
                 sampler.__exit__()
+        log_lines = _lines(app_log) - log_before if proc is not None else None
         after_check = one_request(url, "after", request_mix(1, image, 0)[0][1])
         big = None
         if a.big_mb:  # in the burst it may meet a full queue; alone it must meet the size limit
@@ -261,12 +344,16 @@ def main(argv=None) -> int:
         after = sampler.now() if sampler else None
         s = out["summary"]
         s["served_after"] = after_check["outcome"] == "answered"
+        if log_lines is not None:  # every line the app wrote while the requests ran (refusals: one each)
+            s["app_log_lines"] = log_lines
+            s["app_log_lines_per_refusal"] = round(log_lines / max(1, s["refused"]), 2)
         if big is not None:
             s["big_data_url_alone"] = f"{big['outcome']} in {big['seconds']:.1f} s: {big.get('message', '')[:160]}"
         if sampler:
             s.update(rss_before_mb=round(before / 2 ** 20), rss_peak_mb=round(sampler.peak / 2 ** 20),
-                     rss_after_mb=round(after / 2 ** 20))
-        for r in out["results"]:
+                     rss_after_mb=round(after / 2 ** 20),
+                     rss_timeline_mb=[(t, round(b / 2 ** 20)) for t, b in sampler.timeline])
+        for r in out["results"] if not a.soak else []:
             print(f"{r['outcome']:9s} {r.get('seconds', 0):7.2f} s  {r['kind']:38s} {r.get('message', '')[:110]!r}")
         print(json.dumps(s, indent=1))
         ok = (s["unclear"] == 0 and s["served_after"] and (big is None or big["outcome"] == "refused")
@@ -274,7 +361,8 @@ def main(argv=None) -> int:
         if a.json:
             from bench.common import write_json
 
-            write_json(a.json, {"summary": s, "results": out["results"], "command": " ".join(sys.argv),
+            results = out["results"] if not a.soak else examples(out["results"])
+            write_json(a.json, {"summary": s, "results": results, "command": " ".join(sys.argv),
                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ok": ok})
         print("OK" if ok else "FAILED", flush=True)
         return 0 if ok else 1

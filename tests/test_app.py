@@ -186,13 +186,18 @@ def test_streaming_stop_keeps_partial_then_regenerate_undo_clear(demo, tmp_path)
     kept = chat.rounds[-1].answer
     assert kept and partial.strip().startswith(kept[:3])
     chatbot, _, prompt, _, status = ui.chat.refresh(tab)
-    assert "Stopped" in status and chatbot[-1]["content"] == kept
-    assert kept in prompt
+    assert "Stopped" in status and chatbot[-1]["content"] == f"{kept}\n\n*({views.FINISH_NOTES['stopped']})*"
+    assert kept in prompt and chat.finish_reason == "stopped"
     # Regenerate replaces the last answer; Undo removes the round; Clear empties everything
     chatbot, *_ , status = last(ui.chat.regenerate(tab, *SETTINGS))[0]
     assert len(chatbot) == 2 and chat.status == "done"
-    chatbot, gallery, prompt, _, status = ui.chat.undo(tab)
+    chatbot, gallery, prompt, textbox, status = ui.chat.undo(tab)
     assert chatbot == [] and gallery == [] and "Removed the last round" in status
+    # the question and its image go back into the input box, the image as the model saw it
+    assert textbox.value["text"] == "Describe Image 1." and len(textbox.value["files"]) == 1
+    back = textbox.value["files"][0]
+    with Image.open(back["path"] if isinstance(back, dict) else back) as im:
+        assert im.size == (40, 30)
     assert "Nothing to undo" in ui.chat.undo(tab)[4]
     last(ui.chat.send(msg("Hi?"), tab, *SETTINGS))
     chatbot, gallery, prompt, textbox, status = ui.chat.clear(tab)
@@ -359,8 +364,8 @@ def test_api_generate_whole_conversation(demo, tmp_path, monkeypatch):
     conv = [{"question": "What is in Image 1?", "images": [{"path": ims[0]}], "answer": "A square."},
             {"question": "Compare Image 1, Image 2 and Image 3.", "images": [{"path": ims[1]}, data_url]}]
     outs = list(ui.api_generate(conv, max_new_tokens=12))
-    answer = outs[-1]
-    assert isinstance(answer, str)
+    assert all(o["finish_reason"] is None for o in outs[:-1]) and outs[-1]["finish_reason"] in ("stop", "length")
+    answer = outs[-1]["answer"]
     # the same conversation in a chat session (greedy) gives the same answer
     s = demo.serving.chat.new_session()
     s.add_round("What is in Image 1?", [ims[0]], "A square.")
@@ -368,7 +373,7 @@ def test_api_generate_whole_conversation(demo, tmp_path, monkeypatch):
 
     assert answer == s.ask("Compare Image 1, Image 2 and Image 3.", [ims[1], api_image(data_url)], max_new_tokens=12)
     for model in ("ca", "mmca"):
-        assert isinstance(list(ui.api_generate(conv, max_new_tokens=4, model=model))[-1], str)
+        assert isinstance(list(ui.api_generate(conv, max_new_tokens=4, model=model))[-1]["answer"], str)
     bad = [
         ([], "non-empty list"),
         ([{"question": ""}], "empty"),
@@ -686,9 +691,10 @@ def test_where_it_looked_chat_tab(demo, tmp_path):
     shares = [float(c.split(" · ")[1].split("%")[0]) for _, c in gallery]
     assert abs(sum(shares) - 100) <= 1
     assert "Where it looked" in note and "mean of all 2 layers" in note and "MMCA" in note
-    for (path, _), src in zip(gallery, tab.chat.image_paths):
+    for (path, _), src in zip(gallery, tab.chat.image_paths):  # each image with its map beside it
         drawn, plain = Image.open(path), Image.open(src)
-        assert drawn.size == plain.size and drawn.tobytes() != plain.convert("RGB").tobytes()
+        assert drawn.size == (2 * plain.size[0] + 6, plain.size[1])
+        assert drawn.crop((0, 0, *plain.size)).tobytes() != plain.convert("RGB").tobytes()  # the outline
     gallery1, note1 = ui.chat.looked(True, 1, tab)
     assert "layer 2 of 2" in note1 and not any(os.path.exists(p) for p, _ in gallery)  # the old overlays are gone
     m = tab.chat.attention_maps()

@@ -79,13 +79,14 @@ def test_generate_endpoint(served, tmp_path):
     ims = image_files(tmp_path, 2)
     conv = [{"question": "What is in Image 1?", "images": [handle_file(ims[0])], "answer": "A square."},
             {"question": "Which is brighter, Image 1 or Image 2?", "images": [handle_file(ims[1])]}]
-    answer = c.predict(conversation=conv, max_new_tokens=12, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
+    result = c.predict(conversation=conv, max_new_tokens=12, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
                        api_name="/generate")
     s = demo.serving.chat.new_session()
     s.add_round("What is in Image 1?", [ims[0]], "A square.")
-    assert answer == s.ask("Which is brighter, Image 1 or Image 2?", [ims[1]], max_new_tokens=12)
+    expected = s.ask("Which is brighter, Image 1 or Image 2?", [ims[1]], max_new_tokens=12)
+    assert result == {"answer": expected, "finish_reason": expected.finish_reason}
     job = c.submit(conversation=conv, max_new_tokens=12, api_name="/generate")  # streaming: the answer grows
-    assert job.result() == answer
+    assert job.result() == result
     info = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert "/generate" in info
     names = [p["parameter_name"] for p in info["/generate"]["parameters"]]

@@ -223,7 +223,7 @@ def test_app_served_by_two_ranks_answers_like_one(tmp_path, tiny_tokenizer, tiny
         vc = VisualChat.from_pretrained(paths[model], device="cpu")
         s = vc.new_session()
         s.add_round("What is in Image 1?", [ims[0]], "Red.")
-        assert served[model] == s.ask("And Image 2 and Image 3?", ims[1:], **gen), model
+        assert served[model]["answer"] == s.ask("And Image 2 and Image 3?", ims[1:], **gen), model
     s = VisualChat.from_pretrained(paths["chat"], device="cpu").new_session()
     s.ask("Describe Image 1.", [ims[0]], max_new_tokens=12)
     shown = chatbot[-1]["content"]

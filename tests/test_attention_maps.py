@@ -166,15 +166,31 @@ def test_non_square_k_is_said_in_the_note():
         [("", square)], 0)
 
 
-def test_overlay_colours_the_hot_cell():
-    im = Image.new("RGB", (90, 60), (128, 128, 128))
+def test_hot_cells_are_the_fewest_holding_half():
+    heat = np.array([[0.0, 0.1, 0.05], [0.3, 0.25, 0.0], [0.2, 0.05, 0.05]])
+    assert attention_maps.hot_cells(heat).tolist() == [[False, False, False], [True, True, False],
+                                                       [False, False, False]]
+    assert attention_maps.hot_cells(np.zeros((2, 2))).sum() == 1  # no attention at all: one cell, not none
+
+
+def test_map_beside_keeps_the_image_colours_and_outlines_the_hot_cell():
+    blue = (30, 60, 230)
+    im = Image.new("RGB", (90, 60), blue)
     heat = np.zeros((3, 3))
     heat[1, 2] = 1.0
-    out = attention_maps.overlay(im, heat)
-    assert out.size == im.size
-    hot, cold = np.asarray(out.getpixel((75, 30)), float), np.asarray(out.getpixel((15, 10)), float)
-    assert hot[0] > 180 and hot[1] > 150  # pale yellow over the hot cell
-    assert np.abs(cold - 128).max() < 128 * 0.3  # a cold cell lets the image show through (darkened a little)
+    out = attention_maps.map_beside(im, heat, gap=6)
+    assert out.size == (2 * 90 + 6, 60)
+    left = np.asarray(out.crop((0, 0, 90, 60)))
+    # the picture keeps its own colour everywhere but on the outline of the hot cell (x 60-90, y 20-40)
+    inside_hot, cold = left[30, 75], left[10, 15]
+    assert tuple(inside_hot) == blue and tuple(cold) == blue
+    outline = {tuple(left[20, 75]), tuple(left[30, 60])}  # its top edge and its left edge
+    assert outline <= {(0, 0, 0), (255, 255, 255)}, outline
+    assert tuple(left[10, 45]) == blue  # a cold cell's border is not drawn
+    right = np.asarray(out.crop((96, 0, 186, 60)))
+    hot, cold = right[30, 75].astype(float), right[10, 15].astype(float)
+    assert hot[0] > 180 and hot[1] > 150  # the map beside it: pale yellow in the hot cell, dark elsewhere
+    assert cold.max() < 40
 
 
 # ---------------------------------------------------------------------------------------------------

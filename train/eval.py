@@ -153,6 +153,40 @@ def print_table(result: dict, file=None) -> None:
             print(f"{k}: object F1 {100 * v['object_f1']:.1f}% (partial credit: the colour-shape pairs named)", file=file)
 
 
+def eval_info(result: dict, command: str) -> dict:
+    """What a checkpoint records of its shapes score (``config.json`` ``info.eval``; the web app's model
+    line reads it): overall and per-category exact match, on which test set, by which command."""
+    acc = result["accuracy"]
+    return {"metric": "exact match", "task": "shapes", "shapes_version": result["shapes_version"],
+            "drawing": result["drawing"], "conversations": result["n_conversations"], "seed": result["seed"],
+            "rounds": acc["all"]["n"], "accuracy": round(acc["all"]["accuracy"], 4),
+            "by_category": {k: round(v["accuracy"], 4) for k, v in acc.items() if k != "all" and "/" not in k},
+            "lm_weights": result.get("lm_weights", "fp32"), "date": time.strftime("%Y-%m-%d"), "command": command}
+
+
+def recorded_args(argv: list[str]) -> list[str]:
+    """The arguments that made a score, for ``info.eval``'s command: without --write_info and where the
+    JSON went (--out)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif a != "--write_info" and not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
+def write_eval_info(checkpoint: str, info: dict) -> None:
+    """Record ``info`` as the checkpoint's ``info.eval`` in its config.json (the rest unchanged)."""
+    from visualchat.config import VisualChatConfig
+
+    cfg = VisualChatConfig.load(checkpoint)
+    cfg.info = {**cfg.info, "eval": info}
+    cfg.save(checkpoint)
+
+
 def resolve(path: str, image_root: str) -> str:
     if path.startswith(REFERENCE_PREFIX):
         path = path[len(REFERENCE_PREFIX):]
@@ -222,7 +256,12 @@ def main(argv=None) -> int:
     p.add_argument("--match", default=None, metavar="JSON",
                    help="a shapes result JSON of the same test set: report the share of rounds with the same "
                         "answer and the accuracy difference (e.g. fp16 weights against an fp32 run)")
+    p.add_argument("--write_info", action="store_true",
+                   help="shapes: also record the score in the checkpoint's config.json as info.eval (the web "
+                        "app's model line shows it); needs --checkpoint")
     args = p.parse_args(argv)
+    if args.write_info and (not args.checkpoint or args.conversations):
+        p.error("--write_info records a shapes score in a checkpoint: give --checkpoint, and not --conversations")
     from visualchat.model import VisualChat
 
     kw = {"lm_weights": args.lm_weights} if args.lm_weights else {}
@@ -248,6 +287,10 @@ def main(argv=None) -> int:
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"-> {out}")
+    if args.write_info:
+        command = "python -m train.eval " + " ".join(recorded_args(argv if argv is not None else sys.argv[1:]))
+        write_eval_info(args.checkpoint, eval_info(result, command))
+        print(f"-> {os.path.join(args.checkpoint, 'config.json')} (info.eval)")
     return 0
 
 

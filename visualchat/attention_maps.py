@@ -184,18 +184,61 @@ def colormap(x: np.ndarray) -> np.ndarray:
     return _RAMP[lo] * (1 - t) + _RAMP[lo + 1] * t
 
 
-def overlay(image, heat: np.ndarray, alpha: float = 0.6):
-    """The image with ``heat`` (``[rows, cols]``, any scale) drawn over it, one block per token cell
-    (the encoder resizes the whole image to a square, so the cells tile the whole image). The
-    hottest cell is drawn at ``alpha``, a cold one lets the image show through."""
-    from PIL import Image
+def hot_cells(heat: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """The fewest cells of ``heat`` (``[rows, cols]``, any non-negative scale) that hold at least ``share``
+    of it, hottest first (at least one cell), as a boolean mask."""
+    h = np.asarray(heat, dtype=np.float64)
+    flat = h.ravel()
+    order = np.argsort(-flat, kind="stable")
+    total = flat.sum()
+    n = 1 if total <= 0 else int(np.searchsorted(np.cumsum(flat[order]), share * total) + 1)
+    mask = np.zeros(flat.shape, dtype=bool)
+    mask[order[:max(1, min(n, flat.size))]] = True
+    return mask.reshape(h.shape)
+
+
+def _outline(draw, mask: np.ndarray, size: tuple[int, int], width: int) -> None:
+    """Draw the border of ``mask``'s cells (the cells tiling ``size``): a dark line with a light one inside,
+    readable over any colour."""
+    rows, cols = mask.shape
+    xs = [round(j * size[0] / cols) for j in range(cols + 1)]
+    ys = [round(i * size[1] / rows) for i in range(rows + 1)]
+    edges = []
+    for i in range(rows):
+        for j in range(cols):
+            if not mask[i, j]:
+                continue
+            if i == 0 or not mask[i - 1, j]:
+                edges.append(((xs[j], ys[i]), (xs[j + 1], ys[i])))
+            if i == rows - 1 or not mask[i + 1, j]:
+                edges.append(((xs[j], ys[i + 1]), (xs[j + 1], ys[i + 1])))
+            if j == 0 or not mask[i, j - 1]:
+                edges.append(((xs[j], ys[i]), (xs[j], ys[i + 1])))
+            if j == cols - 1 or not mask[i, j + 1]:
+                edges.append(((xs[j + 1], ys[i]), (xs[j + 1], ys[i + 1])))
+    clamp = lambda p: (min(max(p[0], 0), size[0] - 1), min(max(p[1], 0), size[1] - 1))  # noqa: E731
+    for colour, w in (((0, 0, 0), width + 2), ((255, 255, 255), max(1, width - 1))):
+        for a, b in edges:
+            draw.line([clamp(a), clamp(b)], fill=colour, width=w)
+
+
+def map_beside(image, heat: np.ndarray, share: float = 0.5, gap: int = 6):
+    """The image in its own colours with the outline of its hot cells (the fewest cells holding ``share``
+    of the attention: :func:`hot_cells`), and beside it the heat map itself, one block per token cell, the
+    same outline on it (the encoder resizes the whole image to a square, so the cells tile the whole
+    image). Nothing is drawn over the image but the outline."""
+    from PIL import Image, ImageDraw
 
     im = image.convert("RGB")
     h = np.asarray(heat, dtype=np.float64)
     top = float(h.max())
-    h = h / top if top > 0 else np.zeros_like(h)
-    cells = Image.fromarray(np.round(h * 255).astype(np.uint8)).resize(im.size, Image.NEAREST)
-    v = np.asarray(cells, dtype=np.float64) / 255.0
-    a = (0.25 + (alpha - 0.25) * v)[..., None]
-    out = np.asarray(im, dtype=np.float64) * (1 - a) + colormap(v) * a
-    return Image.fromarray(np.round(out).astype(np.uint8))
+    v = h / top if top > 0 else np.zeros_like(h)
+    mask = hot_cells(h, share)
+    width = max(2, round(max(im.size) / 150))
+    cells = Image.fromarray(np.round(colormap(v)).astype(np.uint8)).resize(im.size, Image.NEAREST)
+    out = Image.new("RGB", (2 * im.size[0] + gap, im.size[1]), (255, 255, 255))
+    out.paste(im, (0, 0))
+    _outline(ImageDraw.Draw(out), mask, im.size, width)  # the lines stay inside the image's part
+    _outline(ImageDraw.Draw(cells), mask, im.size, width)
+    out.paste(cells, (im.size[0] + gap, 0))
+    return out

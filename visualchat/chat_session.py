@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .images import DECODE_MAX_SIDE
 from .serving import Server, check_generation, check_text
 from .template import Conversation
 
@@ -49,6 +50,7 @@ class ChatRound:
     paths: list[str]
     answer: str | None
     first_image: int  # the conversation-wide number of its first image (1-based)
+    finish_reason: str | None = None  # why its answer ended (visualchat.session.FINISH_REASONS); None: running
 
 
 class ChatSession:
@@ -64,11 +66,16 @@ class ChatSession:
         self.vc = server.models[name]
         self.session = self.vc.new_session()
         self._paths: list[list[str]] = []
+        self._endings: list[str | None] = []  # each round's finish reason, in step with _paths
+        self._undone: list[str] = []  # the last undone round's images, saved for the input box
+        self._replayed_ending: str | None = None  # the ZeroGPU replay's finish reason
         self._busy = threading.Lock()
-        self.status = "idle"  # idle | generating | done | stopped | failed
+        self.status = "idle"  # idle | generating | done | stopped | failed | rejected
         self.error: str | None = None
+        self.finish_reason: str | None = None  # why the last answer ended (FINISH_REASONS); None: failed or running
         self.partial = ""  # the answer so far while generating
         self.last_stats: dict = {}
+        self.last_request: tuple[str, dict] = ("", {})  # ("send" | "regenerate", its generation settings)
         self.last_used = 0.0  # time.monotonic() of the last answer's end (the KV-cache budget drops the oldest)
         server.register_chat(self)
 
@@ -80,8 +87,8 @@ class ChatSession:
     @property
     def rounds(self) -> list[ChatRound]:
         out, n = [], 1
-        for rnd, paths in zip(self.conversation.rounds, self._paths):
-            out.append(ChatRound(rnd.question, list(paths), rnd.answer, n))
+        for rnd, paths, ending in zip(self.conversation.rounds, self._paths, self._endings):
+            out.append(ChatRound(rnd.question, list(paths), rnd.answer, n, ending))
             n += len(rnd.images)
         if out and out[-1].answer is None and self.status == "generating":
             out[-1].answer = self.partial if self.partial.strip() else None  # None: nothing to show yet
@@ -130,6 +137,8 @@ class ChatSession:
             prepared = self.session.prepare_round(question, images, **gen)
             stream = self._answer(prepared, gen)
             self._paths.append([self._save(im) for im in prepared.round.images])
+            self._endings.append(None)
+            self.last_request = ("send", gen)
         return self._run(stream)
 
     def regenerate(self, **gen) -> Iterator[str]:
@@ -140,26 +149,32 @@ class ChatSession:
                 raise ValueError("there is no answer to regenerate yet")
             prepared = self.session.prepare_round(rounds[-1].question, rounds[-1].images, redo=True, **gen)
             stream = self._answer(prepared, gen)
+            self.last_request = ("regenerate", gen)
         return self._run(stream)
 
     def undo(self) -> ChatRound | None:
+        """Remove the last round. Returns it (None if there is none) with ``paths`` naming copies of its
+        images as the model saw them, to send again; they stay until the next undo, reset or close."""
         with self._exclusive():
             rounds = self.rounds
             if not rounds:
                 return None
-            self.session.undo()
-            for p in self._paths.pop():
+            removed = self.session.undo()
+            for p in self._paths.pop() + self._undone:
                 _remove(p)
+            self._undone = [self._save(im, DECODE_MAX_SIDE) for im in removed.images]
+            self._endings.pop()
             self.status, self.error = "idle", None
+            rounds[-1].paths = list(self._undone)
             return rounds[-1]
 
     def reset(self) -> None:
         with self._exclusive():
             self.session.reset()
-            for p in self.image_paths:
+            for p in self.image_paths + self._undone:
                 _remove(p)
-            self._paths = []
-            self.status, self.error, self.last_stats = "idle", None, {}
+            self._paths, self._endings, self._undone = [], [], []
+            self.status, self.error, self.last_stats, self.finish_reason = "idle", None, {}, None
 
     def attention_maps(self):
         """Where the last answer looked (:meth:`visualchat.session.Session.attention_maps`): one extra
@@ -200,6 +215,9 @@ class ChatSession:
             text = []
             try:
                 for piece in stream:
+                    if isinstance(piece, dict):  # stream_conversation's last item: why it ended
+                        self._replayed_ending = piece.get("finish_reason")
+                        break
                     text.append(piece)
                     yield piece
             except Exception:
@@ -224,6 +242,7 @@ class ChatSession:
         def run():
             self._busy.acquire()
             self.status, self.error, self.partial = "generating", None, ""
+            self.finish_reason = self._replayed_ending = None
             finished = False
             deadline = time.monotonic() + limit
             try:
@@ -232,16 +251,16 @@ class ChatSession:
                     yield piece
                     if time.monotonic() > deadline:  # checked between tokens; the answer so far is kept
                         log.warning("an answer reached the time limit of %g s per answer and was stopped", limit)
-                        self.status = "stopped"
-                        self.error = f"the answer reached {limit:g} s, this server's limit per answer (--answer-seconds)"
+                        self.status, self.finish_reason = "stopped", "timeout"
+                        self.error = f"the answer reached {limit:g} s, this server's time limit per answer"
                         break
                 else:
                     finished = True
             except GeneratorExit:
-                self.status = "stopped"
+                self.status, self.finish_reason = "stopped", "stopped"
                 raise
             except Exception as e:
-                self.status, self.error = "failed", f"{type(e).__name__}: {e}"
+                self.status, self.error = "failed", str(e)
                 log.exception("generation failed")
                 self.session.drop_cache()  # a forward that failed half-way may have left it inconsistent
                 raise
@@ -250,28 +269,32 @@ class ChatSession:
                     stream.close()  # a stopped answer keeps its partial text
                 if finished:
                     self.status = "done"
+                    self.finish_reason = self._replayed_ending if self.server.stateless else self.session.finish_reason
                 elif self.status == "generating":
-                    self.status = "stopped"
+                    self.status, self.finish_reason = "stopped", "stopped"
                 if not self.server.stateless:
                     self.last_stats = dict(self.session.last_stats)
                 n = len(self.conversation.rounds)
                 for ps in self._paths[n:]:  # the model failed before the round was kept
                     for p in ps:
                         _remove(p)
-                del self._paths[n:]
+                del self._paths[n:], self._endings[n:]
+                if n:
+                    self._endings[n - 1] = self.finish_reason
                 self.last_used = time.monotonic()
                 self._busy.release()
                 if not self.server.stateless:
                     self.server.enforce_kv_budget(keep=self)
         return run()
 
-    def _save(self, im) -> str:
-        """A display copy of an image in the server's temp folder (which Gradio may serve)."""
+    def _save(self, im, max_side: int = DISPLAY_MAX_SIDE) -> str:
+        """A copy of an image (at most ``max_side`` on its longer side: a display copy by default) in the
+        server's temp folder (which Gradio may serve)."""
         from PIL import Image
 
         im = im.copy()
-        if max(im.size) > DISPLAY_MAX_SIDE:
-            im.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
+        if max(im.size) > max_side:
+            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         path = os.path.join(self.server.tmpdir, f"{uuid.uuid4().hex}.png")
         im.save(path, format="PNG", compress_level=1)
         return path

@@ -56,7 +56,12 @@ _FORMAT_NAMES = "PNG, JPEG, GIF, WebP or BMP"
 
 
 class ImageError(ValueError):
-    """An input that is not a usable image. The message says what is wrong, for the user."""
+    """An input that is not a usable image. The message says what is wrong, for the user; ``knob`` names
+    the operator's setting behind a limit it broke (for the server's log, not for the user)."""
+
+    def __init__(self, message: str, knob: str | None = None):
+        super().__init__(message)
+        self.knob = knob
 
 
 def _describe(src: Any) -> str:
@@ -78,17 +83,17 @@ def check_dims(w: int, h: int, what: str = "image", max_pixels: int | None = Non
     if w * h > limit:
         raise ImageError(
             f"{what} is {w}x{h} = {w * h:,} pixels; this app accepts images of up to {limit:,} pixels "
-            "(a larger one is refused as a possible decompression bomb). Scale it down, or raise the limit "
-            "with VISUALCHAT_MAX_PIXELS")
+            "(a larger one is refused as a possible decompression bomb). Scale it down and send it again",
+            knob="VISUALCHAT_MAX_PIXELS")
     if max(w, h) > MAX_SIDE:
         raise ImageError(
             f"{what} is {w}x{h} pixels; this app accepts images of up to {MAX_SIDE:,} pixels on a side "
-            "(a longer one is refused as a possible decompression bomb). Scale it down, or raise the limit "
-            "with VISUALCHAT_MAX_SIDE")
+            "(a longer one is refused as a possible decompression bomb). Scale it down and send it again",
+            knob="VISUALCHAT_MAX_SIDE")
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise ImageError(
             f"{what} is {w}x{h} pixels, {max(w, h) / min(w, h):,.0f} times as long as it is wide; this app "
-            f"accepts an aspect ratio of up to {MAX_ASPECT}:1. Crop it, or raise the limit with VISUALCHAT_MAX_ASPECT")
+            f"accepts an aspect ratio of up to {MAX_ASPECT}:1. Crop it and send it again", knob="VISUALCHAT_MAX_ASPECT")
 
 
 def _bomb_message(what: str, e: Exception, max_pixels: int | None) -> str:
@@ -97,7 +102,7 @@ def _bomb_message(what: str, e: Exception, max_pixels: int | None) -> str:
     m = re.search(r"\((\d+) pixels\)", str(e))
     size = f"has {int(m.group(1)):,} pixels" if m else "has too many pixels"
     return (f"{what} {size}; this app accepts images of up to {limit:,} pixels (a larger one is refused as a "
-            "possible decompression bomb). Scale it down, or raise the limit with VISUALCHAT_MAX_PIXELS")
+            "possible decompression bomb). Scale it down and send it again")
 
 
 def _shrink(im: Image.Image) -> Image.Image:
@@ -149,10 +154,10 @@ def open_image(src: Any, max_pixels: int | None = None) -> Image.Image:
         fp: Any = io.BytesIO(src)
         what = "uploaded data" if what in ("bytes", "bytearray") else what
     elif isinstance(src, (str, os.PathLike)):
-        if not os.path.exists(src):
-            raise ImageError(f"image not found: {os.fspath(src)}")
+        if not os.path.exists(src):  # the file's name only: its folder is the server's business
+            raise ImageError(f"image not found: {what}")
         if os.path.isdir(src):
-            raise ImageError(f"{os.fspath(src)} is a directory, not an image")
+            raise ImageError(f"{what} is a directory, not an image")
         fp = os.fspath(src)
     else:
         fp = src
@@ -166,7 +171,7 @@ def open_image(src: Any, max_pixels: int | None = None) -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(_bomb_message(what, e, max_pixels)) from None
+        raise ImageError(_bomb_message(what, e, max_pixels), knob="VISUALCHAT_MAX_PIXELS") from None
     except UnidentifiedImageError:
         raise ImageError(f"{what} is not an image file this app opens (it accepts {_FORMAT_NAMES})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -262,6 +262,36 @@ def stream_conversation(key: str, history: list[dict], question: str, images: Se
     text out, so ``spaces.GPU`` can run it in its forked worker."""
     session = Session.from_history(_REGISTRY[key], history)
     yield from session.stream(question, images, **gen)
+    yield {"finish_reason": session.finish_reason}  # the last item: why it ended (AnswerStream reads it)
+
+
+class AnswerStream:
+    """An answer's text pieces (iterate it; ``close()`` stops it) and, once it has ended, why:
+    ``finish_reason`` (:data:`visualchat.session.FINISH_REASONS`: ``stop`` or ``length``, ``stopped``
+    when closed early). ``pieces`` yields text, and may end with ``{"finish_reason": ...}`` (what
+    :func:`stream_conversation` sends back from the GPU worker); else ``session`` says why."""
+
+    def __init__(self, pieces: Iterator, session: Session | None = None):
+        self._pieces, self._session, self._reason = pieces, session, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._pieces)
+        if isinstance(piece, dict):  # stream_conversation's last item
+            self._reason = piece.get("finish_reason")
+            raise StopIteration
+        return piece
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close:
+            close()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._session.finish_reason if self._session is not None else self._reason
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,7 +475,7 @@ class Server:
         return freed
 
     # -- stateless generation ------------------------------------------------------------------
-    def stream(self, name: str, history: list[dict], question: str, images: Sequence, gen: dict) -> Iterator[str]:
+    def stream(self, name: str, history: list[dict], question: str, images: Sequence, gen: dict) -> AnswerStream:
         """Answer the last round of a whole conversation, nothing kept (the ``/generate`` API): a session
         is built from ``history`` and the round prepared (:meth:`Session.prepare_round`) in this process,
         so bad input raises here before any model (or GPU) time is spent; then the answer streams from
@@ -453,9 +483,10 @@ class Server:
         session = Session.from_history(self.models[name], history)
         prepared = session.prepare_round(question, images, **gen)
         if not self.stateless:
-            return session.generate(prepared)
+            return AnswerStream(session.generate(prepared), session)
         hist = [{"question": r.question, "images": r.images, "answer": r.answer} for r in session.conversation.rounds]
-        return self._remote(self.key(name), hist, prepared.round.question, prepared.round.images, dict(gen))
+        return AnswerStream(self._remote(self.key(name), hist, prepared.round.question, prepared.round.images,
+                                         dict(gen)))
 
 
 def _missing_note(missing: Sequence[str]) -> str:

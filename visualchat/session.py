@@ -62,6 +62,22 @@ def check_context(r: Rendered, ctx: int) -> None:
 INPUT_ERRORS = (ImageError, TooManyImagesError, ContextWindowError, ValueError)
 
 _uids = itertools.count()
+#: Why an answer ended: the model ended it (EOS or the next template section), the token cap (max_new_tokens
+#: or the context window), Stop (the stream was closed), the server's time limit per answer, or the request
+#: was refused before anything ran. A Session sets the first three; its callers the others.
+FINISH_REASONS = ("stop", "length", "stopped", "timeout", "refused")
+
+
+class Answer(str):
+    """An answer's text (a ``str``) that also says why it ended (``finish_reason``, :data:`FINISH_REASONS`)."""
+
+    finish_reason: str | None
+
+    def __new__(cls, text: str, finish_reason: str | None = None):
+        out = super().__new__(cls, text)
+        out.finish_reason = finish_reason
+        return out
+
 #: Generation stops when the answer starts a new template section (``\n### ``), which an
 #: undertrained model does instead of ending with EOS; the marker is not part of the answer.
 STOP_MARKER = "\n### "
@@ -97,6 +113,7 @@ class Session:
         self._cache_keys: list = []  # one key per token in the cache
         self._cache_is_image: list[bool] = []
         self.last_stats: dict = {}
+        self.finish_reason: str | None = None  # why the last answer ended (FINISH_REASONS); None while it runs
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -306,7 +323,8 @@ class Session:
 
     def stream(self, question: str, images: Sequence = (), **gen) -> Iterator[str]:
         """Add a round and yield its answer in text pieces as they are generated. Closing the
-        generator early (a Stop button) keeps the partial answer. Bad input raises before anything
+        generator early (a Stop button) keeps the partial answer. Once it has ended, :attr:`finish_reason`
+        says why: ``stop``, ``length`` or ``stopped`` (closed early). Bad input raises before anything
         changes (:meth:`prepare_round`): :class:`~visualchat.images.ImageError`,
         :class:`TooManyImagesError`, :class:`ContextWindowError`, ``ValueError`` for an empty question
         or a bad generation setting."""
@@ -331,8 +349,10 @@ class Session:
         last = self.conversation.rounds[-1]
         return self.generate(self.prepare_round(last.question, last.images, redo=True, **gen))
 
-    def ask(self, question: str, images: Sequence = (), **gen) -> str:
-        return "".join(self.stream(question, images, **gen))
+    def ask(self, question: str, images: Sequence = (), **gen) -> Answer:
+        """The whole answer: a ``str`` whose ``finish_reason`` is ``stop`` or ``length``."""
+        text = "".join(self.stream(question, images, **gen))
+        return Answer(text, self.finish_reason)
 
     def _run(self, r: Rendered, cfg: GenerationConfig, max_tokens: int, new_round: bool) -> Iterator[str]:
         rnd = self.conversation.rounds[-1]
@@ -340,7 +360,8 @@ class Session:
         eos = self.vc.template.eos_id
         ids: list[int] = []
         t0 = time.perf_counter()
-        self.last_stats = {}
+        self.last_stats, self.finish_reason = {}, None
+        ending = "stopped"  # until the loop below ends by itself
         try:
             logits = self._prefill(r)
         except BaseException:  # the prefill failed: drop the cache, and the round if this call added it
@@ -363,11 +384,14 @@ class Session:
                 if safe > sent:
                     yield text[sent:safe]
                     sent = safe
+            cut = ids[-1] != eos and STOP_MARKER not in streamer.text and len(ids) >= max_tokens
             text = streamer.text.split(STOP_MARKER)[0]
             if len(text) > sent:
                 yield text[sent:]
+            ending = "length" if cut else "stop"
         except Exception:  # a forward failed mid-answer: its cache may hold a token its keys lack
             self.drop_cache()
+            ending = None
             raise
         finally:  # also on Stop (GeneratorExit) or an error mid-answer: keep what was generated
             text = streamer.text
@@ -375,6 +399,7 @@ class Session:
                 text = text[: text.index(STOP_MARKER)]
                 ids = self.vc.template.encode_text(text.strip())
             rnd.answer = text.strip()
+            self.finish_reason = ending
             self._answer_ids[-1] = ids + ([eos] if not ids or ids[-1] != eos else [])
             dt = time.perf_counter() - t0
             self.last_stats.update(new_tokens=len(ids), total_s=dt,

@@ -1,6 +1,7 @@
 """The stateless API's input and the web server's request plumbing (Gradio-specific): the images of a
 ``/generate`` request (uploaded files, data URLs, base64), the whole request checked up front, noticing
-an answer nobody reads, dropping Gradio's copy of a finished request, and an ASGI cap on request bodies."""
+an answer nobody reads, dropping Gradio's copy of a finished request, and an ASGI guard on request bodies
+(their size, and file entries that are not uploads)."""
 from __future__ import annotations
 
 import base64
@@ -12,41 +13,49 @@ from visualchat.images import ImageError
 from visualchat.serving import Limits, check_generation, check_text
 
 
-class RequestSizeLimit:
-    """ASGI middleware: refuse (413, with a message) a POST body over ``max_bytes`` before the web app
-    parses it. Gradio caps file uploads (``max_file_size``, the /upload route, left alone here) but
-    reads any JSON body whole into memory and keeps it while the request waits in the queue."""
+class RequestGuard:
+    """ASGI middleware that refuses, before the web app parses it, (a) a POST body over ``max_bytes``
+    (413): Gradio caps file uploads (``max_file_size``, the /upload route, left alone here) but reads any
+    JSON body whole into memory and keeps it while the request waits in the queue; (b) a JSON body with a
+    Gradio file entry (``{"path": ..., "meta": {"_type": "gradio.FileData"}}``) that is not a file uploaded
+    to this server (400): a server path, ``../``, ``file://`` or a web URL. Gradio refuses those too, but
+    prints a 30-45 line traceback per request (anyone could flood the log) and tells the caller the
+    server's working directory. Each refusal here logs one line (:func:`webapp.refusal.log_refusal`)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, upload_dir: str | None = None):
+        self.app, self.max_bytes, self.upload_dir = app, max_bytes, upload_dir
 
-    async def _refuse(self, receive, send, size_text: str, more: bool = True) -> None:
+    async def _refuse(self, receive, send, status: int, message: str, route: str, knob: str | None = None,
+                      more: bool = True) -> None:
         import json
+
+        from .refusal import log_refusal
 
         while more:  # read the rest without keeping it, so the client gets to read the answer
             msg = await receive()
             more = msg["type"] == "http.request" and msg.get("more_body", False)
-
-        body = json.dumps({"detail": f"the request body is {size_text} bytes; this server accepts at most "
-                                     f"{self.max_bytes:,} (--max-request-size). Send large images with "
-                                     "gradio_client.handle_file(...) instead of inline base64"}).encode()
-        await send({"type": "http.response.start", "status": 413,
+        log_refusal(route, message, knob=knob)
+        body = json.dumps({"detail": message}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+    def _too_large(self, size_text: str) -> str:
+        return (f"the request body is {size_text} bytes; this server accepts at most {self.max_bytes:,}. Send "
+                "large images with gradio_client.handle_file(...) instead of inline base64")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path", "").rstrip("/").endswith("/upload"):
             return await self.app(scope, receive, send)
+        route = scope.get("path", "")
         length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                n = -1
-            if n > self.max_bytes:
-                return await self._refuse(receive, send, f"{n:,}")
-            return await self.app(scope, receive, send)
-        chunks, total = [], 0  # no length given (chunked): read up to the limit, then replay
+        try:
+            n = int(length) if length is not None else None
+        except ValueError:
+            n = None
+        if n is not None and n > self.max_bytes:
+            return await self._refuse(receive, send, 413, self._too_large(f"{n:,}"), route, REQUEST_SIZE_KNOB)
+        chunks, total = [], 0  # read up to the limit (a chunked body has no length), then replay
         while True:
             msg = await receive()
             if msg["type"] != "http.request":
@@ -54,18 +63,61 @@ class RequestSizeLimit:
             chunks.append(msg.get("body", b""))
             total += len(chunks[-1])
             if total > self.max_bytes:
-                return await self._refuse(receive, send, f"over {self.max_bytes:,}", bool(msg.get("more_body")))
+                return await self._refuse(receive, send, 413, self._too_large(f"over {self.max_bytes:,}"), route,
+                                          REQUEST_SIZE_KNOB, more=bool(msg.get("more_body")))
             if not msg.get("more_body"):
                 break
+        body = b"".join(chunks)
+        del chunks
+        bad = foreign_file_entry(body, self.upload_dir)
+        if bad:
+            return await self._refuse(receive, send, 400, bad, route, more=False)
         sent = False
 
         async def replay():
             nonlocal sent
             if not sent:
                 sent = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
         return await self.app(scope, replay, send)
+
+
+REQUEST_SIZE_KNOB = "--max-request-size / VISUALCHAT_MAX_REQUEST_SIZE"
+
+
+def foreign_file_entry(body: bytes, upload_dir: str | None = None) -> str | None:
+    """Why a JSON request body is refused for a Gradio file entry that is not an upload to this server,
+    or None (no such entry, or not JSON: Gradio answers that). The same rule as Gradio's own check of an
+    input file (its path inside the upload folder; a web URL is never fetched), said without the path."""
+    if b"gradio.FileData" not in body:
+        return None
+    import json
+
+    from gradio.utils import abspath, get_upload_folder, is_in_or_equal
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    folder = upload_dir or get_upload_folder()
+    todo = [data]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, list):
+            todo.extend(x)
+        elif isinstance(x, dict):
+            meta = x.get("meta")
+            if isinstance(meta, dict) and meta.get("_type") == "gradio.FileData":
+                path = x.get("path")
+                if not isinstance(path, str) or path.startswith(("http://", "https://")) or \
+                        not is_in_or_equal(abspath(path), folder):
+                    return ("a file in this request was not uploaded to this server; upload it first "
+                            "(gradio_client.handle_file(path) does) or send the image inline as a "
+                            "data:image/png;base64,... string. Web URLs and server paths are not read")
+            else:
+                todo.extend(x.values())
+    return None
 
 
 
@@ -73,6 +125,7 @@ class RequestSizeLimit:
 # API input
 
 
+FILE_SIZE_KNOB = "--max-file-size / VISUALCHAT_MAX_FILE_SIZE"
 #: The media types a ``data:`` URL may declare (the formats visualchat.images opens).
 DATA_URL_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/gif", "image/webp", "image/bmp")
 
@@ -82,7 +135,7 @@ def _b64_payload(text: str, field: str, limits: Limits) -> bytes:
     size = len(text) * 3 // 4
     if size > limits.max_image_bytes:
         raise ImageError(f"{field} holds about {size:,} bytes of image data; this server accepts images of up to "
-                         f"{limits.max_image_bytes:,} bytes (--max-file-size)")
+                         f"{limits.max_image_bytes:,} bytes", knob=FILE_SIZE_KNOB)
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as e:
@@ -104,14 +157,15 @@ def api_image(item, upload_dir: str | None = None, limits: Limits | None = None,
         name = item.get("orig_name") if isinstance(item.get("orig_name"), str) else os.path.basename(path)
         if not is_in_or_equal(path, upload_dir or get_upload_folder()):
             raise ImageError(f"{field} ({name!r}) was not uploaded through this server; send it with "
-                             "gradio_client.handle_file(...) or as a data:image/...;base64, URL")
+                             "gradio_client.handle_file(...) or inline as a data:image/png;base64,... string "
+                             "(web URLs and server paths are not read)")
         try:
             size = os.path.getsize(path)
         except OSError:
             raise ImageError(f"{field} ({name!r}) is not on this server (upload it again)") from None
         if size > limits.max_image_bytes:
             raise ImageError(f"{field} ({name!r}) is {size:,} bytes; this server accepts images of up to "
-                             f"{limits.max_image_bytes:,} bytes (--max-file-size)")
+                             f"{limits.max_image_bytes:,} bytes", knob=FILE_SIZE_KNOB)
         return path
     if isinstance(item, str) and item.startswith("data:"):
         head, sep, payload = item.partition(",")
@@ -126,8 +180,8 @@ def api_image(item, upload_dir: str | None = None, limits: Limits | None = None,
     if isinstance(item, str) and item.startswith("base64:"):
         return _b64_payload(item[len("base64:"):], field, limits)
     got = "null" if item is None else ("a dict without 'path'" if isinstance(item, dict) else type(item).__name__)
-    raise ImageError(f"{field} must be a file (gradio_client.handle_file(path)), a data:image/...;base64, URL "
-                     f"or a 'base64:...' string, got {got}")
+    raise ImageError(f"{field} must be a file uploaded with gradio_client.handle_file(path), an inline "
+                     f"data:image/png;base64,... string or a 'base64:...' string, got {got}")
 
 
 def parse_api_conversation(conversation, limits: Limits | None = None,
@@ -181,7 +235,7 @@ def validate_api_request(server, conversation, max_new_tokens=128, temperature=0
     if not isinstance(model, str) or model not in server.models:
         got = repr(model) if isinstance(model, str) else ("null" if model is None else type(model).__name__)
         raise ValueError(f"model must be one of {sorted(server.models)}, got {got}"
-                         + ("" if server.compare.ready else f" ({server.compare.note})"))
+                         + ("" if server.compare.ready else " (the Compare tab's models are not loaded on this server)"))
     gen = check_generation(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed), server.limits)
     history, question, images = parse_api_conversation(conversation, server.limits)
@@ -237,3 +291,29 @@ def forget_request_inputs(request, api_name: str) -> int:
                 cfg["props"]["value"] = None
                 n += 1
     return n
+
+
+def forget_idle_sessions(request, idle_seconds: float = 30.0) -> int:
+    """Drop the sessions Gradio keeps that hold no state (no ``gr.State`` value was ever made in them) and
+    have not been used for ``idle_seconds``. Every POST to /gradio_api/call/<api_name> is a session of its
+    own, and Gradio keeps each session's copy of every component's config (about 240 KB for this page) for
+    up to 10,000 sessions: the stateless API grew the server by that much per request (bench/RESULTS.md,
+    issue 27's soak: +459 MB in 3,116 requests). Such a session holds nothing Gradio cannot rebuild on
+    its next request; a browser tab's conversation (its ``TabState``) is state and stays. Returns how many
+    were dropped."""
+    import datetime
+
+    try:
+        holder = request.request.app.get_blocks().state_holder
+    except Exception:  # not a queued Gradio request (a test calling the handler directly)
+        return 0
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=idle_seconds)
+    dropped = 0
+    with holder.lock:
+        for sid in list(holder.session_data):
+            used = holder.time_last_used.get(sid)
+            if used is not None and used < cutoff and not holder.session_data[sid].state_data:
+                del holder.session_data[sid]
+                holder.time_last_used.pop(sid, None)
+                dropped += 1
+    return dropped

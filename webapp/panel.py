@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterator
 
 from visualchat.session import INPUT_ERRORS
 
-from .views import (Throttle, chat_messages, esc, gallery_items, input_box, layer_choice, looked_note, outcome_html,
-                    split_message, status_html)
+from .refusal import log_refusal
+from .views import (SAMPLE_TEMPERATURE, Throttle, chat_messages, esc, gallery_items, greedy_regenerate, input_box,
+                    layer_choice, looked_note, outcome_html, split_message, stats_text, status_html)
 
 log = logging.getLogger("visualchat.app")
 
@@ -84,13 +85,15 @@ class Panel:
 
     def status(self, chats) -> str:
         """What the last request did: a lone model's outcome (with its stats); with several, each model's
-        outcome that is not a plain success, named (there is no Regenerate button to point to)."""
+        outcome, named: its speed when it answered, else what happened (there is no Regenerate button to
+        point to)."""
         if self.single:
             return outcome_html(chats[0])
         parts = []
         for label, c in zip(self.spec.labels, chats):
-            h = outcome_html(c, regenerate=False)
-            if h and c.status != "done":
+            h = (status_html("info", esc(stats_text(c, short=True))) if c.status == "done" else
+                 outcome_html(c, regenerate=False))
+            if h:
                 parts.append(h.replace(">", f"><b>{label}:</b> ", 1))
         return "".join(parts)
 
@@ -115,8 +118,7 @@ class Panel:
                 s.close()
                 if take_back:
                     c.undo()
-            for c in chats:
-                self._rejected(c, e)
+            self._rejected(chats, e)
             yield self.view(chats, status=outcome_html(chats[-1]))  # the message stays in the box, to fix and resend
             return
         yield from self._stream(chats, streams, clear_textbox)
@@ -144,12 +146,14 @@ class Panel:
             for s in streams:
                 s.close()
 
-    @staticmethod
-    def _rejected(chat, e: Exception) -> str:
+    def _rejected(self, chats, e: Exception) -> None:
+        """The request was refused before any model work (bad input, or the chat still busy): one log line."""
         if not isinstance(e, INPUT_ERRORS + (RuntimeError,)):
             log.exception("request failed")
-        chat.status, chat.error = "rejected", str(e)
-        return outcome_html(chat)
+        else:
+            log_refusal(f"the {self.spec.key} tab", e)
+        for chat in chats:
+            chat.status, chat.error, chat.finish_reason = "rejected", str(e), "refused"
 
     # -- handlers ------------------------------------------------------------------------------
     def send(self, message, tab, max_new_tokens, temperature, top_p, repetition_penalty):
@@ -166,6 +170,18 @@ class Panel:
             return
         gen = generation(max_new_tokens, temperature, top_p, repetition_penalty)
         yield from self._answer(self.chats(tab), lambda c: c.regenerate(**gen), clear_textbox=False)
+
+    def sample(self, tab, max_new_tokens, temperature, top_p, repetition_penalty):
+        """"Sample a different answer": Regenerate with sampling (the Temperature slider's value, or
+        SAMPLE_TEMPERATURE when it is at 0, where Regenerate would repeat the answer)."""
+        temperature = float(temperature) or SAMPLE_TEMPERATURE
+        yield from self.regenerate(tab, max_new_tokens, temperature, top_p, repetition_penalty)
+
+    def sample_offer(self, tab):
+        """The "Sample a different answer" button: shown after a Regenerate at temperature 0."""
+        import gradio as gr
+
+        return gr.Button(visible=self.ready and greedy_regenerate(self.chats(tab)[0]))
 
     def run_example(self, index, tab, max_new_tokens, temperature, top_p, repetition_penalty):
         """Clear the panel and play one of EXAMPLES round by round."""
@@ -195,8 +211,12 @@ class Panel:
         except RuntimeError as e:
             return self.view(chats, status=status_html("error", esc(e)))
         rnd = removed[-1]
-        note = (f"Removed the last round (“{esc(rnd.question[:80])}”)." if rnd else "Nothing to undo.")
-        return self.view(chats, status=status_html("info", note))
+        if rnd is None:
+            return self.view(chats, status=status_html("info", "Nothing to undo."))
+        note = (f"Removed the last round; its question{' and images are' if rnd.paths else ' is'} back in the "
+                "input box, to edit and send again.")
+        return self.view(chats, status=status_html("info", note),
+                         textbox=input_box(False, value={"text": rnd.question, "files": list(rnd.paths)}))
 
     def clear(self, tab):
         if not self.ready:
@@ -249,11 +269,12 @@ class Panel:
             return None, status_html("error", f"<b>Where it looked</b>: {esc(e)}.")
 
     def _draw_maps(self, owner, entries) -> list[tuple[str, str]]:
-        """Gallery items for ``entries`` (source image path, heat map, caption): each image with its map
-        drawn over it, written to the server's temp folder (replacing ``owner``'s previous ones)."""
+        """Gallery items for ``entries`` (source image path, heat map, caption): each image in its own
+        colours with its hot cells outlined, its map beside it, written to the server's temp folder
+        (replacing ``owner``'s previous ones)."""
         from PIL import Image
 
-        from visualchat.attention_maps import overlay
+        from visualchat.attention_maps import map_beside
         from visualchat.chat_session import _remove
 
         for p in self._overlays.pop(owner, []):
@@ -261,7 +282,7 @@ class Panel:
         items, paths = [], []
         for src, heat, caption in entries:
             with Image.open(src) as im:
-                drawn = overlay(im, heat)
+                drawn = map_beside(im, heat)
             path = os.path.join(self.server.tmpdir, f"looked-{uuid.uuid4().hex}.png")
             drawn.save(path, format="PNG", compress_level=1)
             paths.append(path)

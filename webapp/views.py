@@ -32,20 +32,35 @@ def chat_messages(chat) -> list[dict]:
             content.append(r.question)
         msgs.append({"role": "user", "content": content})
         answer = r.answer if r.answer else (GENERATING if r.answer is None else "*(no answer)*")
+        if r.finish_reason in FINISH_NOTES:
+            answer += f"\n\n*({FINISH_NOTES[r.finish_reason]})*"
         msgs.append({"role": "assistant", "content": answer})
     return msgs
+
+
+#: The note under an answer that did not end by itself (finish reason ``stop``: no note; a refused request
+#: adds no round, its reason is in the status line).
+FINISH_NOTES = {
+    "length": "cut off at the token limit: raise Max new tokens in Generation settings for longer answers",
+    "stopped": "stopped before the end",
+    "timeout": "stopped at this server's time limit per answer",
+}
 
 
 def gallery_items(chat) -> list[tuple[str, str]]:
     return [(p, f"Image {i}") for i, p in enumerate(chat.image_paths, 1)]
 
 
-def stats_text(chat) -> str:
+def stats_text(chat, short: bool = False) -> str:
+    """The last answer's timing: tokens, seconds, tokens/s, time to first token (``short``: the last two)."""
     s = chat.last_stats or {}
     if not s.get("new_tokens"):
         return ""
-    return (f"{s['new_tokens']} tokens in {s.get('total_s', 0):.1f} s · {s.get('tokens_per_s', 0):.1f} tokens/s · "
-            f"first token after {s.get('ttft_s', 0):.2f} s · {s.get('prefill_tokens', 0)} prompt tokens computed")
+    speed = f"{s.get('tokens_per_s', 0):.1f} tokens/s · first token after {s.get('ttft_s', 0):.2f} s"
+    if short:
+        return speed
+    return (f"{s['new_tokens']} tokens in {s.get('total_s', 0):.1f} s · {speed} · "
+            f"{s.get('prefill_tokens', 0)} prompt tokens computed")
 
 
 def outcome_html(chat, regenerate: bool = True) -> str:
@@ -60,8 +75,23 @@ def outcome_html(chat, regenerate: bool = True) -> str:
     if chat.status == "rejected":
         return status_html("error", f"<b>Not sent</b>: {esc(chat.error)}. The conversation is unchanged.")
     if chat.status == "done":
+        if regenerate and greedy_regenerate(chat):
+            return status_html("warn", f"{esc(stats_text(chat))}<br>{SAME_ANSWER_NOTE}")
         return status_html("info", esc(stats_text(chat)))
     return ""
+
+
+#: Sampling's temperature for "Sample a different answer" when the slider is at 0.
+SAMPLE_TEMPERATURE = 0.7
+SAME_ANSWER_NOTE = ("<b>Same answer:</b> at temperature 0 the model always picks its most likely next word, so "
+                    "Regenerate gives this same answer every time. Press <b>Sample a different answer</b> to draw "
+                    f"one at temperature {SAMPLE_TEMPERATURE:g}, or raise Temperature in Generation settings.")
+
+
+def greedy_regenerate(chat) -> bool:
+    """Whether the chat's last answer was a Regenerate at temperature 0 (which repeats the answer)."""
+    kind, gen = chat.last_request
+    return kind == "regenerate" and not gen.get("temperature")
 
 
 def trained_on_shapes(vc) -> bool:
@@ -90,7 +120,8 @@ def looked_note(named_maps: list, layer: int | None) -> str:
     rows, cols = m0.grid
     which = f"the mean of all {m0.n_layers} layers" if layer is None else f"layer {layer + 1} of {m0.n_layers}"
     text = (f"<b>Where it looked</b>: the last answer's attention over each image's {m0.image_tokens} tokens "
-            f"({rows}×{cols}), averaged over the answer's tokens, all heads and {which}; brighter = more. "
+            f"({rows}×{cols}), averaged over the answer's tokens, all heads and {which}, drawn beside each image; "
+            "brighter = more. Outlined on both: the fewest cells that hold half of it. "
             "Captions: each image's share of the attention the answer paid to images.")
     for name, m in named_maps:
         who = f"{name}" if name else "This model"
@@ -136,12 +167,12 @@ class Throttle:
 
 
 
-def input_box(busy: bool, clear: bool = False):
+def input_box(busy: bool, clear: bool = False, value: dict | None = None):
     """The input box while an answer is generated (a stop button instead of send, as in most chat
-    apps; cleared when the message was taken) or idle again."""
+    apps; cleared when the message was taken) or idle again (``value``: what to put in it)."""
     import gradio as gr
 
-    kw = {"value": dict(EMPTY_MESSAGE)} if clear else {}
+    kw = {"value": dict(EMPTY_MESSAGE)} if clear else {"value": value} if value is not None else {}
     return gr.MultimodalTextbox(submit_btn=not busy, stop_btn=busy, **kw)
 
 

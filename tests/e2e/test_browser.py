@@ -41,21 +41,28 @@ def app_url(tiny_tokenizer, tiny_clip_dir):
         s.__exit__(None, None, None)
 
 
-@pytest.fixture(scope="module")
-def page(app_url):
+def chromium_page(width: int, height: int):
+    """A page of Debian's Chromium (driven by Playwright, nothing downloaded) in a fresh profile, at
+    ``width`` x ``height``; a generator for a fixture to yield from."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (never `playwright install`)")
-    os.makedirs(ARTIFACTS, exist_ok=True)
     profile = tempfile.mkdtemp(prefix="vc-chromium-")
     with sync_api.sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS,
-                                                   viewport={"width": 1366, "height": 768})
+                                                   viewport={"width": width, "height": height})
         pg = ctx.new_page()
         pg.set_default_timeout(30_000)
-        pg.goto(app_url)
-        pg.wait_for_selector("#message textarea")
         yield pg
         ctx.close()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    for pg in chromium_page(1366, 768):
+        pg.goto(app_url)
+        pg.wait_for_selector("#message textarea")
+        yield pg
 
 
 def shot(pg, name):
@@ -107,11 +114,11 @@ def test_chat_upload_two_images_stream_stop_and_compare(page):
     shot(pg, "2-answered.png")
 
     # 2. a long answer, stopped half-way: the partial answer stays
-    pg.get_by_text("Generation settings").click()
+    pg.get_by_text("Generation settings", exact=True).click()
     box = pg.locator("#max-new-tokens input[type=number]")
     box.fill("300")
     box.press("Enter")
-    pg.get_by_text("Generation settings").click()
+    pg.get_by_text("Generation settings", exact=True).click()
     pg.locator("#message textarea").fill("Tell me a long story about Image 2.")
     pg.locator("#message textarea").press("Enter")
     wait_for(lambda: len(bot_texts(pg)) == 2 and len(bot_texts(pg)[-1]) > 20)
@@ -183,7 +190,7 @@ def test_compare_stop_note_trash_icon_and_both_maps(page, app_url):
     pg = page
     pg.goto(app_url)
     pg.wait_for_selector("#message textarea")
-    pg.get_by_text("Generation settings").click()  # long answers (the settings serve both tabs), to stop one
+    pg.get_by_text("Generation settings", exact=True).click()  # long answers (the settings serve both tabs), to stop one
     box = pg.locator("#max-new-tokens input[type=number]")
     box.fill("300")
     box.press("Enter")
