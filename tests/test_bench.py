@@ -231,3 +231,17 @@ def test_prompt_lookup_estimate_drafts_from_earlier_text_and_counts_forwards():
     assert forwards_for(context, [10, 11, 12, 13, 14], 1) == 2
     # nothing recurs: one forward per token after the first
     assert forwards_for(context, [20, 21, 22, 23], 4) == 3
+
+
+def test_front_end_speed_interleaves_the_sessions_and_transformers(tiny_vc, tiny_tokenizer):
+    """bench/front_end_speed.py on a tiny model: every side decodes and gets a positive rate over its own
+    time; transformers decodes exactly the tokens asked; the streamer and a full decode agree."""
+    from bench import front_end_speed
+    from tests.conftest import color_image
+
+    ids = torch.tensor([tiny_tokenizer("What is in the image? " * 4).input_ids])
+    rates = front_end_speed.interleaved({"a": tiny_vc}, tiny_vc.model.lm, ids, [color_image((200, 0, 0))], 5)
+    assert set(rates) == {"a", "hf"} and rates["hf"][1] == 5 and 1 <= rates["a"][1] <= 5
+    assert all(positive(r) for r, n in rates.values() if n > 1)
+    windowed, whole = front_end_speed.streamer_cost(tiny_tokenizer, tiny_tokenizer("naïve café 🙂 " * 5).input_ids, 1)
+    assert positive(windowed) and positive(whole)
