@@ -84,9 +84,9 @@ def _env_bool(name: str, default: bool = False) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from visualchat.serving import Limits
+    from visualchat.limits import Limits
 
-    limits = Limits()  # the per-request limits' defaults are written once, in visualchat.serving.Limits
+    limits = Limits.from_env()  # the limit flags' defaults: visualchat.limits, the one reader of their variables
     p = argparse.ArgumentParser(
         prog="python app.py",
         description="VisualChat web app (Gradio): chat about several images over several rounds, compare a "
@@ -150,26 +150,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="answers generated at the same time (the rest wait in the queue) [VISUALCHAT_CONCURRENCY]")
     s.add_argument("--max-new-tokens", type=int, default=int(_env("VISUALCHAT_MAX_NEW_TOKENS", 128)),
                    help="default of the max-new-tokens slider [VISUALCHAT_MAX_NEW_TOKENS]")
-    s.add_argument("--max-file-size", default=_env("VISUALCHAT_MAX_FILE_SIZE", "25mb"),
+    s.add_argument("--max-file-size", default=limits.max_image_bytes,
                    help="largest upload Gradio accepts, and the largest data:/base64 image /generate decodes "
                         "(refused by its length first) [VISUALCHAT_MAX_FILE_SIZE]")
     lim = p.add_argument_group("limits per request (checked before any decoding or model work)")
-    lim.add_argument("--max-new-tokens-limit", type=int, default=int(_env("VISUALCHAT_MAX_NEW_TOKENS_LIMIT", limits.max_new_tokens)),
+    lim.add_argument("--max-new-tokens-limit", type=int, default=limits.max_new_tokens,
                      help="largest max_new_tokens a request may ask for; more is refused with a message "
                           "[VISUALCHAT_MAX_NEW_TOKENS_LIMIT]")
-    lim.add_argument("--max-question-chars", type=int, default=int(_env("VISUALCHAT_MAX_QUESTION_CHARS", limits.max_question_chars)),
+    lim.add_argument("--max-question-chars", type=int, default=limits.max_question_chars,
                      help="longest question, in characters (an API round's earlier answer: 4x this) "
                           "[VISUALCHAT_MAX_QUESTION_CHARS]")
-    lim.add_argument("--answer-seconds", type=float, default=float(_env("VISUALCHAT_ANSWER_SECONDS", limits.answer_seconds)),
+    lim.add_argument("--answer-seconds", type=float, default=limits.answer_seconds,
                      help="wall-clock limit per answer, checked between tokens: the answer so far is kept "
                           "[VISUALCHAT_ANSWER_SECONDS]")
-    lim.add_argument("--unread-seconds", type=float, default=float(_env("VISUALCHAT_UNREAD_SECONDS", limits.unread_seconds)),
+    lim.add_argument("--unread-seconds", type=float, default=limits.unread_seconds,
                      help="an API answer whose output nobody reads for this long (a POST to "
                           "/gradio_api/call/generate never fetched) is stopped [VISUALCHAT_UNREAD_SECONDS]")
-    lim.add_argument("--max-request-size", default=_env("VISUALCHAT_MAX_REQUEST_SIZE", "64mb"),
+    lim.add_argument("--max-request-size", default=limits.max_request_bytes,
                      help="largest API request body (inline base64 images included) read at all; larger ones get "
                           "HTTP 413 before they are parsed [VISUALCHAT_MAX_REQUEST_SIZE]")
-    lim.add_argument("--kv-cache-budget", default=_env("VISUALCHAT_KV_CACHE_BUDGET", "2gb"),
+    lim.add_argument("--kv-cache-budget", default=limits.kv_cache_budget,
                      help="all tabs' KV caches together; beyond it the least recently used tabs drop theirs and "
                           "rebuild it on their next round [VISUALCHAT_KV_CACHE_BUDGET]")
     s.add_argument("--share", action="store_true", default=_env_bool("VISUALCHAT_SHARE"),
@@ -190,13 +190,16 @@ def serve_options(args: argparse.Namespace):
 
 
 def limits_from_args(args: argparse.Namespace):
-    from visualchat.serving import Limits, parse_size
+    from dataclasses import replace
 
-    return Limits(max_new_tokens=args.max_new_tokens_limit, max_question_chars=args.max_question_chars,
-                  max_image_bytes=parse_size(args.max_file_size, "--max-file-size"),
-                  answer_seconds=args.answer_seconds, unread_seconds=args.unread_seconds,
-                  kv_cache_budget=parse_size(args.kv_cache_budget, "--kv-cache-budget"),
-                  max_request_bytes=parse_size(args.max_request_size, "--max-request-size"))
+    from visualchat.limits import Limits, parse_size
+
+    return replace(Limits.from_env(),  # the image limits from the environment, the others from the flags
+                   max_new_tokens=args.max_new_tokens_limit, max_question_chars=args.max_question_chars,
+                   max_image_bytes=parse_size(args.max_file_size, "--max-file-size"),
+                   answer_seconds=args.answer_seconds, unread_seconds=args.unread_seconds,
+                   kv_cache_budget=parse_size(args.kv_cache_budget, "--kv-cache-budget"),
+                   max_request_bytes=parse_size(args.max_request_size, "--max-request-size"))
 
 
 # ---------------------------------------------------------------------------------------------------

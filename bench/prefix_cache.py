@@ -108,7 +108,8 @@ def build_vc(args):
     dev = torch.device(args.device)
     if args.model == "default":
         vc = VisualChat.from_pretrained(None, device=dev)
-        return vc, f"embedded default (SmolLM2-135M-Instruct + EfficientNet-Lite0, shipped checkpoint), {vc.model.lm.dtype}"
+        return vc, (f"embedded default (SmolLM2-135M-Instruct + EfficientNet-Lite0, shipped checkpoint), {vc.model.lm.dtype}, "
+                    f"LM weights {vc.lm_weights}")
     from train.tiny import build_tokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[

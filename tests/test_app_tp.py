@@ -66,9 +66,10 @@ def _worker(ckpt_root: str, out_path: str) -> None:
         answers.append(send("mmca", "Compare Image 1 and Image 2.", ims[:2]))
         return answers
 
-    # the 1-rank reference: plain PyTorch, unsharded, loaded before the process group exists
-    ref = {name: VisualChat.from_pretrained(os.path.join(ckpt_root, name), lm=lm, vision="clip:" + clip, device="cpu")
-           for name in ("chat", "ca", "mmca")}
+    # the 1-rank reference: plain PyTorch, unsharded, fp32 weights (AutoTP shards those), loaded before the
+    # process group exists
+    ref = {name: VisualChat.from_pretrained(os.path.join(ckpt_root, name), lm=lm, vision="clip:" + clip, device="cpu",
+                                            lm_weights="fp32") for name in ("chat", "ca", "mmca")}
     ref_sessions = {name: vc.new_session() for name, vc in ref.items()}
     ids = torch.tensor([list(range(3, 40))])
     is_img = torch.zeros_like(ids, dtype=torch.bool)
@@ -220,11 +221,11 @@ def test_app_served_by_two_ranks_answers_like_one(tmp_path, tiny_tokenizer, tiny
     log = log_path.read_text()
     assert "AutoTP over 2 ranks" in log and "rank 1 follows rank 0" in log
     for model in ("chat", "ca", "mmca"):
-        vc = VisualChat.from_pretrained(paths[model], device="cpu")
+        vc = VisualChat.from_pretrained(paths[model], device="cpu", lm_weights="fp32")  # as the 2 ranks serve it
         s = vc.new_session()
         s.add_round("What is in Image 1?", [ims[0]], "Red.")
         assert served[model]["answer"] == s.ask("And Image 2 and Image 3?", ims[1:], **gen), model
-    s = VisualChat.from_pretrained(paths["chat"], device="cpu").new_session()
+    s = VisualChat.from_pretrained(paths["chat"], device="cpu", lm_weights="fp32").new_session()
     s.ask("Describe Image 1.", [ims[0]], max_new_tokens=12)
     shown = chatbot[-1]["content"]
     shown = shown[0]["text"] if isinstance(shown, list) else shown

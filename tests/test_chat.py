@@ -17,6 +17,15 @@ def test_one_shot_question_with_image(tiny_ckpt, tmp_path, capsys):
     assert rc == 0
 
 
+def test_the_cli_serves_the_apps_weight_format_and_fp32_is_one_flag_away(tiny_ckpt, capsys):
+    from visualchat import lowp
+
+    assert chat.main(["--checkpoint", tiny_ckpt, "--ask", "Hi?", "--max_new_tokens", "2"]) == 0
+    assert f"LM weights {lowp.resolve('auto', 'cpu')[0]}" in capsys.readouterr().err
+    assert chat.main(["--checkpoint", tiny_ckpt, "--ask", "Hi?", "--max_new_tokens", "2", "--lm_weights", "fp32"]) == 0
+    assert "LM weights fp32\n" in capsys.readouterr().err
+
+
 def test_bad_image_is_a_clear_error(tiny_ckpt, tmp_path, capsys):
     (tmp_path / "x.png").write_bytes(b"not a png")
     rc = chat.main(["--checkpoint", tiny_ckpt, "--image", str(tmp_path / "x.png"), "--ask", "What?"])

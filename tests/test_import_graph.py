@@ -95,3 +95,35 @@ def test_no_import_cycles():
 def test_resume_and_trainer_do_not_import_each_other():
     g = graph()
     assert "train.trainer" not in g["train.resume"] and "train.resume" in g["train.trainer"]
+
+
+def limit_variable_reads(source: str, names: set[str]) -> list[str]:
+    """The limit variables ``source`` reads: a call given one of ``names`` as a positional argument
+    (``os.environ.get(N)``, ``os.getenv(N)``, an ``_env(N, ...)`` helper) or a subscript by one
+    (``os.environ[N]``). Names in messages, help texts or keyword arguments are not reads."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            args = node.args
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+            args = [node.slice]
+        else:
+            continue
+        found += [a.value for a in args if isinstance(a, ast.Constant) and a.value in names]
+    return found
+
+
+def test_only_the_limits_module_reads_limit_variables():
+    """visualchat/limits.py (``Limits.from_env``) is the one reader of the VISUALCHAT_* limit variables."""
+    from visualchat.limits import ENV
+
+    names = set(ENV.values())
+    assert limit_variable_reads('import os\nos.environ.get("VISUALCHAT_MAX_SIDE")\n_env("VISUALCHAT_MAX_PIXELS", 1)\n'
+                                'os.environ["VISUALCHAT_MAX_ASPECT"]\nraise E("raise VISUALCHAT_MAX_SIDE", knob="VISUALCHAT_MAX_SIDE")',
+                                names) == ["VISUALCHAT_MAX_SIDE", "VISUALCHAT_MAX_PIXELS", "VISUALCHAT_MAX_ASPECT"]
+    files = [os.path.join(ROOT, "app.py")] + [os.path.join(d, f) for pkg in PACKAGES + ("webapp",)
+                                              for d, _, fs in os.walk(os.path.join(ROOT, pkg)) for f in fs if f.endswith(".py")]
+    readers = {os.path.relpath(f, ROOT): found for f in files
+               if (found := limit_variable_reads(open(f, encoding="utf-8").read(), names))}
+    readers.pop(os.path.join("visualchat", "limits.py"), None)
+    assert not readers, readers

@@ -52,7 +52,7 @@ def _lora_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir):
     from visualchat.model import VisualChat
 
     lm_dir, plain_dir = save_tiny_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir)
-    adapted = VisualChat.from_pretrained(plain_dir, lm=lm_dir, device="cpu")
+    adapted = VisualChat.from_pretrained(plain_dir, lm=lm_dir, device="cpu", lm_weights="fp32")  # as the trainer has it
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     inject(adapted.model.lm, lora)
     with torch.no_grad():

@@ -284,8 +284,22 @@ def test_converted_weights_survive_float_and_a_shared_lm_keeps_its_format(tiny_c
     assert any(isinstance(m, lowp.LowpLinear) and m.fmt == "fp16" for m in vc.model.lm.modules())
     other = VisualChat.from_pretrained(tiny_ckpt, device="cpu", share_with=vc, lm_weights="auto")
     assert other.lm_weights == "fp16"
-    plain = VisualChat.from_pretrained(tiny_ckpt, device="cpu")  # the library default: as loaded
+
+
+def test_library_default_is_the_apps_weight_format_and_fp32_is_one_argument_away(tiny_ckpt):
+    """``from_pretrained`` without ``lm_weights`` serves what the app serves on CPU (``auto``: fp16 where
+    fbgemm is); ``lm_weights="fp32"`` keeps the weights as loaded; a non-float32 dtype is left alone."""
+    from visualchat.model import VisualChat
+
+    fast = VisualChat.from_pretrained(tiny_ckpt, device="cpu")
+    assert fast.lm_weights == lowp.resolve("auto", "cpu")[0]
+    if fast.lm_weights == "fp16":
+        assert any(isinstance(m, lowp.LowpLinear) and m.fmt == "fp16" for m in fast.model.lm.modules())
+    plain = VisualChat.from_pretrained(tiny_ckpt, device="cpu", lm_weights="fp32")
     assert plain.lm_weights == "fp32" and not any(isinstance(m, lowp.LowpLinear) for m in plain.model.lm.modules())
+    half = VisualChat.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.bfloat16)
+    assert half.lm_weights == "fp32" and not any(isinstance(m, lowp.LowpLinear) for m in half.model.lm.modules())
+    assert half.new_session().ask("Hi?", max_new_tokens=2) is not None
 
 
 def test_serving_dtype_plan():
@@ -312,7 +326,7 @@ def test_default_model_greedy_text_equal_in_fp16():
     if lowp.fp16_unsupported_reason() is not None:
         pytest.skip("fp16 not supported here")
     ims = [Image.open(os.path.join(ASSETS_DIR, "examples", f"shapes_{i}.png")) for i in (4, 5)]
-    vc = VisualChat.from_pretrained(None, device="cpu")
+    vc = VisualChat.from_pretrained(None, device="cpu", lm_weights="fp32")
 
     def talk():
         s = vc.new_session()

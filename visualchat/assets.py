@@ -13,7 +13,11 @@ log = logging.getLogger(__name__)
 DEFAULT_LM = "default"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+#: the shipped checkpoints and example images: the checkout's assets/ folder, or where ``pip install .``
+#: puts them (visualchat/_assets, pyproject.toml's package data)
+_INSTALLED_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_assets")
+ASSETS_DIR = _INSTALLED_ASSETS if os.path.isdir(_INSTALLED_ASSETS) else os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 CHECKPOINTS_DIR = os.path.join(ASSETS_DIR, "checkpoints")
 DEFAULT_CHECKPOINT = "shapes-mmca"
 DEFAULT_CA_CHECKPOINT = "shapes-ca"

@@ -17,6 +17,10 @@ def parse_args(argv=None):
     p.add_argument("--lm", default=None, help="override the base LM (HF id or local path)")
     p.add_argument("--vision", default=None, help="override the vision encoder spec")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--lm_weights", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                   help="CPU: the frozen LM's linear-weight format (visualchat.lowp). auto, the default, is what "
+                        "the app serves: fp16 where the CPU has it (faster, the same answers); fp32 keeps the "
+                        "weights as loaded")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0)
@@ -33,7 +37,9 @@ def main(argv=None) -> int:
     from .session import INPUT_ERRORS, TooManyImagesError
 
     print("loading the model ...", file=sys.stderr)
-    vc = VisualChat.from_pretrained(args.checkpoint, lm=args.lm, vision=args.vision, device=args.device)
+    vc = VisualChat.from_pretrained(args.checkpoint, lm=args.lm, vision=args.vision, device=args.device,
+                                    lm_weights=args.lm_weights)
+    print(f"LM weights {vc.lm_weights}" + (f" ({vc.lm_weights_note})" if vc.lm_weights_note else ""), file=sys.stderr)
     session = vc.new_session()
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                repetition_penalty=args.repetition_penalty)

@@ -48,19 +48,30 @@ def next_token(logits: torch.Tensor, previous: list[int], cfg: GenerationConfig,
 
 
 class TextStreamer:
-    """Turns a growing list of token ids into new text pieces, holding back incomplete UTF-8."""
+    """Turns token ids, pushed one at a time, into new text pieces, holding back incomplete UTF-8.
+
+    Each push decodes a short window, not the whole answer: the ids not yet in :attr:`text` together
+    with those of the piece before them, minus that piece's text. A tokenizer that spells a token by
+    its neighbour (SentencePiece's leading space, a character's bytes split over tokens, clean-up of
+    spaces before punctuation) so gives the same text as decoding all the ids at once."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._start = 0  # the window: ids[_start:] are decoded at each push ...
+        self._done = 0  # ... and ids[_start:_done] are already in text, as _done_text
+        self._done_text = ""
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        piece, self.text = text[len(self.text):], text
+        window = self.tokenizer.decode(self.ids[self._start:], skip_special_tokens=True)
+        if window.endswith("\ufffd") or len(window) <= len(self._done_text):
+            return ""  # a multi-byte character is not complete yet, or nothing new (a skipped special token)
+        piece = window[len(self._done_text):]
+        self.text += piece
+        self._start, self._done = self._done, len(self.ids)
+        self._done_text = self.tokenizer.decode(self.ids[self._start:self._done], skip_special_tokens=True)
         return piece
 
 

@@ -27,27 +27,17 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    if v in (None, ""):
-        return default
-    try:
-        n = int(v)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, got {v!r}") from None
-    if n < 1:
-        raise ValueError(f"{name} must be at least 1, got {n}")
-    return n
+from .limits import Limits
 
 
+_LIMITS = Limits.from_env()
 #: Largest image accepted, in pixels (width * height). Larger files are refused as possible
 #: decompression bombs. Override with the environment variable VISUALCHAT_MAX_PIXELS.
-MAX_PIXELS = _env_int("VISUALCHAT_MAX_PIXELS", 40_000_000)
+MAX_PIXELS = _LIMITS.max_pixels
 #: Longest side accepted, in pixels (VISUALCHAT_MAX_SIDE).
-MAX_SIDE = _env_int("VISUALCHAT_MAX_SIDE", 16_384)
+MAX_SIDE = _LIMITS.max_side
 #: Largest ratio of the longer to the shorter side (VISUALCHAT_MAX_ASPECT).
-MAX_ASPECT = _env_int("VISUALCHAT_MAX_ASPECT", 64)
+MAX_ASPECT = _LIMITS.max_aspect
 #: Decoded images are reduced to at most this many pixels on their longer side.
 DECODE_MAX_SIDE = 2048
 #: The file formats opened (Pillow's names); anything else is refused before its decoder runs.

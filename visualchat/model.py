@@ -236,15 +236,17 @@ class VisualChat:
     def from_pretrained(cls, path: str | None = None, *, lm: str | None = None, vision: str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         quantization: str | None = None, share_with: "VisualChat | None" = None,
-                        trust_remote_code: bool = False, lm_weights: str | None = None) -> "VisualChat":
+                        trust_remote_code: bool = False, lm_weights: str | None = "auto") -> "VisualChat":
         """Load a checkpoint directory. ``path=None`` loads the embedded default (SmolLM2-135M-Instruct
         + EfficientNet-Lite0) with its shipped MMCA checkpoint, or an untrained projection if none is
         shipped. ``lm``/``vision`` override where the base parts come from (e.g. a local copy of the
         LM the checkpoint names). ``share_with`` reuses another VisualChat's frozen LM and encoder
         (they must be the same base), so two checkpoints cost one model's memory; when either holds
         LoRA adapters (folded into the weights at load) it loads its own copy instead. ``lm_weights``:
-        the frozen LM's linear weights in ``fp16``/``bf16``/``fp32`` or ``auto`` on CPU (faster decode;
-        :mod:`visualchat.lowp`); None leaves them as loaded."""
+        the frozen LM's linear weights on CPU (:mod:`visualchat.lowp`): ``auto`` (the default, as the app
+        serves them: fp16 where the CPU has it, the fastest format that keeps the answers), ``fp16``,
+        ``bf16``, or ``fp32``/None to leave them as loaded. ``auto`` changes nothing on a GPU, for a
+        ``dtype`` other than float32, or with ``quantization``."""
         from .checkpoint import load_trainable
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -283,6 +285,8 @@ class VisualChat:
         vc = cls(model, tok, config, path=path, untrained=path is None)
         from . import lowp
 
+        if lowp.normalize(lm_weights) == "auto" and (dtype != torch.float32 or quantization):
+            lm_weights = None  # the formats are float32 in, float32 out; bitsandbytes has its own
         vc.lm_weights, vc.lm_weights_note = lowp.apply(base_lm, lm_weights, device)
         return vc
 

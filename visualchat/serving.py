@@ -1,4 +1,4 @@
-"""Serving: what one request may cost (:class:`Limits`), what to load and how (:class:`ServeOptions`),
+"""Serving: what one request may cost (:class:`~visualchat.limits.Limits`), what to load and how (:class:`ServeOptions`),
 loading the models (:meth:`Server.load`: the chat model, the CA vs MMCA pair, DeepSpeed-Inference
 and the ranks through :mod:`visualchat.tensor_parallel`), ZeroGPU, and stateless generation
 (:meth:`Server.stream`). A browser tab's conversation is :class:`visualchat.chat_session.ChatSession`;
@@ -28,6 +28,7 @@ import torch
 
 from .assets import DEFAULT_CA_CHECKPOINT, DEFAULT_CHECKPOINT, shipped_checkpoint
 from .config import VisualChatConfig
+from .limits import Limits
 from .session import Session
 from .tensor_parallel import Lockstep, dist_env, init_distributed, wrap_deepspeed
 
@@ -35,81 +36,7 @@ log = logging.getLogger("visualchat.serving")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Limits: what one request may cost
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "kib": 1024, "mib": 1024 ** 2,
-               "gib": 1024 ** 3}
-
-
-def parse_size(value, what: str = "size") -> int:
-    """Bytes from an int or a string like ``25mb``, ``500kb``, ``2gb`` (decimal units, as Gradio's
-    ``max_file_size``) or ``1GiB``."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a size like 25mb or a number of bytes, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(num):]
-        try:
-            n = int(float(num) * _SIZE_UNITS[unit])
-        except (KeyError, ValueError):
-            raise ValueError(f"{what} must be a size like 25mb, 500kb, 2gb or a number of bytes, got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"{what} must be positive, got {value!r}")
-    return n
-
-
-def _env_value(name: str, default, convert):
-    v = os.environ.get(name)
-    if v in (None, ""):
-        return default
-    try:
-        return convert(v)
-    except ValueError as e:
-        raise ValueError(f"environment variable {name}={v!r}: {e}") from None
-
-
-@dataclass
-class Limits:
-    """The server's bounds on one request's cost, checked before any decoding or model work (flags and
-    environment variables of ``app.py``; the README's table lists them)."""
-
-    max_new_tokens: int = 1024  # VISUALCHAT_MAX_NEW_TOKENS_LIMIT: a larger max_new_tokens is refused
-    max_question_chars: int = 4000  # VISUALCHAT_MAX_QUESTION_CHARS (earlier answers: 4x this)
-    max_image_bytes: int = 25_000_000  # VISUALCHAT_MAX_FILE_SIZE: also caps data:/base64 images before decoding
-    answer_seconds: float = 120.0  # VISUALCHAT_ANSWER_SECONDS: an answer stops generating after this long
-    unread_seconds: float = 15.0  # VISUALCHAT_UNREAD_SECONDS: an API answer nobody reads stops after this long
-    kv_cache_budget: int = 2_000_000_000  # VISUALCHAT_KV_CACHE_BUDGET: all tabs' KV caches together, bytes
-    max_request_bytes: int = 64_000_000  # VISUALCHAT_MAX_REQUEST_SIZE: an API request's body (uploads: max_file_size)
-
-    def __post_init__(self):
-        for name in ("max_new_tokens", "max_question_chars", "max_image_bytes", "kv_cache_budget", "max_request_bytes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"limit {name} must be a positive whole number, got {v!r}")
-        for name in ("answer_seconds", "unread_seconds"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
-                raise ValueError(f"limit {name} must be a positive number of seconds, got {v!r}")
-
-    @property
-    def max_answer_chars(self) -> int:
-        return 4 * self.max_question_chars
-
-    @classmethod
-    def from_env(cls) -> "Limits":
-        d = cls.__dataclass_fields__
-        return cls(
-            max_new_tokens=_env_value("VISUALCHAT_MAX_NEW_TOKENS_LIMIT", d["max_new_tokens"].default, int),
-            max_question_chars=_env_value("VISUALCHAT_MAX_QUESTION_CHARS", d["max_question_chars"].default, int),
-            max_image_bytes=_env_value("VISUALCHAT_MAX_FILE_SIZE", d["max_image_bytes"].default, parse_size),
-            answer_seconds=_env_value("VISUALCHAT_ANSWER_SECONDS", d["answer_seconds"].default, float),
-            unread_seconds=_env_value("VISUALCHAT_UNREAD_SECONDS", d["unread_seconds"].default, float),
-            kv_cache_budget=_env_value("VISUALCHAT_KV_CACHE_BUDGET", d["kv_cache_budget"].default, parse_size),
-            max_request_bytes=_env_value("VISUALCHAT_MAX_REQUEST_SIZE", d["max_request_bytes"].default, parse_size))
+# Checks of one request against the limits (visualchat.limits)
 
 
 def _is_number(v) -> bool:

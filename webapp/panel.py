@@ -13,6 +13,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from visualchat.assets import ASSETS_DIR
 from visualchat.session import INPUT_ERRORS
 
 from .refusal import log_refusal
@@ -21,8 +22,7 @@ from .views import (SAMPLE_TEMPERATURE, Throttle, chat_messages, esc, gallery_it
 
 log = logging.getLogger("visualchat.app")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES_DIR = os.path.join(ROOT, "assets", "examples")
+EXAMPLES_DIR = os.path.join(ASSETS_DIR, "examples")
 
 #: Ready-made conversations on the shapes scenes in assets/examples (what the default model is trained on):
 #: (title, [(question, [image files brought by that round]), ...]).

@@ -1,13 +1,13 @@
 """The simplest visual task, to measure how fast a model learns to read images: one object on a
 background, "What color is the <shape> in Image 1?", answer the colour.
 
-    python bench/colour_task.py make --out runs/colour-task [--draws 1500]
-    python bench/colour_task.py probe --data runs/colour-task/colour.jsonl [--train 400] [--vision SPEC ...]
+    python bench/color_task.py make --out runs/color-task [--draws 1500]
+    python bench/color_task.py probe --data runs/color-task/color.jsonl [--train 400] [--vision SPEC ...]
 
 ``make`` writes a ``jsonl`` data set (train/data/jsonl.py's format, PNGs beside it) of one-object
 scenes of the shapes world's train split (seed 5; a scene is kept only if it is itself a train-split
 scene, so none is among the test scenes of bench/color_readout.py); train on it with
-``python -m train --dataset_names jsonl --data_path runs/colour-task/colour.jsonl ...`` and score with
+``python -m train --dataset_names jsonl --data_path runs/color-task/color.jsonl ...`` and score with
 bench/color_readout.py. ``probe`` is the yardstick: a logistic-regression probe on the mean of the
 encoder's tokens, fitted on the first ``--train`` examples of that set and scored on
 bench/color_readout.py's 60 test scenes, i.e. what a plain linear classifier learns from the same
@@ -29,13 +29,13 @@ from bench.common import write_json  # noqa: E402
 
 
 def make(out: str, draws: int, seed: int = 5) -> int:
-    """Write ``out``/colour.jsonl and ``out``/images/; returns the number of conversations (a draw whose
+    """Write ``out``/color.jsonl and ``out``/images/; returns the number of conversations (a draw whose
     one-object scene is not a train-split scene is skipped)."""
     from train.data.shapes import Scene, color_qa, draw, random_scene, split_of
 
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rng, n = random.Random(seed), 0
-    with open(os.path.join(out, "colour.jsonl"), "w") as f:
+    with open(os.path.join(out, "color.jsonl"), "w") as f:
         for i in range(draws):
             s = random_scene(rng, "train")
             s = Scene(s.background, s.objects[:1], None)
@@ -85,13 +85,13 @@ def main(argv=None) -> int:
     m.add_argument("--out", required=True)
     m.add_argument("--draws", type=int, default=1500, help="scenes drawn (those not in the train split are skipped)")
     p = sub.add_parser("probe", help="linear-probe yardstick on the same examples")
-    p.add_argument("--data", required=True, help="colour.jsonl written by make")
+    p.add_argument("--data", required=True, help="color.jsonl written by make")
     p.add_argument("--train", type=int, default=400, help="examples the probe is fitted on")
     p.add_argument("--vision", nargs="+", default=["efficientnet-lite0", "efficientnet-lite0:stage4"])
     p.add_argument("--json", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     if a.cmd == "make":
-        print(f"wrote {make(a.out, a.draws)} conversations to {os.path.join(a.out, 'colour.jsonl')}")
+        print(f"wrote {make(a.out, a.draws)} conversations to {os.path.join(a.out, 'color.jsonl')}")
     else:
         write_json(a.json, {"data": a.data, "train": a.train, "accuracy": probe(a.data, a.train, a.vision)})
     return 0

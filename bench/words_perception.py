@@ -1,0 +1,77 @@
+"""How well does a ``words`` checkpoint's perception read the test scenes, apart from the LM's reasoning?
+
+    python bench/words_perception.py --checkpoint assets/checkpoints/shapes-mmca --n 100 [--out result.json]
+
+The ``words`` projection (``visualchat.projection.Words``) classifies every cell of an image (size,
+colour, shape, each with an "empty" class) and the written word; the LM then reads the predicted words.
+This scores those heads alone against the scene graphs (``train.data.shapes.concept_labels``) on the
+images of the first ``n`` test conversations, drawn plainly (as the training generator does) and each
+its own way (``--drawing varied``): accuracy per head over every cell, and the share of images whose
+every cell and word are right (an image read perfectly, which the LM needs for "describe").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import write_json  # noqa: E402
+
+
+@torch.no_grad()
+def perception(vc, n: int, drawing: str) -> dict:
+    from train.data.shapes import concept_labels, generate
+
+    net = vc.model.projection.net
+    images = {}
+    for s in generate("test", n, 0, drawing=drawing):
+        for r in s.conversation.rounds:
+            for im in r.images:
+                images.setdefault(im.file_name, im)
+    ims = list(images.values())
+    feats = torch.cat([vc.model.encode_images([im.load() for im in ims[i:i + 16]]) for i in range(0, len(ims), 16)])
+    logits = net.logits(feats.to(vc.model.projection.first.weight.dtype))
+    y = torch.tensor([concept_labels(im.scene) for im in ims])
+    cells = feats.shape[1]
+    heads = net.cell_heads
+    cell_y = y[:, :cells * len(heads)].reshape(len(ims), cells, len(heads))
+    ok = {h: logits[h].argmax(-1) == cell_y[..., i] for i, h in enumerate(heads)}
+    out = {h: float(v.float().mean()) for h, v in ok.items()}
+    for i, h in enumerate(net.image_heads):
+        ok[h] = logits[h].argmax(-1) == y[:, cells * len(heads) + i]
+        out[h] = float(ok[h].float().mean())
+    whole = torch.stack([ok[h].all(-1) for h in heads] + [ok[h] for h in net.image_heads]).all(0)
+    out["images"] = len(ims)
+    out["image_read_perfectly"] = float(whole.float().mean())
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default="assets/checkpoints/shapes-mmca")
+    ap.add_argument("--n", type=int, default=100, help="test conversations whose images are scored")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    from visualchat.model import VisualChat
+
+    vc = VisualChat.from_pretrained(a.checkpoint, device="cpu")
+    if vc.model.projection.kind != "words":
+        raise SystemExit(f"{a.checkpoint}: the projection is {vc.model.projection.spec!r}; this scores a 'words' one")
+    result = {"checkpoint": a.checkpoint, "n": a.n}
+    print("| drawing | images | " + " | ".join(vc.model.projection.net.labels()) + " | image read perfectly |")
+    print("|---" * (3 + len(vc.model.projection.net.labels())) + "|")
+    for drawing in ("plain", "varied"):
+        r = perception(vc, a.n, drawing)
+        result[drawing] = r
+        heads = " | ".join(f"{100 * r[h]:.1f}%" for h in vc.model.projection.net.labels())
+        print(f"| {drawing} | {r['images']} | {heads} | {100 * r['image_read_perfectly']:.1f}% |", flush=True)
+    write_json(a.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""`pip install .`: the wheel holds every package, the web app, the shipped assets and four commands; the
+requirements files are written from pyproject.toml's one list of dependencies."""
+import configparser
+import importlib
+import importlib.util
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COMMANDS = {"visualchat-chat", "visualchat-train", "visualchat-eval", "visualchat-app"}
+
+
+def test_requirements_files_are_written_from_pyproject():
+    r = subprocess.run([sys.executable, str(ROOT / ".ci" / "requirements.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def backend_ready() -> bool:
+    """setuptools >= 68 (pyproject.toml's build-system) with its bdist_wheel: its own from 70.1, else the
+    ``wheel`` package's."""
+    if importlib.util.find_spec("setuptools") is None:
+        return False
+    from importlib.metadata import version
+
+    v = tuple(int(x) for x in version("setuptools").split(".")[:2] if x.isdigit())
+    return v >= (70, 1) or (v >= (68, 0) and importlib.util.find_spec("wheel") is not None)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel `pip install .` builds, from a copy of the sources (a build writes into its tree)."""
+    if not backend_ready():
+        pytest.skip("no setuptools >= 68 able to build wheels here (pyproject.toml's build backend)")
+    src = tmp_path_factory.mktemp("src")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "screenshots")
+    for name in ("pyproject.toml", "README.md", "app.py"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("visualchat", "train", "webapp", "assets"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(src)], check=True, capture_output=True)
+    (path,) = out.glob("*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_the_wheel_has_every_package_the_app_and_the_assets(wheel):
+    names = set(wheel.namelist())
+    packages = {str(p.parent.relative_to(ROOT)) for top in ("visualchat", "train", "webapp")
+                for p in (ROOT / top).rglob("__init__.py") if "__pycache__" not in p.parts}
+    assert {f"{p}/__init__.py" for p in packages} <= names  # pyproject lists them by name: none forgotten
+    assert "visualchat_app/app.py" in names and "webapp/panel.py" in names
+    for ckpt in ("shapes-mmca", "shapes-ca"):
+        assert {f"visualchat/_assets/checkpoints/{ckpt}/config.json",
+                f"visualchat/_assets/checkpoints/{ckpt}/trainable.safetensors"} <= names
+    assert {f"visualchat/_assets/examples/{p.name}" for p in (ROOT / "assets" / "examples").glob("*.png")} <= names
+    assert {n.split("/")[0] for n in names} == {"visualchat", "train", "webapp", "visualchat_app",
+                                              next(n.split("/")[0] for n in names if ".dist-info/" in n)}
+
+
+def test_the_wheel_installs_the_four_commands(wheel):
+    (entry,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    cp = configparser.ConfigParser()
+    cp.read_string(wheel.read(entry).decode())
+    scripts = dict(cp["console_scripts"])
+    assert set(scripts) == COMMANDS
+    for target in scripts.values():
+        module, func = target.split(":")
+        module = "app" if module == "visualchat_app.app" else module  # app.py, as the wheel installs it
+        assert callable(getattr(importlib.import_module(module), func)), target
