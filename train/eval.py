@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON (shapes) or CSV (conversations) output path")
     p.add_argument("--lm_weights", default=None,
                    help="the frozen LM's linear weights: fp32, fp16, bf16 or auto (CPU; visualchat.lowp); "
-                        "default: as loaded (fp32 on CPU)")
+                        "default: the library's (auto: fp16 on a CPU that has it)")
     p.add_argument("--match", default=None, metavar="JSON",
                    help="a shapes result JSON of the same test set: report the share of rounds with the same "
                         "answer and the accuracy difference (e.g. fp16 weights against an fp32 run)")
