@@ -190,7 +190,7 @@ def test_lean_decode_state_follows_the_cache(tiny_tokenizer, tiny_clip_dir, monk
     step with the cache through a rebuild when their room runs out (ROOM = 4 here), a crop and the next
     round's prefill; the logits and the cache's keys and values are transformers' (float32 rounding
     apart), for MMCA with and without images and for causal attention."""
-    from visualchat import decode
+    from visualchat.kernels import decode
     from visualchat.encoders import build_encoder
     from visualchat.model import VisualChat
 
