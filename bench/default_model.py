@@ -84,8 +84,7 @@ def matmul_calls(vc) -> list:
     of the LM (today's path: q, k, v, o, gate, up, down per layer, then the head)."""
     from torch import nn
 
-    from visualchat.kernels import lowp
-    from visualchat.kernels import lean_decoder
+    from visualchat.kernels import lean_decoder, lowp
 
     lean = lean_decoder(vc)
     if lean is not None:
