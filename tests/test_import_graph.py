@@ -152,10 +152,10 @@ def test_nothing_outside_the_kernels_uses_their_private_names():
 
 
 def test_the_session_leaves_projection_and_decode_path_to_the_model():
-    """visualchat/session.py asks the model for image rows (``VisualChatModel.image_rows``) and its decode
+    """visualchat/session.py asks the model for image rows (``VisualChatModel.image_embeds``) and its decode
     step (``VisualChat.decode_step``): it reads no projection attribute and imports no fast path."""
     path = os.path.join(ROOT, "visualchat", "session.py")
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
     reads = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    assert not reads & {"projection", "per_token", "kind"} and "image_rows" in reads
+    assert not reads & {"projection", "per_token", "kind"} and "image_embeds" in reads
     assert not [m for m in graph()["visualchat.session"] if m.startswith("visualchat.kernels")]

@@ -91,7 +91,7 @@ def test_the_dispatch_picks_one_path_and_equals_the_reference(monkeypatch, case,
 
 
 @pytest.mark.parametrize("spec", ["linear", "mlp", "perceiver:4"])
-def test_image_rows_are_the_projected_rows_of_whole_images(tiny_tokenizer, tiny_clip_dir, spec):
+def test_image_embeds_are_the_projected_rows_of_whole_images(tiny_tokenizer, tiny_clip_dir, spec):
     """What the session feeds for any new image slots: the same rows whatever the projection kind."""
     from visualchat.encoders import build_encoder
     from visualchat.model import VisualChat
@@ -103,5 +103,5 @@ def test_image_rows_are_the_projected_rows_of_whole_images(tiny_tokenizer, tiny_
     rows = [(0, k - 1), (1, 0), (1, 2)]
     whole = vc.model.project(torch.stack(feats))
     with torch.no_grad():
-        got = vc.model.image_rows(feats, rows)
+        got = vc.model.image_embeds(feats, rows)
     torch.testing.assert_close(got, torch.stack([whole[i][j] for i, j in rows]).detach(), **TOL)

@@ -103,11 +103,12 @@ class VisualChatModel(nn.Module):
         """Encoder features of whole images ``[n, K_in, d_vis]`` -> LM rows ``[n, K, H]``."""
         return self.projection(feats.to(self.projection.first.weight.dtype))
 
-    def image_rows(self, features: Sequence[torch.Tensor], rows: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def image_embeds(self, features: Sequence[torch.Tensor], rows: Sequence[tuple[int, int]]) -> torch.Tensor:
         """The LM rows ``[len(rows), H]`` of the image slots ``rows``, ``(image, row)`` pairs with row < K,
         from each image's encoder features ``features[image]`` ``[K_in, d_vis]``. A per-token projection
         projects just those feature rows; the others (perceiver, words), whose rows each depend on the
-        whole image, project the whole images and keep the rows asked for."""
+        whole image, project the whole images and keep the rows asked for. What :meth:`forward` takes as
+        ``image_embeds``."""
         dev = self.projection.first.weight.device
         if self.projection.per_token:
             return self.project(torch.stack([features[i][j] for i, j in rows]).to(dev))

@@ -208,7 +208,7 @@ class Session:
         dev = self.vc.device
         n_img_before = sum(r.is_image[:p])
         new_rows = rows[n_img_before:]
-        image_embeds = self.vc.model.image_rows(self._features, new_rows) if new_rows else None
+        image_embeds = self.vc.model.image_embeds(self._features, new_rows) if new_rows else None
         ids = torch.tensor([r.input_ids[p:]], device=dev)
         is_img = torch.tensor([r.is_image[p:]], device=dev)
         kis = torch.tensor([r.is_image], device=dev)
