@@ -19,8 +19,8 @@ same inputs. Variants:
   original DeepSpeed-VisualChat code does (its Python mask loop is left out, which only favours it).
   It needs O(N^2) memory, so it is skipped above ``--eager_max`` (the table says so);
 - ``ours``: ``visualchat.attention.mmca_attention``, what the model runs (on CUDA it dispatches to the
-  fused Triton kernel when ``visualchat.attention_triton`` provides one);
-- ``Triton (direct)``: ``visualchat.attention_triton.mmca_attention_triton(q, k, v, key_is_image,
+  fused Triton kernel when ``visualchat.kernels.attention_triton`` provides one);
+- ``Triton (direct)``: ``visualchat.kernels.attention_triton.mmca_attention_triton(q, k, v, key_is_image,
   scale=...)`` called directly; only when that module imports and CUDA is present.
 
 Peak memory: on CUDA the ``torch.cuda.max_memory_allocated`` increase over what was allocated before
@@ -69,9 +69,9 @@ def triton_direct_fn():
     if not torch.cuda.is_available():
         return None, "no CUDA"
     try:
-        from visualchat.attention_triton import mmca_attention_triton
+        from visualchat.kernels.attention_triton import mmca_attention_triton
     except Exception as e:  # not written yet, triton missing, ...
-        return None, f"visualchat.attention_triton does not import: {type(e).__name__}: {e}"
+        return None, f"visualchat.kernels.attention_triton does not import: {type(e).__name__}: {e}"
 
     def fn(q, k, v, is_img, scale):
         return mmca_attention_triton(q, k, v, is_img, scale=scale)

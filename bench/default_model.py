@@ -61,7 +61,7 @@ def weight_bytes(lm) -> int:
     """Bytes of the LM's linear weights as stored (what a decode step reads), whatever their format."""
     from torch import nn
 
-    from visualchat import lowp
+    from visualchat.kernels import lowp
 
     total = 0
     for m in lm.modules():
@@ -84,8 +84,7 @@ def matmul_calls(vc) -> list:
     of the LM (today's path: q, k, v, o, gate, up, down per layer, then the head)."""
     from torch import nn
 
-    from visualchat import lowp
-    from visualchat.decode import lean_decoder
+    from visualchat.kernels import lean_decoder, lowp
 
     lean = lean_decoder(vc)
     if lean is not None:
@@ -284,7 +283,7 @@ def profile_decode(vc, ims, decode: str, new_tokens: int) -> list[tuple[str, flo
     total = sum(v[2] for v in st.values())
     from transformers.models.llama import modeling_llama as ml
 
-    from visualchat import lowp
+    from visualchat.kernels import lowp
 
     def at(fn):  # (file, first line) of a function, as cProfile keys it
         code = fn.__code__
@@ -294,7 +293,7 @@ def profile_decode(vc, ims, decode: str, new_tokens: int) -> list[tuple[str, flo
     groups = {
         # the innermost GEMM calls only (a fused group's parts call these too)
         "linear layers (the matmuls)": cum(lambda k: k[2] == "forward" and k[0].endswith(os.path.join("modules", "linear.py")))
-        + sum(cum(at(cls.forward)) for cls in lowp._CLASSES.values()),
+        + sum(cum(at(cls.forward)) for cls in lowp.CLASSES.values()),
         "attention (MMCA)": cum(lambda k: k[2] == "mmca_attention"),
         # Cache.update (which holds the layer's update)
         "KV cache update": max(updates, default=0.0),
@@ -317,7 +316,7 @@ def section_profile(vc, ims, new_tokens: int) -> list[tuple[str, float]]:
     session's bookkeeping). Milliseconds per token, in the order of the step."""
     from collections import Counter
 
-    from visualchat.decode import lean_decoder
+    from visualchat.kernels import lean_decoder
 
     os.environ["VISUALCHAT_DECODE"] = "lean"
     s = vc.new_session()

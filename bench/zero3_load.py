@@ -188,7 +188,7 @@ def probe_rank(flags: list[str], out_json: str) -> None:
     plan = T.preflight(args)
     D.init()
     t0 = time.time()
-    vcm, _, _ = T.build_model(args, plan)
+    vcm, _, _ = T.build_model(args, plan, T.deepspeed_config(args, plan))
     seconds = time.time() - t0
     lm = list(vcm.lm.parameters())
     st = proc_status()

@@ -112,7 +112,7 @@ class Slow:
 
         self.vc.model.forward = forward
         # every decode step must go through model.forward to be slowed or failed: switch off the lean
-        # LLaMA decode step (visualchat/decode.py), which runs the layers itself
+        # LLaMA decode step (visualchat/kernels/decode.py), which runs the layers itself
         if Slow.active == 0:
             Slow.saved_env = os.environ.get("VISUALCHAT_DECODE")
             os.environ["VISUALCHAT_DECODE"] = "hf"

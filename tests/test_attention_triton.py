@@ -1,4 +1,4 @@
-"""The fused Triton MMCA kernel (visualchat/attention_triton.py), forward and gradients, against a
+"""The fused Triton MMCA kernel (visualchat/kernels/attention_triton.py), forward and gradients, against a
 float64 reference written from the definition.
 
 On CPU the kernels run in triton's interpreter. ``triton.jit`` reads TRITON_INTERPRET when a kernel
@@ -259,7 +259,7 @@ def worker(out_json, names):
     """Runs in a fresh process with TRITON_INTERPRET=1 (set by the parent before python starts)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     _interpreter_compat()
-    from visualchat import attention_triton as mod
+    from visualchat.kernels import attention_triton as mod
 
     assert mod.INTERPRETED
     results = {}
@@ -344,7 +344,7 @@ def test_interpreted(case, interpreted):
 def _compiled_module():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set for this process: no compiled kernels here")
-    from visualchat import attention_triton
+    from visualchat.kernels import attention_triton
 
     return attention_triton
 

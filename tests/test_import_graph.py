@@ -127,3 +127,67 @@ def test_only_the_limits_module_reads_limit_variables():
                if (found := limit_variable_reads(open(f, encoding="utf-8").read(), names))}
     readers.pop(os.path.join("visualchat", "limits.py"), None)
     assert not readers, readers
+
+
+def test_the_fast_paths_do_not_import_the_reference():
+    """visualchat/attention.py (MMCA's reference) picks a fast path through visualchat.kernels; the
+    kernels never import the reference back (what they share is in visualchat.attention_common)."""
+    g = graph()
+    kernels = [m for m in g if m == "visualchat.kernels" or m.startswith("visualchat.kernels.")]
+    assert "visualchat.kernels.mmca_torch" in kernels and "visualchat.kernels" in g["visualchat.attention"]
+    assert not [m for m in kernels if "visualchat.attention" in g[m]]
+
+
+def private_kernel_uses(path: str) -> list[str]:
+    """``name (line)`` for each private name of a visualchat.kernels module that ``path`` imports or reads
+    (``from visualchat.kernels.lowp import _Fp16``, ``lowp._Fp16``)."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    inside = os.path.relpath(path, ROOT).replace(os.sep, "/").startswith("visualchat/")
+    bound, out = set(), []  # the local names bound to a kernels module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level and inside:  # relative imports inside visualchat: resolve against its path
+                parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)[:-node.level]
+                mod = ".".join(parts + ([mod] if mod else []))
+            if mod == "visualchat.kernels" or mod.startswith("visualchat.kernels."):
+                for a in node.names:
+                    if a.name.startswith("_"):
+                        out.append(f"{a.name} ({node.lineno})")
+                    bound.add(a.asname or a.name)
+            elif mod == "visualchat":
+                bound.update(a.asname or a.name for a in node.names if a.name == "kernels")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("visualchat.kernels"):
+                    bound.add(a.asname or a.name.split(".")[0])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                out.append(f"{node.attr} ({node.lineno})")
+    return out
+
+
+def test_nothing_outside_the_kernels_uses_their_private_names():
+    files = [os.path.join(ROOT, "app.py")]
+    for top in ("visualchat", "train", "webapp", "bench"):
+        for d, _, names in os.walk(os.path.join(ROOT, top)):
+            if not os.path.relpath(d, ROOT).replace(os.sep, "/").startswith("visualchat/kernels"):
+                files += [os.path.join(d, f) for f in names if f.endswith(".py")]
+    found = {os.path.relpath(f, ROOT): u for f in files if (u := private_kernel_uses(f))}
+    assert not found, f"private names of visualchat.kernels used outside it: {found}"
+    probe = os.path.join(ROOT, "tests", "test_lowp.py")  # the tests may: the checker sees them there
+    assert any(u.startswith("_Fp16") for u in private_kernel_uses(probe))
+
+
+def test_the_session_leaves_projection_and_decode_path_to_the_model():
+    """visualchat/session.py asks the model for image rows (``VisualChatModel.image_embeds``) and its decode
+    step (``VisualChat.decode_step``): it reads no projection attribute and imports no fast path."""
+    path = os.path.join(ROOT, "visualchat", "session.py")
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    reads = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not reads & {"projection", "per_token", "kind"} and "image_embeds" in reads
+    assert not [m for m in graph()["visualchat.session"] if m.startswith("visualchat.kernels")]

@@ -1,5 +1,5 @@
-"""The fast CPU decode path: LM weight formats (visualchat/lowp.py), the lean decode step
-(visualchat/decode.py) and MMCA's one-query branch (visualchat/attention.py)."""
+"""The fast CPU decode path: LM weight formats (visualchat/kernels/lowp.py), the lean decode step
+(visualchat/kernels/decode.py) and MMCA's one-query branch (visualchat/kernels/mmca_torch.py)."""
 import os
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from tests.conftest import color_image, save_tiny_checkpoint, tiny_llama
-from visualchat import attention, lowp
-from visualchat.decode import lean_decoder
+from visualchat import attention
+from visualchat.kernels import lean_decoder, lowp
 
 # fp16 stores each weight with a relative rounding error of at most 2**-11 (its unit roundoff); the
 # activations and accumulation stay float32. Through the tiny model's 2 layers and the head, each
@@ -190,7 +190,7 @@ def test_lean_decode_state_follows_the_cache(tiny_tokenizer, tiny_clip_dir, monk
     step with the cache through a rebuild when their room runs out (ROOM = 4 here), a crop and the next
     round's prefill; the logits and the cache's keys and values are transformers' (float32 rounding
     apart), for MMCA with and without images and for causal attention."""
-    from visualchat import decode
+    from visualchat.kernels import decode
     from visualchat.encoders import build_encoder
     from visualchat.model import VisualChat
 
@@ -234,14 +234,13 @@ def test_mmca_decode_branch_matches_the_general_path(groups, images):
         kis[0, 3:9] = True
         kis[0, 12:15] = True
     fast = attention.mmca_attention(q, k, v, kis, scale=0.3)
-    masks = attention.build_masks(kis, 1, None, "mmca")
-    ref = attention._sum_of_terms(q, k, v, masks, 0.3)
+    ref = attention.reference_attention(q, k, v, kis, scale=0.3)
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
     # an image query (not a decode step) is not the branch's case: it must fall back, not guess
     kis2 = kis.clone()
     kis2[0, -1] = True
     torch.testing.assert_close(attention.mmca_attention(q, k, v, kis2, scale=0.3),
-                               attention._sum_of_terms(q, k, v, attention.build_masks(kis2, 1, None, "mmca"), 0.3))
+                               attention.reference_attention(q, k, v, kis2, scale=0.3))
 
 
 def test_fp16_falls_back_cleanly_without_fbgemm(monkeypatch, tiny_tokenizer, tiny_clip_dir):

@@ -16,7 +16,7 @@ from tests.test_data_loaders import COLORS, CharTokenizer, cgd_ins, coco, img_by
 from train import cli
 from train import trainer as T
 from train.data.packing import pack_set
-from train.samples import build_samples_from_args, dump_debug_samples, parse_names
+from train.samples import build_samples_from_config, dump_debug_samples, parse_names
 from visualchat.template import Conversation, Round, Template
 
 N_LLAVA, N_DIAL = 600, 300
@@ -88,7 +88,7 @@ def paper_args(root, *extra):
 
 def build(args, convs_out=None):
     tpl = Template(CharTokenizer(), image_tokens=2)
-    return build_samples_from_args(args, parse_names(args.dataset_names), tpl, conversations_out=convs_out)
+    return build_samples_from_config(args, parse_names(args.dataset_names), tpl, conversations_out=convs_out)
 
 
 def band(n, k):

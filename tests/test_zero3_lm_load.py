@@ -32,7 +32,7 @@ for name in sys.argv[2:]:
                            "--precision", "fp32"])
     plan = T.preflight(args)
     try:
-        vcm, tok, _ = T.build_model(args, plan)
+        vcm, tok, _ = T.build_model(args, plan, T.deepspeed_config(args, plan))
     except TrainError as e:
         out[name] = {"error": str(e)}
         continue

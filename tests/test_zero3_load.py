@@ -22,7 +22,7 @@ args = cli.parse_args(["--preset", "smoke", "--engine", "deepspeed", "--zero_sta
                        sys.argv[1], "--no_progress", *sys.argv[3:]])
 plan = T.preflight(args)
 D.init()
-vcm, tok, _ = T.build_model(args, plan)
+vcm, tok, _ = T.build_model(args, plan, T.deepspeed_config(args, plan))
 lm = [p for p in vcm.lm.parameters()]
 full = sum(int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel() for p in lm)
 local = sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in lm)

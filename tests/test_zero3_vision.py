@@ -30,7 +30,7 @@ args = cli.parse_args(["--preset", "smoke", "--engine", "deepspeed", "--zero_sta
                        "--precision", precision])
 plan = T.preflight(args)
 D.init()
-vcm, tok, _ = T.build_model(args, plan)
+vcm, tok, _ = T.build_model(args, plan, T.deepspeed_config(args, plan))
 enc = vcm.encoder
 params = dict(enc.named_parameters())
 res = {"rank": plan.rank, "all_zero3": all(hasattr(p, "ds_id") for p in params.values()),

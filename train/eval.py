@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=None, help="default 32 for shapes, 128 otherwise")
     p.add_argument("--out", default=None, help="JSON (shapes) or CSV (conversations) output path")
     p.add_argument("--lm_weights", default=None,
-                   help="the frozen LM's linear weights: fp32, fp16, bf16 or auto (CPU; visualchat.lowp); "
+                   help="the frozen LM's linear weights: fp32, fp16, bf16 or auto (CPU; visualchat.kernels.lowp); "
                         "default: the library's (auto: fp16 on a CPU that has it)")
     p.add_argument("--match", default=None, metavar="JSON",
                    help="a shapes result JSON of the same test set: report the share of rounds with the same "

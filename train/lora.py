@@ -14,6 +14,8 @@ import torch
 
 from visualchat.lora import inject
 
+from .config import TrainConfig
+
 
 def lora_kwargs(rank: int, alpha: float | None, targets: str | list[str], dropout: float = 0.0,
                 layers: list[int] | None = None) -> dict[str, Any]:
@@ -37,18 +39,18 @@ def top_layers(lm, n: int) -> list[int] | None:
     return list(range(total - n, total))
 
 
-def apply_lora(vcm, args) -> dict[str, Any]:
-    """Inject the adapters the flags ask for into ``vcm.lm`` / ``vcm.encoder``; returns config.lora."""
-    cfg: dict[str, Any] = {}
-    if args.lora_rank > 0:
-        cfg["lm"] = lora_kwargs(args.lora_rank, args.lora_alpha, args.lora_target_modules, args.lora_dropout,
-                                top_layers(vcm.lm, args.lora_layers))
-        inject(vcm.lm, cfg["lm"])
-    if args.vision_lora_rank > 0:
-        cfg["vision"] = lora_kwargs(args.vision_lora_rank, args.vision_lora_alpha, args.vision_lora_target_modules,
-                                    args.lora_dropout)
-        inject(vcm.encoder, cfg["vision"])
-    return cfg
+def apply_lora(vcm, cfg: TrainConfig) -> dict[str, Any]:
+    """Inject the adapters ``cfg`` asks for into ``vcm.lm`` / ``vcm.encoder``; returns config.lora."""
+    lora: dict[str, Any] = {}
+    if cfg.lora_rank > 0:
+        lora["lm"] = lora_kwargs(cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout,
+                                 top_layers(vcm.lm, cfg.lora_layers))
+        inject(vcm.lm, lora["lm"])
+    if cfg.vision_lora_rank > 0:
+        lora["vision"] = lora_kwargs(cfg.vision_lora_rank, cfg.vision_lora_alpha, cfg.vision_lora_target_modules,
+                                     cfg.lora_dropout)
+        inject(vcm.encoder, lora["vision"])
+    return lora
 
 
 def qlora_unsupported_reason() -> str | None:

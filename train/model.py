@@ -9,8 +9,9 @@ import contextlib
 import torch
 from torch import nn
 
+from .config import TrainConfig
 from .errors import TrainError
-from .preflight import Plan, deepspeed_config
+from .preflight import Plan
 
 
 class TrainModule(nn.Module):
@@ -67,32 +68,32 @@ def enable_gradient_checkpointing(lm: nn.Module) -> int:
     return len(layers)
 
 
-def zero3_init_enabled(args, plan: Plan) -> bool:
+def zero3_init_enabled(cfg: TrainConfig, plan: Plan) -> bool:
     """Whether the LM is built partitioned from the start (DeepSpeed ZeRO-3, not QLoRA): no rank ever
     holds the whole LM (the load peak per rank is its share plus one gathered parameter, and on rank
     0 that parameter's tensor as read from the checkpoint: :func:`load_lm_zero3`)."""
-    return plan.engine == "deepspeed" and args.zero_stage == 3 and not args.qlora
+    return plan.engine == "deepspeed" and cfg.zero_stage == 3 and not cfg.qlora
 
 
-def load_dtype(args, plan: Plan) -> torch.dtype:
+def load_dtype(cfg: TrainConfig, plan: Plan) -> torch.dtype:
     """The LM's dtype at load: the run's precision when it is built partitioned under ZeRO-3 (DeepSpeed
     keeps fp32 masters of the trainable parameters only), fp32 otherwise (the engine casts later)."""
-    if zero3_init_enabled(args, plan):
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    if zero3_init_enabled(cfg, plan):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     return torch.float32
 
 
 @contextlib.contextmanager
-def partitioned_load(args, plan: Plan):
+def partitioned_load(ds_config: dict):
     """transformers' ZeRO-3 path for ``from_pretrained`` (its ``HfDeepSpeedConfig``): the model is
-    created inside ``deepspeed.zero.Init`` with this run's DeepSpeed config (so in its precision), and
+    created inside ``deepspeed.zero.Init`` with this run's DeepSpeed config ``ds_config`` (so in its precision), and
     rank 0 copies the weights into the partitions one module at a time. Only for the LM: the flag is
     cleared again before anything else is loaded."""
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     # DeepSpeed's process group is up already (load_lm_zero3 starts it), so the config sees every rank
-    hf_config = HfDeepSpeedConfig(deepspeed_config(args, plan))  # noqa: F841 - held alive while loading
+    hf_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - held alive while loading
     try:
         yield
     finally:
@@ -100,9 +101,9 @@ def partitioned_load(args, plan: Plan):
         del hf_config
 
 
-def load_lm_zero3(lm_spec: str, args, plan: Plan):
-    """(LM, tokenizer) built partitioned under ZeRO-3 in the run's precision. A local checkpoint with
-    safetensors weights is filled tensor by tensor (:func:`train.zero3.partitioned_lm`: rank 0 holds
+def load_lm_zero3(lm_spec: str, cfg: TrainConfig, plan: Plan, ds_config: dict):
+    """(LM, tokenizer) built partitioned under ZeRO-3 (with the run's DeepSpeed config ``ds_config``) in
+    the run's precision. A local checkpoint with safetensors weights is filled tensor by tensor (:func:`train.zero3.partitioned_lm`: rank 0 holds
     one tensor of the checkpoint at a time; a hub id already in the hub cache counts); anything else
     (a hub id not downloaded yet, ``.bin`` or GGUF weights,
     ``--trust_remote_code``) goes through transformers' ZeRO-3 loader (:func:`partitioned_load`),
@@ -119,82 +120,84 @@ def load_lm_zero3(lm_spec: str, args, plan: Plan):
     disable_shm_comm_build()  # init_distributed would otherwise build the shm all-reduce op (minutes)
     deepspeed.init_distributed()  # wraps the process group D.init() made, so zero.Init sees every rank
     path = local_lm_folder(resolve_lm(lm_spec))
-    lm = partitioned_lm(path, deepspeed_config(args, plan), load_dtype(args, plan), args.trust_remote_code)
+    lm = partitioned_lm(path, ds_config, load_dtype(cfg, plan), cfg.trust_remote_code)
     if lm is None:
-        with partitioned_load(args, plan):
-            return load_lm(lm_spec, load_dtype(args, plan), plan.device, None, args.trust_remote_code)
+        with partitioned_load(ds_config):
+            return load_lm(lm_spec, load_dtype(cfg, plan), plan.device, None, cfg.trust_remote_code)
     return lm, AutoTokenizer.from_pretrained(path)
 
 
-def gathered_base(vcm, args, plan: Plan):
+def gathered_base(vcm, cfg: TrainConfig, plan: Plan):
     """A context in which the LM's input embedding is whole on every rank (a no-op unless the LM was
     loaded partitioned)."""
-    if not zero3_init_enabled(args, plan):
+    if not zero3_init_enabled(cfg, plan):
         return contextlib.nullcontext()
     import deepspeed
 
     return deepspeed.zero.GatheredParameters([vcm.base_embedding])
 
 
-def build_model(args, plan: Plan):
-    """(VisualChatModel, tokenizer, lm spec for the checkpoint config)."""
+def build_model(cfg: TrainConfig, plan: Plan, ds_config: dict | None):
+    """(VisualChatModel, tokenizer, lm spec for the checkpoint config). ``ds_config``: the run's DeepSpeed
+    config (:func:`train.preflight.deepspeed_config`, None for the torch engine), which a ZeRO-3 load
+    builds the LM and the encoder partitioned under."""
     from visualchat.model import VisualChatModel, load_lm
 
     from .tiny import is_tiny, resolve_lm_spec, resolve_vision_spec
 
-    lm_spec = resolve_lm_spec(args.lm) if is_tiny(args.lm) else args.lm
-    vision_spec = resolve_vision_spec(args.vision)
-    partitioned = zero3_init_enabled(args, plan)
+    lm_spec = resolve_lm_spec(cfg.lm) if is_tiny(cfg.lm) else cfg.lm
+    vision_spec = resolve_vision_spec(cfg.vision)
+    partitioned = zero3_init_enabled(cfg, plan)
     try:
         if partitioned:
-            lm, tok = load_lm_zero3(lm_spec, args, plan)
+            lm, tok = load_lm_zero3(lm_spec, cfg, plan, ds_config)
         else:
-            lm, tok = load_lm(lm_spec, load_dtype(args, plan), plan.device, "4bit" if args.qlora else None,
-                              args.trust_remote_code)
+            lm, tok = load_lm(lm_spec, load_dtype(cfg, plan), plan.device, "4bit" if cfg.qlora else None,
+                              cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as e:
-        raise TrainError(f"could not load --lm {args.lm!r}: {e}") from None
+        raise TrainError(f"could not load --lm {cfg.lm!r}: {e}") from None
     try:
         from .zero3 import build_encoder as build_encoder_z3  # a large encoder partitioned under ZeRO-3
 
-        enc = build_encoder_z3(vision_spec, plan.device, deepspeed_config(args, plan) if partitioned else None,
-                               load_dtype(args, plan))
+        enc = build_encoder_z3(vision_spec, plan.device, ds_config if partitioned else None,
+                               load_dtype(cfg, plan))
     except (OSError, ValueError, ImportError) as e:
-        raise TrainError(f"could not load --vision {args.vision!r}: {e}") from None
+        raise TrainError(f"could not load --vision {cfg.vision!r}: {e}") from None
     gather_base = contextlib.ExitStack()  # ZeRO-3 load: the LM's embedding whole while the model copies it
     if partitioned:
         import deepspeed
 
         gather_base.enter_context(deepspeed.zero.GatheredParameters([lm.get_input_embeddings().weight]))
-    torch.manual_seed(args.seed)  # the projection's initialisation
+    torch.manual_seed(cfg.seed)  # the projection's initialisation
     concepts = None
-    if args.vis_proj == "words":  # the one data set with per-cell labels names the concept space
+    if cfg.vis_proj == "words":  # the one data set with per-cell labels names the concept space
         from .data.shapes import CONCEPTS as concepts
     try:
-        vcm = VisualChatModel(lm, enc, args.attention, args.vis_proj, concepts)
+        vcm = VisualChatModel(lm, enc, cfg.attention, cfg.vis_proj, concepts)
         if concepts is not None:
             vcm.projection.net.init_tables(tok, vcm.base_embedding)
     except ValueError as e:
-        raise TrainError(f"--vis_proj {args.vis_proj!r}: {e}") from None
+        raise TrainError(f"--vis_proj {cfg.vis_proj!r}: {e}") from None
     finally:
         gather_base.close()
-    if args.projection_init_scale != 1.0:
+    if cfg.projection_init_scale != 1.0:
         with torch.no_grad():
             for p in vcm.projection.parameters():
-                p.mul_(args.projection_init_scale)
-    if args.init_from:
+                p.mul_(cfg.projection_init_scale)
+    if cfg.init_from:
         from visualchat.checkpoint import CheckpointMismatch, load_trainable
 
         try:
             # another token grid of the same encoder is fine: the projection acts on each token
-            load_trainable(vcm, args.init_from, any_grid=True)
+            load_trainable(vcm, cfg.init_from, any_grid=True)
         except (OSError, ValueError, CheckpointMismatch) as e:
-            raise TrainError(f"could not start from --init_from {args.init_from!r}: {e}") from None
-    if args.precision == "bf16" and plan.engine == "torch":
+            raise TrainError(f"could not start from --init_from {cfg.init_from!r}: {e}") from None
+    if cfg.precision == "bf16" and plan.engine == "torch":
         # Mixed precision for the plain engine: the frozen LM in bf16 and the embedding output cast to
         # bf16, so the whole residual stream runs in bf16 (about 2-3x faster than fp32 on a CPU with
         # bf16 support), while the trainable parameters stay fp32 masters that receive fp32 gradients.
         # The encoder stays fp32 (its features are usually cached once).
-        if not args.qlora:
+        if not cfg.qlora:
             vcm.lm.to(torch.bfloat16)
         vcm.embed_tokens.register_forward_hook(lambda mod, inp, out: out.to(torch.bfloat16))
     return vcm, tok, lm_spec

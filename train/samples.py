@@ -17,6 +17,7 @@ from train.data import DATASETS, load_dataset
 from train.data.packing import PAPER_COUNTS, fit_to_length, pack
 from train.data.validate import validate_images
 
+from .config import TrainConfig
 from .features import is_lazy, open_ref
 
 log = logging.getLogger("train.samples")
@@ -458,16 +459,13 @@ def build_samples(names: list[str], data_path: str | None, *, template: Template
     return tr, va, stats
 
 
-def build_samples_from_args(args, names: list[str], template: Template, conversations_out: dict | None = None):
-    """:func:`build_samples` with the data flags of a ``python -m train`` namespace."""
+def build_samples_from_config(cfg: TrainConfig, names: list[str], template: Template,
+                              conversations_out: dict | None = None):
+    """:func:`build_samples` with the data settings of a run's :class:`TrainConfig`."""
     return build_samples(
-        names, args.data_path, template=template, samples=args.dataset_samples,
-        concat=args.dataset_concatenate_samples, val_ratio=args.val_ratio, seed=args.seed,
-        max_images=args.max_images_per_sample, max_seq_len=args.max_seq_len,
-        concat_draw=getattr(args, "concatenate_draw", "exact"),
-        over_max_images=getattr(args, "over_max_images", "cut"),
-        missing_image=getattr(args, "missing_image", "skip_sample"),
-        blend_llava_per_image=getattr(args, "blend_llava_per_image", 1),
-        blend_cgd_questions=getattr(args, "blend_cgd_questions", "all"),
-        skip_bad_lines=getattr(args, "skip_bad_lines", False), image_check=getattr(args, "image_check", "every_rank"),
-        conversations_out=conversations_out)
+        names, cfg.data_path, template=template, samples=cfg.dataset_samples,
+        concat=cfg.dataset_concatenate_samples, val_ratio=cfg.val_ratio, seed=cfg.seed,
+        max_images=cfg.max_images_per_sample, max_seq_len=cfg.max_seq_len, concat_draw=cfg.concatenate_draw,
+        over_max_images=cfg.over_max_images, missing_image=cfg.missing_image,
+        blend_llava_per_image=cfg.blend_llava_per_image, blend_cgd_questions=cfg.blend_cgd_questions,
+        skip_bad_lines=cfg.skip_bad_lines, image_check=cfg.image_check, conversations_out=conversations_out)

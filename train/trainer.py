@@ -37,7 +37,7 @@ from .preflight import (Plan, bf16_supported, deepspeed_available, deepspeed_con
                         preflight, run_meta)
 from .progress import Progress
 from .resume import Checkpointer, trainable_names
-from .samples import GENERATED, build_samples_from_args
+from .samples import GENERATED, build_samples_from_config
 from .schedule import SCHEDULERS, LRSchedule, lambda_lr, lr_lambda, warmup_steps  # noqa: F401 - re-exported
 
 log = logging.getLogger("train")
@@ -135,7 +135,8 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         log.info("engine %s, %d process(es), device %s, micro-batch %d x accumulation %d = %d samples per step",
                  plan.engine, plan.world, plan.device, plan.micro, plan.accum, plan.global_batch)
-        self.vcm, self.tokenizer, self.lm_spec = build_model(cfg, plan)
+        self.ds_config = deepspeed_config(cfg, plan) if plan.engine == "deepspeed" else None  # computed once
+        self.vcm, self.tokenizer, self.lm_spec = build_model(cfg, plan, self.ds_config)
         self._setup_data()
         self._setup_feature_cache()
         self._setup_grounding()
@@ -150,7 +151,7 @@ class Trainer:
         cfg = self.cfg
         self.template = Template(self.tokenizer, self.vcm.image_tokens)
         try:
-            self.train_s, self.val_s, self.stats = build_samples_from_args(cfg, self.plan.names, self.template)
+            self.train_s, self.val_s, self.stats = build_samples_from_config(cfg, self.plan.names, self.template)
         except (ValueError, FileNotFoundError) as e:
             raise TrainError(str(e)) from None
         log.info("data: %s", self.stats.as_dict())
@@ -235,11 +236,10 @@ class Trainer:
                                   cycles=cfg.scheduler_cycles, power=cfg.scheduler_power)
         sched = lambda_lr(opt, self.schedule)
         if plan.engine == "deepspeed":
-            ds_config = deepspeed_config(cfg, plan)
             if self.is_main:
                 with open(os.path.join(cfg.output_dir, "deepspeed_config.json"), "w") as f:
-                    json.dump(ds_config, f, indent=2)
-            self.engine: Engine = DeepSpeedEngine(self.module, self.params, opt, sched, ds_config,
+                    json.dump(self.ds_config, f, indent=2)
+            self.engine: Engine = DeepSpeedEngine(self.module, self.params, opt, sched, self.ds_config,
                                                   partitioned=cfg.zero_stage == 3)
         else:
             self.engine = TorchEngine(self.module, self.params, opt, sched, plan.device, plan.accum, cfg.grad_clip,

@@ -18,7 +18,7 @@ def parse_args(argv=None):
     p.add_argument("--vision", default=None, help="override the vision encoder spec")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--lm_weights", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
-                   help="CPU: the frozen LM's linear-weight format (visualchat.lowp). auto, the default, is what "
+                   help="CPU: the frozen LM's linear-weight format (visualchat.kernels.lowp). auto, the default, is what "
                         "the app serves: fp16 where the CPU has it (faster, the same answers); fp32 keeps the "
                         "weights as loaded")
     p.add_argument("--max_new_tokens", type=int, default=128)

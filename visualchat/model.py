@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention
+from . import attention, kernels
 from .assets import resolve_lm, shipped_checkpoint
 from .config import AttentionMode, VisualChatConfig
 from .encoders import VisionEncoder, build_encoder
@@ -102,6 +102,20 @@ class VisualChatModel(nn.Module):
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """Encoder features of whole images ``[n, K_in, d_vis]`` -> LM rows ``[n, K, H]``."""
         return self.projection(feats.to(self.projection.first.weight.dtype))
+
+    def image_embeds(self, features: Sequence[torch.Tensor], rows: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The LM rows ``[len(rows), H]`` of the image slots ``rows``, ``(image, row)`` pairs with row < K,
+        from each image's encoder features ``features[image]`` ``[K_in, d_vis]``. A per-token projection
+        projects just those feature rows; the others (perceiver, words), whose rows each depend on the
+        whole image, project the whole images and keep the rows asked for. What :meth:`forward` takes as
+        ``image_embeds``."""
+        dev = self.projection.first.weight.device
+        if self.projection.per_token:
+            return self.project(torch.stack([features[i][j] for i, j in rows]).to(dev))
+        imgs = sorted({i for i, _ in rows})
+        proj = self.project(torch.stack([features[i] for i in imgs]).to(dev))  # [n, K, H]
+        at = {img: n for n, img in enumerate(imgs)}
+        return torch.stack([proj[at[i]][j] for i, j in rows])
 
     def embed(self, input_ids: torch.Tensor, is_image: torch.Tensor, image_rows: torch.Tensor | None,
               image_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,7 +231,7 @@ class VisualChat:
         self.template = Template(tokenizer, config.image_tokens)
         self.path = path  # the checkpoint directory it was loaded from (None: built from parts)
         self.untrained = untrained  # True: no checkpoint was loaded, the projection is random
-        self.lm_weights, self.lm_weights_note = None, None  # the LM's linear-weight format (visualchat.lowp)
+        self.lm_weights, self.lm_weights_note = None, None  # the LM's linear-weight format (visualchat.kernels.lowp)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -243,7 +257,7 @@ class VisualChat:
         LM the checkpoint names). ``share_with`` reuses another VisualChat's frozen LM and encoder
         (they must be the same base), so two checkpoints cost one model's memory; when either holds
         LoRA adapters (folded into the weights at load) it loads its own copy instead. ``lm_weights``:
-        the frozen LM's linear weights on CPU (:mod:`visualchat.lowp`): ``auto`` (the default, as the app
+        the frozen LM's linear weights on CPU (:mod:`visualchat.kernels.lowp`): ``auto`` (the default, as the app
         serves them: fp16 where the CPU has it, the fastest format that keeps the answers), ``fp16``,
         ``bf16``, or ``fp32``/None to leave them as loaded. ``auto`` changes nothing on a GPU, for a
         ``dtype`` other than float32, or with ``quantization``."""
@@ -283,7 +297,7 @@ class VisualChat:
         else:
             config = config_for(model, lm or "default")
         vc = cls(model, tok, config, path=path, untrained=path is None)
-        from . import lowp
+        from .kernels import lowp
 
         if lowp.normalize(lm_weights) == "auto" and (dtype != torch.float32 or quantization):
             lm_weights = None  # the formats are float32 in, float32 out; bitsandbytes has its own
@@ -299,6 +313,22 @@ class VisualChat:
     def context_window(self) -> int:
         lm_max = getattr(self.model.lm.config, "max_position_embeddings", None) or 4096
         return min(self.config.max_seq_len or lm_max, lm_max)
+
+    @torch.no_grad()
+    def decode_step(self, token: int, cache, cache_is_image: Sequence[bool]):
+        """Feed one text ``token`` after ``cache``; ``cache_is_image`` covers the cached keys and the new
+        one. Returns (logits ``[V]``, the cache). Runs the lean decode step where it applies
+        (:func:`visualchat.kernels.lean_decoder`), else the LM through transformers."""
+        lean = kernels.lean_decoder(self)
+        if lean is not None:
+            logits = lean.step(token, cache, cache_is_image)
+            if logits is not None:
+                return logits, cache
+        dev = self.device
+        out = self.model(torch.tensor([[token]], device=dev), torch.zeros(1, 1, dtype=torch.bool, device=dev),
+                         past_key_values=cache, key_is_image=torch.tensor([list(cache_is_image)], device=dev),
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1], out.cache
 
     def new_session(self, system: str | None = None):
         from .session import Session

@@ -140,13 +140,13 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def plan_dtype(name: str | None, dev_type: str, world: int = 1, quantization: str | None = None
                ) -> tuple[torch.dtype, str | None]:
     """``--dtype`` -> (the model's dtype, the LM weight format for ``from_pretrained(lm_weights=)``).
-    On one CPU rank ``--dtype`` picks the frozen LM's linear-weight format (visualchat.lowp: ``auto`` is
+    On one CPU rank ``--dtype`` picks the frozen LM's linear-weight format (visualchat.kernels.lowp: ``auto`` is
     the fastest one that keeps the answers, fp16 where the CPU has it) and everything else stays
     float32; on a GPU, on several ranks (AutoTP shards plain linear layers) or with bitsandbytes it is
     the dtype of the whole model, as before (auto: bfloat16 on GPU, float32 on CPU)."""
     dtype = parse_dtype(name)  # validates the name
     if dev_type == "cpu" and world == 1 and not quantization:
-        from .lowp import normalize
+        from .kernels.lowp import normalize
 
         return torch.float32, normalize(name)
     return dtype or (torch.bfloat16 if dev_type == "cuda" else torch.float32), None
@@ -321,7 +321,7 @@ class Server:
             if vc is not None and vc.model.lm is not chat.model.lm:
                 wrap_deepspeed(vc.model.lm, opts.deepspeed, world, dtype, opts.quantization)
         backend += f" · {device} {str(dtype).replace('torch.', '')}"
-        if lm_weights is not None:  # the LM's weight format on CPU (visualchat.lowp), and why if it fell back
+        if lm_weights is not None:  # the LM's weight format on CPU (visualchat.kernels.lowp), and why if it fell back
             backend += f", LM weights {chat.lm_weights}" + (f" ({chat.lm_weights_note})" if chat.lm_weights_note else "")
         lockstep = None
         if world > 1:

@@ -24,7 +24,6 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .decode import lean_decoder
 from .generation import GenerationConfig, TextStreamer, sample_stream
 from .images import ImageError, open_image
 from .template import Conversation, Rendered, Round
@@ -209,20 +208,13 @@ class Session:
         dev = self.vc.device
         n_img_before = sum(r.is_image[:p])
         new_rows = rows[n_img_before:]
-        image_rows = image_embeds = None
-        if new_rows and self.vc.model.projection.per_token:
-            image_rows = torch.stack([self._features[i][j] for i, j in new_rows]).to(dev)
-        elif new_rows:  # a perceiver's rows each depend on the whole image: project whole images, keep the new rows
-            imgs = sorted({i for i, _ in new_rows})
-            proj = self.vc.model.project(torch.stack([self._features[i] for i in imgs]).to(dev))  # [n, K, H]
-            at = {img: n for n, img in enumerate(imgs)}
-            image_embeds = torch.stack([proj[at[i]][j] for i, j in new_rows])
+        image_embeds = self.vc.model.image_embeds(self._features, new_rows) if new_rows else None
         ids = torch.tensor([r.input_ids[p:]], device=dev)
         is_img = torch.tensor([r.is_image[p:]], device=dev)
         kis = torch.tensor([r.is_image], device=dev)
         if self._cache is None:
             self._cache = self.vc.model.new_cache()
-        out = self.vc.model(ids, is_img, image_rows, past_key_values=self._cache, key_is_image=kis, use_cache=True,
+        out = self.vc.model(ids, is_img, None, past_key_values=self._cache, key_is_image=kis, use_cache=True,
                             logits_to_keep=1, image_embeds=image_embeds)
         logits, self._cache = out.logits, out.cache
         self._cache_keys = keys
@@ -232,21 +224,10 @@ class Session:
 
     @torch.no_grad()
     def _step(self, token: int) -> torch.Tensor:
-        dev = self.vc.device
         self._cache_keys.append(token)
         self._cache_is_image.append(False)
-        lean = lean_decoder(self.vc)  # fewer ops per layer for LLaMA LMs (visualchat/decode.py)
-        if lean is not None:
-            logits = lean.step(token, self._cache, self._cache_is_image)
-            if logits is not None:
-                return logits
-        kis = torch.tensor([self._cache_is_image], device=dev)
-        out = self.vc.model(torch.tensor([[token]], device=dev),
-                            torch.zeros(1, 1, dtype=torch.bool, device=dev),
-                            past_key_values=self._cache, key_is_image=kis,
-                            use_cache=True, logits_to_keep=1)
-        logits, self._cache = out.logits, out.cache
-        return logits[0, -1]
+        logits, self._cache = self.vc.decode_step(token, self._cache, self._cache_is_image)
+        return logits
 
     # -- public --------------------------------------------------------------------------------
     @classmethod

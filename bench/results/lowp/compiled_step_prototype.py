@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from visualchat.model import VisualChat
 from visualchat.assets import ASSETS_DIR
-from visualchat.decode import lean_decoder
+from visualchat.kernels import lean_decoder
 
 PACKED, OUT = [], []
 op = torch.ops.quantized.linear_dynamic_fp16.default
@@ -35,11 +35,11 @@ s.ask("Describe Image 1, Image 2 and Image 3.", images=ims, max_new_tokens=32)
 lean = lean_decoder(vc)
 s._step(100)
 st = s._cache._vc_lean
-from visualchat.lowp import Fused
+from visualchat.kernels.lowp import Fused
 def reg(fn_owner):
     pass
 # collect packed weights in step order
-import visualchat.lowp as lowp
+import visualchat.kernels.lowp as lowp
 lm = vc.model.lm
 dec = lm.get_decoder()
 layers = []

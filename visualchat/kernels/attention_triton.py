@@ -1,6 +1,6 @@
 """A fused multi-modal causal attention (MMCA) kernel in Triton: forward and backward.
 
-Semantics (same contract as :func:`visualchat.attention.mmca_attention` with ``mode="mmca"``): keys and
+Semantics (same contract as the reference :func:`visualchat.attention.mmca_attention` with ``mode="mmca"``): keys and
 queries are positions of one sequence, the Lq queries being the last Lq of the Lk positions
 (``off = Lk - Lq``). Per token a ``kind`` byte says padding (0), text (1) or image (2).
 
@@ -54,7 +54,7 @@ import os
 
 import torch
 
-from .attention_shapes import check_shapes
+from ..attention_common import check_shapes
 
 try:  # triton is optional: importing this module (or visualchat) never requires it
     import triton

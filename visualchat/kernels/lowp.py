@@ -158,7 +158,7 @@ class _Fp16(LowpLinear):
         return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
 
 
-_CLASSES = {"bf16": _Bf16, "fp16": _Fp16}
+CLASSES = {"bf16": _Bf16, "fp16": _Fp16}  # the low-precision linear layer of each format
 
 #: Sibling linear layers that read the same input and are converted into one matrix (one GEMM call
 #: instead of three or two: each call has a fixed cost that dominates a decode step's small GEMMs).
@@ -177,7 +177,7 @@ class Fused:
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-        self.linear = _CLASSES[fmt](torch.cat([w.detach() for w in weights]), bias)
+        self.linear = CLASSES[fmt](torch.cat([w.detach() for w in weights]), bias)
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         # (input, its version, output, parts handed out): the last input's fused output, so that the
         # parts called one after the other on the same tensor (transformers' q_proj(h), k_proj(h),
@@ -231,7 +231,7 @@ def convert_lm(lm: nn.Module, fmt: str) -> int:
     fmt = normalize(fmt)
     if fmt == "fp32":
         return 0
-    if fmt not in _CLASSES:
+    if fmt not in CLASSES:
         raise ValueError(f"convert_lm needs a concrete format ({', '.join(FORMATS)}), got {fmt!r}")
     targets = [(name, m) for name, m in lm.named_modules() if type(m) is nn.Linear]
     if any(p.requires_grad for _, m in targets for p in m.parameters()):
@@ -259,7 +259,7 @@ def convert_lm(lm: nn.Module, fmt: str) -> int:
         if id(m) not in done:
             parent_name, _, child = name.rpartition(".")
             parent = lm.get_submodule(parent_name) if parent_name else lm
-            jobs.append((m.weight.numel(), lambda m=m: _CLASSES[fmt](m.weight, m.bias),
+            jobs.append((m.weight.numel(), lambda m=m: CLASSES[fmt](m.weight, m.bias),
                          lambda new, parent=parent, child=child: setattr(parent, child, new)))
     jobs.sort(key=lambda job: -job[0])
     with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), 8))) as pool:

@@ -1,6 +1,8 @@
-"""The shape contract of the attention functions, shared by the torch path (:mod:`visualchat.attention`)
-and the fused Triton kernel (:mod:`visualchat.attention_triton`) without either importing the other."""
+"""What MMCA's reference (:mod:`visualchat.attention`) and its fast paths (:mod:`visualchat.kernels`) share,
+without the fast paths importing the reference: the shape contract and a masked SDPA."""
 from __future__ import annotations
+
+import torch.nn.functional as F
 
 
 def check_shapes(query, key, value, key_is_image, key_padding_mask=None) -> None:
@@ -18,3 +20,14 @@ def check_shapes(query, key, value, key_is_image, key_padding_mask=None) -> None
         raise ValueError(f"key_is_image has shape {tuple(key_is_image.shape)}, expected {(b, lk)}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
         raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected {(b, lk)}")
+
+
+def masked_sdpa(q, k, v, mask, scale):
+    """SDPA with a boolean ``mask [B, Lq, Lk]`` (True = attend). Rows with no allowed key give exactly
+    0 (and zero gradients), never NaN: they attend to everything and the result is multiplied by 0."""
+    has_key = mask.any(dim=-1)  # [B, Lq]
+    mask = mask | ~has_key[..., None]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )  # [B, Hq, Lq, D]
+    return out * has_key[:, None, :, None].to(out.dtype)

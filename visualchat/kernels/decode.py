@@ -16,13 +16,11 @@ rounding (tests/test_lowp.py).
 It is used for a session's decode steps when the LM is a plain ``llama`` model (no rope scaling
 other than what the rotary module computes, SiLU MLP), the attention is ``mmca`` or ``causal``, the
 cache is a plain batch-1 ``DynamicCache``, the process is not one rank of several (ranks > 0 replay
-rank 0's ``model.forward`` calls), and ``VISUALCHAT_DECODE`` is not ``hf`` (``hf`` also turns off MMCA's
-one-query branch: the decode path as it was before, for comparisons). Everything else (prefill,
-training, other architectures) goes through transformers as before.
+rank 0's ``model.forward`` calls), and ``VISUALCHAT_DECODE`` is not ``hf`` (the choice is made by
+:func:`visualchat.kernels.lean_decoder`). Everything else (prefill, training, other architectures) goes
+through transformers as before.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +28,6 @@ import torch.nn.functional as F
 
 def unsupported_reason(model) -> str | None:
     """None when :class:`LeanDecoder` can run ``model`` (a VisualChatModel), else why not."""
-    if os.environ.get("VISUALCHAT_DECODE", "").lower() == "hf":
-        return "VISUALCHAT_DECODE=hf"
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         return "several ranks (the other ranks follow model.forward)"
     if getattr(model, "attention_mode", None) not in ("mmca", "causal"):
@@ -141,7 +137,7 @@ def _plain_cache_length(cache) -> int | None:
 
 
 def _gemm_fn(mods):
-    """A callable ``f(h [1, in]) -> [1, out]`` for one linear layer, a :class:`visualchat.lowp.Fused`
+    """A callable ``f(h [1, in]) -> [1, out]`` for one linear layer, a :class:`visualchat.kernels.lowp.Fused`
     group, or a tuple of layers (outputs side by side). fbgemm fp16 layers are called as torch's op
     on their packed weight directly (no module call, no dtype checks: the step's input is float32)."""
     from .lowp import Fused, _Fp16
@@ -160,7 +156,7 @@ class LeanDecoder:
     """``step(token, cache, key_is_image)`` -> float32 logits ``[V]`` for one new text token.
 
     Per layer: RMSNorm as one dot product and one ``addcmul`` (``F.rms_norm`` is several kernels on
-    CPU), one GEMM for q/k/v (a :class:`visualchat.lowp.Fused` matrix where the LM was converted;
+    CPU), one GEMM for q/k/v (a :class:`visualchat.kernels.lowp.Fused` matrix where the LM was converted;
     else the three layers and a ``cat``; fbgemm's op called directly), the rotary embedding of q and k
     as ``rows * C + flip(rows) * S`` over all q/k/v rows at once into a scratch tensor whose q, k and v
     views are made once per state, the new k and v appended with one ``index_copy_`` each, MMCA's two
@@ -313,19 +309,3 @@ class LeanDecoder:
         if tick:
             tick("GEMM head (logits)")
         return logits
-
-
-def lean_decoder(vc) -> LeanDecoder | None:
-    """The LeanDecoder for ``vc`` (built once, kept on it), or None where it does not apply. Checked
-    again only when the model, its weight format or ``VISUALCHAT_DECODE`` changed (once per step
-    otherwise costs a walk over every layer)."""
-    from .lowp import lm_format
-
-    key = (vc.model, lm_format(vc.model.lm), os.environ.get("VISUALCHAT_DECODE", ""),
-           torch.distributed.is_available() and torch.distributed.is_initialized())
-    cached = getattr(vc, "_lean_decoder", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    lean = None if unsupported_reason(vc.model) is not None else LeanDecoder(vc.model)
-    vc._lean_decoder = (key, lean)
-    return lean
