@@ -60,12 +60,17 @@ def test_a_checkpoint_from_before_vis_proj_loads_as_linear(tmp_path, tiny_tokeni
     assert torch.equal(vc2.model.projection.weight, w) and torch.equal(vc2.model.projection.bias, b)
 
 
-def test_the_shipped_checkpoints_load_as_linear():
+def test_the_shipped_checkpoints_name_a_known_projection_and_hold_its_tensors():
+    from visualchat.checkpoint import SHARD_BYTES, load_tensors
+
     for name in ("shapes-mmca", "shapes-ca"):
-        cfg = VisualChatConfig.load(os.path.join("assets", "checkpoints", name))
-        t = load_file(os.path.join("assets", "checkpoints", name, WEIGHTS_NAME))
-        assert cfg.vis_proj in ("linear", "baseline", "mlp") or cfg.vis_proj.startswith("perceiver")
+        path = os.path.join("assets", "checkpoints", name)
+        cfg = VisualChatConfig.load(path)
+        t = load_tensors(path)
+        assert parse_spec(cfg.vis_proj)[0] in ("linear", "baseline", "mlp", "perceiver", "words")
         assert {k for k in t if k.startswith("projection.")}, name
+        # every file stays under the Hugging Face Hub's limit for files pushed without git-lfs
+        assert all(os.path.getsize(os.path.join(path, f)) <= SHARD_BYTES for f in os.listdir(path)), name
 
 
 def test_perceiver_output_depends_on_where_a_feature_is():
