@@ -329,7 +329,7 @@ def _names(vc) -> tuple[str, str, str]:
 
 def _model_line(server) -> str:
     """One plain sentence: what is loaded, what it is good at, and how often it is right (the score its
-    checkpoint records: ``info.eval``, written by ``python -m train.eval --write_info``)."""
+    checkpoint records: ``info.eval``, written by ``python -m visualchat_train.eval --write_info``)."""
     vc = server.chat
     lm, vision, _ = _names(vc)
     what = f"a small language model ({esc(lm)}) that sees images through {esc(vision)}"
@@ -369,7 +369,7 @@ def _details(server) -> str:
                     + (f" ({cats})" if cats else "") + f", {esc(score.get('date', ''))}: `{esc(score.get('command', ''))}`")
     elif not vc.untrained:
         rows.append("- **Measured** nothing recorded in this checkpoint; "
-                    "`python -m train.eval --checkpoint DIR --write_info` scores it and records the result")
+                    "`python -m visualchat_train.eval --checkpoint DIR --write_info` scores it and records the result")
     return "\n".join(rows)
 
 

@@ -4,7 +4,7 @@
 
 Training on image questions moves the embedding rows of the template's markers, which can teach the
 model to answer *every* question like the training data. This measures that on the prompts of
-``train.data.chat.HELDOUT`` (in no training file): the base LM answers each one under its own chat
+``visualchat_train.data.chat.HELDOUT`` (in no training file): the base LM answers each one under its own chat
 template (the teacher), and every model is scored by the mean per-token negative log-likelihood of
 those answers in our Figure-3 template with no image (lower = closer to the base model's own
 chatting). "base" is the untrained embedding (the frozen LM itself, in our template). It also prints
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
 
-    from train.data.chat import HELDOUT, distill
+    from visualchat_train.data.chat import HELDOUT, distill
     from visualchat.model import VisualChat, load_lm
 
     first = VisualChat.from_pretrained(a.checkpoint[0], device="cpu")

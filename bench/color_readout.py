@@ -25,7 +25,7 @@ from bench.common import write_json  # noqa: E402
 
 @torch.no_grad()
 def readout(vc, scenes, colors) -> dict:
-    from train.data.shapes import color_qa, draw
+    from visualchat_train.data.shapes import color_qa, draw
     from visualchat.template import Conversation, Round
 
     tok = vc.tokenizer
@@ -52,7 +52,7 @@ def readout(vc, scenes, colors) -> dict:
 
 def one_object_scenes(n: int) -> list:
     """The first ``n`` test-split scenes (seed 1) with exactly one object."""
-    from train.data.shapes import random_scene
+    from visualchat_train.data.shapes import random_scene
 
     rng = random.Random(1)
     scenes = []
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
 
-    from train.data.shapes import COLORS
+    from visualchat_train.data.shapes import COLORS
     from visualchat.model import VisualChat
 
     scenes = one_object_scenes(a.scenes)

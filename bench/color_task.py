@@ -4,10 +4,10 @@ background, "What color is the <shape> in Image 1?", answer the colour.
     python bench/color_task.py make --out runs/color-task [--draws 1500]
     python bench/color_task.py probe --data runs/color-task/color.jsonl [--train 400] [--vision SPEC ...]
 
-``make`` writes a ``jsonl`` data set (train/data/jsonl.py's format, PNGs beside it) of one-object
+``make`` writes a ``jsonl`` data set (visualchat_train/data/jsonl.py's format, PNGs beside it) of one-object
 scenes of the shapes world's train split (seed 5; a scene is kept only if it is itself a train-split
 scene, so none is among the test scenes of bench/color_readout.py); train on it with
-``python -m train --dataset_names jsonl --data_path runs/color-task/color.jsonl ...`` and score with
+``python -m visualchat_train --dataset_names jsonl --data_path runs/color-task/color.jsonl ...`` and score with
 bench/color_readout.py. ``probe`` is the yardstick: a logistic-regression probe on the mean of the
 encoder's tokens, fitted on the first ``--train`` examples of that set and scored on
 bench/color_readout.py's 60 test scenes, i.e. what a plain linear classifier learns from the same
@@ -31,7 +31,7 @@ from bench.common import write_json  # noqa: E402
 def make(out: str, draws: int, seed: int = 5) -> int:
     """Write ``out``/color.jsonl and ``out``/images/; returns the number of conversations (a draw whose
     one-object scene is not a train-split scene is skipped)."""
-    from train.data.shapes import Scene, color_qa, draw, random_scene, split_of
+    from visualchat_train.data.shapes import Scene, color_qa, draw, random_scene, split_of
 
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rng, n = random.Random(seed), 0
@@ -55,7 +55,7 @@ def probe(data: str, n_train: int, specs: list[str], n_test: int = 60) -> dict:
 
     from bench.color_readout import one_object_scenes
     from bench.feature_probe import fit_probe
-    from train.data.shapes import COLORS, draw
+    from visualchat_train.data.shapes import COLORS, draw
     from visualchat.encoders import build_encoder
 
     base = os.path.dirname(os.path.abspath(data))

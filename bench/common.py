@@ -17,7 +17,7 @@ def write_json(path: str | None, result: dict) -> None:
 
 
 def busy() -> bool:
-    """Whether a training run (``python -m train --preset ...``) is running on this machine, so a
+    """Whether a training run (``python -m visualchat_train --preset ...``) is running on this machine, so a
     benchmark can record that its timings were taken on a busy machine."""
     try:
         return subprocess.run(["pgrep", "-f", "train --preset"], capture_output=True).returncode == 0

@@ -5,11 +5,11 @@ the shapes test split.
     python bench/data_efficiency.py --parallel                # the recorded study (2-core CPU, about 40 min)
     python bench/data_efficiency.py --full 120 --steps 10 --eval_n 4 --out runs/de-smoke   # a quick check
 
-Every run is ``python -m train --preset shapes-<attention> --dataset_names shapes`` (the shapes set
+Every run is ``python -m visualchat_train --preset shapes-<attention> --dataset_names shapes`` (the shapes set
 alone, without the recipes' text-only chat rounds) with ``--dataset_samples`` set to the budget
 and ``--max_steps`` fixed, so a smaller budget means more passes over fewer conversations (the same
 compute, less data). The validation split is the same 38 conversations for every run. Each run's
-final checkpoint is scored with ``python -m train.eval``. Runs that already have a score are skipped,
+final checkpoint is scored with ``python -m visualchat_train.eval``. Runs that already have a score are skipped,
 and a run whose ``final`` checkpoint exists and records the same training flags is only scored, so an
 interrupted study resumes. ``--parallel`` trains the CA and MMCA run of a budget at the same time, one
 thread each (on the 2-core machine that finished a pair in 10 min instead of 2 x 6.4 min). Writes into ``--out``: ``results.json``, ``table.md``,
@@ -17,7 +17,7 @@ thread each (on the 2-core machine that finished a pair in 10 min instead of 2 x
 loss curves of all six runs).
 
 ``--recipe`` runs the study with the shipped recipes themselves (issue 21's item 8): every run is
-``python -m train --preset shapes-<attention>`` with only ``--dataset_samples`` scaled (the recipe's shapes
+``python -m visualchat_train --preset shapes-<attention>`` with only ``--dataset_samples`` scaled (the recipe's shapes
 conversations and text-only chat rounds, both to the budget, so the mix stays the recipe's), and the
 recipe's own epochs, lr, schedule and validation share; a smaller budget is then less data and
 proportionally less compute, which makes the three points a learning curve of the shipped recipe.
@@ -73,7 +73,7 @@ def run_all(jobs: list[tuple[list[str], str]], env: dict | None = None) -> list[
 
 
 def preset_lr() -> float:
-    from train.cli import load_recipe
+    from visualchat_train.cli import load_recipe
 
     return float(load_recipe(ATTENTIONS["mmca"])["lr"])
 
@@ -81,7 +81,7 @@ def preset_lr() -> float:
 def recipe_budget(pct: int) -> str:
     """``--dataset_samples`` of the shipped recipe scaled to ``pct`` percent: every data set of the recipe's
     ``name:count`` list (``all`` counted in the recipe's JSONL file) to the same share."""
-    from train.cli import load_recipe
+    from visualchat_train.cli import load_recipe
 
     recipe = load_recipe(ATTENTIONS["mmca"])
     parts = []
@@ -131,7 +131,7 @@ def _flags(cmd: list[str]) -> list:
 
 
 def val_curve(metrics_path: str) -> list[tuple[int, float]]:
-    from train.plots import read_metrics
+    from visualchat_train.plots import read_metrics
 
     _, _, vs, vl = read_metrics(metrics_path)
     return list(zip(vs, vl))
@@ -234,14 +234,14 @@ def main(argv=None) -> dict:
             name = run_name(att, pct)
             run_dir = os.path.join(args.out, "runs", name)
             if args.recipe:
-                cmd = ["-m", "train", "--preset", ATTENTIONS[att], "--dataset_samples", n, "--eval_every",
+                cmd = ["-m", "visualchat_train", "--preset", ATTENTIONS[att], "--dataset_samples", n, "--eval_every",
                        str(args.eval_every), "--save_every", "0", "--resume", "none", "--no_progress", "--output_dir", run_dir]
                 if pct == 100 and att in reuse:
                     run_dir = reuse[att]
                     cmd = None
                 jobs[att] = (name, run_dir, cmd)
                 continue
-            cmd = ["-m", "train", "--preset", ATTENTIONS[att], "--dataset_names", "shapes", "--dataset_samples", str(n),
+            cmd = ["-m", "visualchat_train", "--preset", ATTENTIONS[att], "--dataset_names", "shapes", "--dataset_samples", str(n),
                    "--val_ratio", f"{min(0.99, args.val_n / n):.6f}", "--max_steps", str(args.steps),
                    "--eval_every", str(args.eval_every), "--save_every", "0", "--resume", "none",
                    "--no_progress", "--lr", f"{lr:g}", "--output_dir", run_dir]
@@ -264,7 +264,7 @@ def main(argv=None) -> dict:
             os.makedirs(out_dir, exist_ok=True)
             eval_json = os.path.join(out_dir, "eval.json")
             print(f"[{time.strftime('%H:%M:%S')}] eval {name} ({trained[att] / 60:.1f} min training)", flush=True)
-            run([sys.executable, "-m", "train.eval", "--checkpoint", final,
+            run([sys.executable, "-m", "visualchat_train.eval", "--checkpoint", final,
                  "--n", str(args.eval_n), "--out", eval_json], out_dir + ".eval.log")
             with open(eval_json) as f:
                 acc = json.load(f)["accuracy"]

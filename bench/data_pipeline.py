@@ -1,12 +1,12 @@
 """Samples per second of the trainer's input pipeline alone (no model): open the JPEGs, preprocess them
 to the encoder's square input, and collate micro-batches, in the training process (``--data_workers 0``)
-or in DataLoader workers, exactly as ``python -m train`` does (``train.trainer.micro_batch_stream``).
+or in DataLoader workers, exactly as ``python -m visualchat_train`` does (``visualchat_train.trainer.micro_batch_stream``).
 
     python bench/data_pipeline.py --workers 0,1,2 --image_size 448 --json bench/results/data-pipeline-cpu.json
 
 The data: ``--images`` distinct COCO-sized JPEGs (640 x 480, smooth random colour fields, quality 90)
 in a temporary folder and ``--samples`` conversations of 1-3 of them each (a ``jsonl`` file), turned into
-training samples by ``train.samples.build_samples`` with the tiny test tokenizer. Only preprocessing
+training samples by ``visualchat_train.samples.build_samples`` with the tiny test tokenizer. Only preprocessing
 matters here, so the encoder is the tiny random CLIP with its input size set to ``--image_size``
 (224: CLIP ViT-L/14; 448: the Qwen-VL encoder of the paper). The figure to compare is the training
 step's consumption: ``global batch / step time`` samples per second for the whole job, of which one
@@ -66,9 +66,9 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from train.samples import build_samples
-    from train.tiny import build_tokenizer, resolve_vision_spec
-    from train.trainer import Batcher, micro_batch_stream
+    from visualchat_train.samples import build_samples
+    from visualchat_train.tiny import build_tokenizer, resolve_vision_spec
+    from visualchat_train.trainer import Batcher, micro_batch_stream
     from visualchat.encoders import build_encoder
     from visualchat.template import Template
 

@@ -8,7 +8,7 @@ whether speculative decoding by prompt lookup would pay for itself.
 step's fbgemm calls, default checkpoint, the format ``auto`` picks) with M = 1, 2, 3, 4, 6, 8 rows at
 once: verifying k drafted tokens costs one forward with M = k + 1 instead of one with M = 1.
 
---lookup replays a saved ``python -m train.eval ... --out RESULT.json`` (the shapes test set: its
+--lookup replays a saved ``python -m visualchat_train.eval ... --out RESULT.json`` (the shapes test set: its
 conversations are regenerated from the result's seed and size, the model's own answers taken from the
 file): every answer token after the first is drafted by prompt lookup (the longest of the last 3..1
 tokens found earlier in the conversation's text, the next ``--draft`` tokens after it) and checked
@@ -56,7 +56,7 @@ def forwards_for(context: list[int], answer: list[int], k: int) -> int:
 
 
 def lookup(result_path: str, drafts: list[int]) -> None:
-    from train.data.shapes import generate
+    from visualchat_train.data.shapes import generate
     from visualchat.model import VisualChat
 
     res = json.load(open(result_path))

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
 
-    from train.data.shapes import COLORS, SHAPES, draw, random_scene
+    from visualchat_train.data.shapes import COLORS, SHAPES, draw, random_scene
     from visualchat.encoders.efficientnet import TAPS, EfficientNetLite0
 
     taps = [t for t in TAPS if t != "pos"]

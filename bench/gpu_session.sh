@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_session.sh kernel   # CUDA tests of the Triton kernel + bench/attention.py 1k..16k  (~3-5 min)
 #   bash bench/gpu_session.sh model    # prefix cache and training throughput, LLaMA-2-7B-shaped random model (~5-8 min)
-#   bash bench/gpu_session.sh train [FLAGS]  # the default pair at GPU scale (train/recipes/shapes-gpu-*.json, ~9 min;
+#   bash bench/gpu_session.sh train [FLAGS]  # the default pair at GPU scale (visualchat_train/recipes/shapes-gpu-*.json, ~9 min;
 #                                            # FLAGS go to both runs, e.g. a CPU dry run: --max_steps 2 ...)
 #
 # Logs, JSON and the two trained checkpoints go to $OUT, or ./gpu-results. Every step runs under its own
@@ -51,7 +51,7 @@ train)
     fi
     python3 -c "from visualchat.assets import default_lm_dir; print(default_lm_dir())" || exit 103  # convert once, before two runs
     for m in mmca ca; do
-        timeout 540 python3 -m train --preset "shapes-gpu-$m" --output_dir "/tmp/runs/shapes-gpu-$m" --no_progress \
+        timeout 540 python3 -m visualchat_train --preset "shapes-gpu-$m" --output_dir "/tmp/runs/shapes-gpu-$m" --no_progress \
             --resume none "${@:2}" > "$out/train-$m.log" 2>&1 &
     done
     for job in $(jobs -p); do wait "$job" || failed=$((failed + 1)); done

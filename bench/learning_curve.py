@@ -7,9 +7,9 @@ quality costs, and whether the targets are a matter of time or of design.
 Each ``--run`` names a run's exported ``final/`` checkpoint (whose config.json gives the encoder,
 projection and attention) and a glob of its resumable snapshots (``checkpoints/step-N/state.pt``, or
 copies of them named ``...step-N.pt``); every snapshot is turned into a checkpoint with the final
-config and scored with ``train.eval``'s ``score_shapes`` on the first ``--n`` test conversations.
+config and scored with ``visualchat_train.eval``'s ``score_shapes`` on the first ``--n`` test conversations.
 ``--points NAME=SAMPLES:EVAL_JSON`` adds already-scored checkpoints (e.g. the stage-1 checkpoint that
-a second stage started from); a ``train.eval`` JSON of more than ``--n`` conversations is re-scored on
+a second stage started from); a ``visualchat_train.eval`` JSON of more than ``--n`` conversations is re-scored on
 its first ``--n`` from its answers. ``--series LABEL`` files this invocation's new points under a
 series other than the run's own recipe (e.g. "continued: a second stage"): the plot draws the
 recipe's points as lines per question type and every other series as markers of the overall figure. Conversations seen at step s = ``--offset`` (samples before this run,
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import write_json  # noqa: E402
-from train.eval import GOALS, prefix_accuracy  # noqa: E402
+from visualchat_train.eval import GOALS, prefix_accuracy  # noqa: E402
 
 RECIPE = "recipe"  # the series of a run's own recipe (the default)
 TYPES = ("all", "single", "cross", "refer_back", "single/color", "single/count", "single/where", "cross/more")
@@ -66,7 +66,7 @@ def snapshot_checkpoint(final_dir: str, state_path: str, out_dir: str) -> str:
 
 
 def score(ckpt: str, n: int) -> dict:
-    from train.eval import score_shapes
+    from visualchat_train.eval import score_shapes
     from visualchat import VisualChat
 
     vc = VisualChat.from_pretrained(ckpt, device="cpu")

@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import write_json  # noqa: E402
-from train.tiny import TINY_CLIP, TINY_LM, random_clip, random_lm  # noqa: E402 - the one random-model factory
+from visualchat_train.tiny import TINY_CLIP, TINY_LM, random_clip, random_lm  # noqa: E402 - the one random-model factory
 from visualchat.config import ATTENTION_MODES  # noqa: E402
 
 #: LLaMA-2-7B shapes (Touvron et al. 2023 / meta-llama/Llama-2-7b-hf config.json)
@@ -110,7 +110,7 @@ def build_vc(args):
         vc = VisualChat.from_pretrained(None, device=dev)
         return vc, (f"embedded default (SmolLM2-135M-Instruct + EfficientNet-Lite0, shipped checkpoint), {vc.model.lm.dtype}, "
                     f"LM weights {vc.lm_weights}")
-    from train.tiny import build_tokenizer
+    from visualchat_train.tiny import build_tokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if dev.type == "cuda" else "fp32")]

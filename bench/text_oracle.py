@@ -10,7 +10,7 @@ perception would buy, and so says whether the default's errors come from reading
 from the LM's reasoning.
 
     python bench/text_oracle.py make --n 2400 --out runs/oracle/oracle.jsonl
-    python -m train --preset shapes-mmca --dataset_names jsonl --data_path runs/oracle/oracle.jsonl \
+    python -m visualchat_train --preset shapes-mmca --dataset_names jsonl --data_path runs/oracle/oracle.jsonl \
         --dataset_samples all --max_steps 300 --output_dir runs/oracle-emb
     python bench/text_oracle.py eval --checkpoint runs/oracle-emb/final --n 100 --out oracle.json
 """
@@ -47,7 +47,7 @@ def text_rounds(sample) -> list[dict]:
 
 
 def make(n: int, out: str, seed: int = 0, dense: int = 0) -> int:
-    from train.data.shapes import generate
+    from visualchat_train.data.shapes import generate
 
     samples = generate("train", n, seed) + (generate("train", dense, seed, style="dense") if dense else [])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -67,8 +67,8 @@ def text_conversation(sample):
 
 def score(vc, n: int, seed: int = 0, max_new_tokens: int = 32, progress: bool = True) -> dict:
     """Exact match of ``vc`` on the first ``n`` test conversations, told instead of shown
-    (``train.eval.score_shapes`` running :func:`text_conversation` of each sample)."""
-    from train.eval import score_shapes
+    (``visualchat_train.eval.score_shapes`` running :func:`text_conversation` of each sample)."""
+    from visualchat_train.eval import score_shapes
 
     return score_shapes(vc, n, seed, max_new_tokens, progress, conversation_of=text_conversation)
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     if a.cmd == "make":
         print(f"{make(a.n, a.out, a.seed, a.dense)} conversations -> {a.out}")
         return 0
-    from train.eval import print_table
+    from visualchat_train.eval import print_table
     from visualchat.model import VisualChat
 
     vc = VisualChat.from_pretrained(a.checkpoint)

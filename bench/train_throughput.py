@@ -10,12 +10,12 @@ CPU smoke run (tiny random LLaMA, ZeRO-2 on the gloo backend in this one process
 
     python bench/train_throughput.py --model tiny --seq_len 256 --steps 2 --warmup 1 --precision fp32
 
-What runs is the trainer's own step (``train/trainer.py``): its flags are parsed by ``train.cli.parse_args``
+What runs is the trainer's own step (``visualchat_train/trainer.py``): its flags are parsed by ``visualchat_train.cli.parse_args``
 (``--engine deepspeed --zero_stage Z --precision P [--gradient_checkpointing]``), checked by
-``train.trainer.preflight``, the DeepSpeed config comes from ``train.trainer.deepspeed_config``, the
-process group from ``train.dist.init`` (nccl on CUDA, gloo on CPU), the model is
-``visualchat.model.VisualChatModel`` wrapped in ``train.trainer.TrainModule``, checkpointing is
-``train.trainer.enable_gradient_checkpointing``, and a step is ``loss, n = engine(**batch);
+``visualchat_train.trainer.preflight``, the DeepSpeed config comes from ``visualchat_train.trainer.deepspeed_config``, the
+process group from ``visualchat_train.dist.init`` (nccl on CUDA, gloo on CPU), the model is
+``visualchat.model.VisualChatModel`` wrapped in ``visualchat_train.trainer.TrainModule``, checkpointing is
+``visualchat_train.trainer.enable_gradient_checkpointing``, and a step is ``loss, n = engine(**batch);
 engine.backward(loss); engine.step()`` with the trainer's AdamW + LambdaLR handed to
 ``deepspeed.initialize``. Only the LM is not loaded from disk: a random ``LlamaForCausalLM`` with
 LLaMA-2-7B shapes is built directly on the GPU (a 7B checkpoint would cost 13-27 GB of disk and
@@ -148,7 +148,7 @@ def build_frozen_parts(args, dev, dtype):
 
 
 def trainer_args(args, gc_on: bool, out_dir: str):
-    from train.cli import parse_args
+    from visualchat_train.cli import parse_args
 
     flags = ["--engine", "deepspeed", "--zero_stage", str(args.zero_stage), "--precision", args.precision,
              "--per_device_batch_size", str(args.batch), "--grad_accum_steps", "1", "--max_seq_len", str(args.seq_len),
@@ -161,8 +161,8 @@ def measure(args, lm, enc, gc_on: bool, dev, out_dir: str) -> dict:
     """One configuration: the trainer's module, optimiser and DeepSpeed engine; timed steps."""
     import deepspeed
 
-    from train import dist as D
-    from train.trainer import TrainModule, deepspeed_config, enable_gradient_checkpointing, lr_lambda, preflight
+    from visualchat_train import dist as D
+    from visualchat_train.trainer import TrainModule, deepspeed_config, enable_gradient_checkpointing, lr_lambda, preflight
     from visualchat.model import VisualChatModel
 
     targs = trainer_args(args, gc_on, out_dir)

@@ -28,7 +28,7 @@ def cell_of(peak, g: int) -> int:
 
 
 def measure(path: str) -> dict:
-    from train.data.shapes import COLORS, Obj, Scene, draw
+    from visualchat_train.data.shapes import COLORS, Obj, Scene, draw
     from visualchat import VisualChat
 
     vc = VisualChat.from_pretrained(path, device="cpu")

@@ -4,7 +4,7 @@
 
 The ``words`` projection (``visualchat.projection.Words``) classifies every cell of an image (size,
 colour, shape, each with an "empty" class) and the written word; the LM then reads the predicted words.
-This scores those heads alone against the scene graphs (``train.data.shapes.concept_labels``) on the
+This scores those heads alone against the scene graphs (``visualchat_train.data.shapes.concept_labels``) on the
 images of the first ``n`` test conversations, drawn plainly (as the training generator does) and each
 its own way (``--drawing varied``): accuracy per head over every cell, and the share of images whose
 every cell and word are right (an image read perfectly, which the LM needs for "describe").
@@ -24,7 +24,7 @@ from bench.common import write_json  # noqa: E402
 
 @torch.no_grad()
 def perception(vc, n: int, drawing: str) -> dict:
-    from train.data.shapes import concept_labels, generate
+    from visualchat_train.data.shapes import concept_labels, generate
 
     net = vc.model.projection.net
     images = {}

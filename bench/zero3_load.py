@@ -1,5 +1,5 @@
 """Peak memory per rank when ZeRO-3 loads and trains a large LM, against the whole model's size and
-``python -m train.memory``'s planner figure for the same setting.
+``python -m visualchat_train.memory``'s planner figure for the same setting.
 
 A random LLaMA of about 1 B parameters (``--hidden 2048 --layers 18 --intermediate 5632 --vocab 32000``
 by default: 1.06 B) is saved as sharded safetensors with a tokenizer in a temporary folder, so the
@@ -7,7 +7,7 @@ trainer reads it exactly as it reads a real checkpoint. Then, on ``--nproc`` glo
 
 1. ``load``: each rank runs the trainer's ``preflight`` and ``build_model`` under ZeRO-3 (the LM built
    partitioned, ``deepspeed.zero.Init`` in the run's precision) and reports its peak RSS (``VmHWM``);
-2. ``train``: ``torchrun --nproc_per_node N -m train ... --engine deepspeed --zero_stage 3`` for
+2. ``train``: ``torchrun --nproc_per_node N -m visualchat_train ... --engine deepspeed --zero_stage 3`` for
    ``--steps`` optimizer steps on short shapes conversations (tiny random CLIP encoder), each rank's
    peak RSS read from ``/proc/<pid>/status`` by a watcher in this process;
 3. ``load-zero2`` (unless ``--no_zero2``): the same load as 1 under ZeRO-2, where every rank loads the
@@ -68,7 +68,7 @@ def make_checkpoint(folder: str, a) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train.tiny import build_tokenizer
+    from visualchat_train.tiny import build_tokenizer
 
     tok = build_tokenizer()
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
@@ -182,7 +182,7 @@ def train_flags(a, lm_dir: str, out: str, zero_stage: int) -> list[str]:
 
 def probe_rank(flags: list[str], out_json: str) -> None:
     """(In a rank.) The trainer's model build only, then this rank's peak RSS and its LM share."""
-    from train import cli, dist as D, trainer as T
+    from visualchat_train import cli, dist as D, trainer as T
 
     args = cli.parse_args(flags)
     plan = T.preflight(args)
@@ -203,7 +203,7 @@ def probe_rank(flags: list[str], out_json: str) -> None:
 
 def runtime_baseline() -> int:
     """VmHWM of a process that imports what a rank imports (torch, transformers, deepspeed, the trainer)."""
-    code = ("import deepspeed, transformers, torch, train.trainer, visualchat.model; "
+    code = ("import deepspeed, transformers, torch, visualchat_train.trainer, visualchat.model; "
             "from bench.zero3_load import proc_status; print(proc_status()['VmHWM'])")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
@@ -212,7 +212,7 @@ def runtime_baseline() -> int:
 
 
 def main(argv=None) -> dict:
-    from train.trainer import bf16_supported
+    from visualchat_train.trainer import bf16_supported
 
     import torch
 
@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
         CHILD_ENV[key] = value
 
     from bench.common import write_json
-    from train import memory
+    from visualchat_train import memory
 
     work = a.workdir or tempfile.mkdtemp(prefix="zero3-load-")
     os.makedirs(work, exist_ok=True)
@@ -300,7 +300,7 @@ def main(argv=None) -> dict:
                         with open(rank_json.format(rank=r)) as f:
                             peaks.setdefault(r, {}).update({"probe": json.load(f)})
             else:
-                rc, peaks, secs = launch(["-m", "train", *flags], a.nproc, log_path, a.timeout)
+                rc, peaks, secs = launch(["-m", "visualchat_train", *flags], a.nproc, log_path, a.timeout)
             if rc != 0:
                 with open(log_path) as f:
                     tail = f.read()[-3000:]

@@ -28,13 +28,13 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-#: the tests' tiny LM shapes (smaller than ``--lm tiny``'s); the models come from train.tiny's factory
+#: the tests' tiny LM shapes (smaller than ``--lm tiny``'s); the models come from visualchat_train.tiny's factory
 TEST_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=512)
 
 
 def tiny_llama(tokenizer, seed=0, **kw):
-    from train.tiny import random_lm
+    from visualchat_train.tiny import random_lm
 
     return random_lm(tokenizer, "llama", seed, keep_rng=False, **{**TEST_LM, "tie_word_embeddings": True, **kw})
 
@@ -53,14 +53,14 @@ def save_tiny_checkpoint(tmp_path, tokenizer, clip_dir) -> tuple[str, str]:
 
 
 def tiny_qwen2(tokenizer, seed=0):
-    from train.tiny import random_lm
+    from visualchat_train.tiny import random_lm
 
     return random_lm(tokenizer, "qwen2", seed, keep_rng=False, **TEST_LM, tie_word_embeddings=False, bos_token_id=None)
 
 
 def tiny_mistral(tokenizer, seed=0, sliding_window=8):
     """A tiny Mistral: LLaMA-like, but its attention layers have a sliding window."""
-    from train.tiny import random_lm
+    from visualchat_train.tiny import random_lm
 
     return random_lm(tokenizer, "mistral", seed, keep_rng=False, **TEST_LM, tie_word_embeddings=False,
                      sliding_window=sliding_window)
@@ -69,7 +69,7 @@ def tiny_mistral(tokenizer, seed=0, sliding_window=8):
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random CLIP vision tower saved to disk, so it has a path (checkpoints name it)."""
-    from train.tiny import random_clip
+    from visualchat_train.tiny import random_clip
 
     path = tmp_path_factory.mktemp("clip")
     random_clip(0, keep_rng=False).save_pretrained(path)

@@ -227,7 +227,7 @@ def test_default_looks_at_the_only_object(shipped_mmca):
     share in 15 of 18. So the peak is NOT reliably in the object's cell (the issue's hope); this test
     holds the measured level, well above chance, so that a map that stops following the object fails
     (e.g. CA's maps, which peak on the first image token: 2 of 72 in bench/where_it_looked.py)."""
-    from train.data.shapes import COLORS, Obj, Scene, draw
+    from visualchat_train.data.shapes import COLORS, Obj, Scene, draw
 
     colors = list(COLORS)
     hits, above = 0, 0

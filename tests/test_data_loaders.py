@@ -9,11 +9,11 @@ import sys
 import pytest
 from PIL import Image
 
-import train.data as data
-from train.data import DATASETS, load_dataset
-from train.data.b64index import Base64Slice, base64_index, scan
-from train.data.packing import PAPER_COUNTS, concat, fit_to_length, limit_images, pack, pack_set
-from train.data.validate import validate_images
+import visualchat_train.data as data
+from visualchat_train.data import DATASETS, load_dataset
+from visualchat_train.data.b64index import Base64Slice, base64_index, scan
+from visualchat_train.data.packing import PAPER_COUNTS, concat, fit_to_length, limit_images, pack, pack_set
+from visualchat_train.data.validate import validate_images
 from visualchat.images import open_image
 from visualchat.template import Conversation, Round, Template
 
@@ -42,7 +42,7 @@ def write_json(path, obj):
 
 
 def color_of(ref):
-    from train.features import open_ref
+    from visualchat_train.features import open_ref
 
     return open_ref(ref).getpixel((1, 1))
 
@@ -140,7 +140,7 @@ def test_missing_base64_images_file_is_named(tmp_path):
 
 def test_shapes_is_registered_lazily(monkeypatch):
     monkeypatch.delattr(data, "shapes", raising=False)
-    monkeypatch.setitem(sys.modules, "train.data.shapes", None)
+    monkeypatch.setitem(sys.modules, "visualchat_train.data.shapes", None)
     with pytest.raises(ImportError) as e:
         load_dataset("shapes", None, n=1)
     assert "shapes.py" in str(e.value)
@@ -398,7 +398,7 @@ def test_validate_skips_missing_and_corrupt_once(tmp_path, caplog):
         calls.append(ref)
         return open_image(ref)
 
-    with caplog.at_level(logging.WARNING, logger="train.data.validate"):
+    with caplog.at_level(logging.WARNING, logger="visualchat_train.data.validate"):
         kept, skipped = validate_images(convs, open_fn=counting_open)
     assert skipped == 5
     assert kept == [convs[0], convs[3], convs[7], convs[8]]
@@ -495,7 +495,7 @@ def test_fit_to_length():
 
 # -- the original's other sets: minigpt4, aokvqa, coco_caption, ocr_vqa, vqa -------------------------------
 def test_minigpt4_cc_sbu_align(tmp_path):
-    from train.data.vqa import DESCRIBE
+    from visualchat_train.data.vqa import DESCRIBE
 
     write_img(tmp_path / "cc_sbu_align" / "image" / "2.jpg", COLORS[0])
     write_img(tmp_path / "cc_sbu_align" / "image" / "10.jpg", COLORS[1])
@@ -513,7 +513,7 @@ def test_minigpt4_cc_sbu_align(tmp_path):
 
 
 def test_aokvqa(tmp_path):
-    from train.data.vqa import WHY
+    from visualchat_train.data.vqa import WHY
 
     write_img(coco(tmp_path, "000000299207.jpg"), COLORS[2])
     write_json(tmp_path / "aokvqa" / "annotations" / "aokvqa_v1p0_train.json", [
@@ -615,7 +615,7 @@ def test_base64_index_finds_every_string_without_loading_the_file(tmp_path, monk
     assert near(color_of(sl["SN_IMG_2"]), COLORS[1])
     # cached: a second call reads the index file, not the images file
     assert base64_index(str(f)) == idx
-    monkeypatch.setattr("train.data.b64index.scan", lambda path: pytest.fail("scanned again"))
+    monkeypatch.setattr("visualchat_train.data.b64index.scan", lambda path: pytest.fail("scanned again"))
     assert base64_index(str(f)) == idx
     for bad in ('["x"]', '{"a": {"b": 1}}', '{"a": "unterminated'):
         f.write_text(bad)

@@ -48,9 +48,9 @@ def test_default_lm_answers_text_sensibly(default_vc):
 
 
 def test_shipped_checkpoint_answers_about_two_images(default_vc):
-    """The shipped MMCA checkpoint (trained by train/, see train/recipes/) answers correctly about two
+    """The shipped MMCA checkpoint (trained by visualchat_train/, see visualchat_train/recipes/) answers correctly about two
     assets/ images: shapes_4 has two triangles, shapes_5 a yellow circle and a green triangle (the
-    generator's ground truth, ``train.data.shapes.example_samples``). The shipped model is far from
+    generator's ground truth, ``visualchat_train.data.shapes.example_samples``). The shipped model is far from
     perfect (README: about 31% exact match on the test split), so this is a question it is measured
     to get right; it must get it right with the images in either order (the circle is in Image 2,
     then in Image 1), which a model answering from the question alone does 1 time in 36."""
@@ -65,7 +65,7 @@ def test_shipped_checkpoints_read_an_objects_colour(default_vc, name):
     """bench/color_readout.py on each shipped checkpoint: with the true image it names a lone
     object's colour far more often than with another scene's image (the control) or by chance (1/6)."""
     from bench.color_readout import one_object_scenes, readout
-    from train.data.shapes import COLORS
+    from visualchat_train.data.shapes import COLORS
     from visualchat.model import VisualChat
 
     vc = VisualChat.from_pretrained(os.path.join(ASSETS_DIR, "checkpoints", name), share_with=default_vc)
@@ -75,11 +75,11 @@ def test_shipped_checkpoints_read_an_objects_colour(default_vc, name):
 
 
 def test_shipped_checkpoint_still_chats_without_images(default_vc):
-    """The recipes mix in text-only rounds distilled from the base LM (train/data/chat.py), so with no
+    """The recipes mix in text-only rounds distilled from the base LM (visualchat_train/data/chat.py), so with no
     image the default still answers like a chat model. Trained on shapes questions alone, the previous
     checkpoint answered "Hello! Who are you?" with "The answer is 1". These prompts are in no
     training file (``HELDOUT``)."""
-    from train.data.chat import HELDOUT
+    from visualchat_train.data.chat import HELDOUT
 
     for q in ("Hey! Who am I talking to?", "What is the capital of Austria?", "What does a dentist do?"):
         assert q in HELDOUT
@@ -102,9 +102,9 @@ def test_shipped_default_writes_a_story_without_looping(default_vc):
 def example_rounds() -> list[tuple[str, str, list[int]]]:
     """Issue 21's acceptance questions about assets/examples/shapes_4.png and shapes_5.png, one of each kind
     (count, colour, position, cross-image, refer-back), as (question, the generator's answer, example
-    images the round brings). Questions and answers come from ``train.data.shapes``'s own phrasing and the
+    images the round brings). Questions and answers come from ``visualchat_train.data.shapes``'s own phrasing and the
     scenes' ground truth (``example_samples``), so they are what the models were trained to answer."""
-    from train.data.shapes import _unique_by_name, _unique_by_shape, color_qa, count_qa, example_samples, more_qa, where_qa
+    from visualchat_train.data.shapes import _unique_by_name, _unique_by_shape, color_qa, count_qa, example_samples, more_qa, where_qa
 
     a, b = example_samples()[2].scenes  # shapes_4.png, shapes_5.png
     shape = next(s for s in ("triangle", "circle", "square", "star", None) if a.count(s) != b.count(s))
@@ -122,7 +122,7 @@ def example_rounds() -> list[tuple[str, str, list[int]]]:
 def test_shipped_checkpoints_answer_the_five_kinds_of_question(default_vc, name):
     """Issue 21's acceptance: greedy, one conversation, a count, a colour, a position, a cross-image and a
     refer-back question about the example images, each answered exactly."""
-    from train.eval import normalise
+    from visualchat_train.eval import normalise
     from visualchat.model import VisualChat
 
     vc = VisualChat.from_pretrained(os.path.join(ASSETS_DIR, "checkpoints", name), share_with=default_vc)

@@ -4,7 +4,7 @@ import json
 from tests.conftest import color_image
 import pytest
 
-from train.eval import (described_objects, normalise, object_f1, prefix_accuracy, print_table, run_conversations,
+from visualchat_train.eval import (described_objects, normalise, object_f1, prefix_accuracy, print_table, run_conversations,
                         score_shapes)
 
 
@@ -27,7 +27,7 @@ class ScriptedVC:
 
 
 def test_shapes_scoring_counts_exact_matches():
-    from train.data.shapes import generate
+    from visualchat_train.data.shapes import generate
 
     script = [(r.question, r.answer, t) for s in generate("test", 6)
               for r, t in zip(s.conversation.rounds, s.round_types)]
@@ -42,7 +42,7 @@ def test_shapes_scoring_counts_exact_matches():
 def test_a_longer_result_is_rescored_on_its_first_conversations():
     """prefix_accuracy re-scores a saved result on its first n conversations from its answers: the same
     figures as scoring those n conversations directly (learning-curve points from longer evaluations)."""
-    from train.data.shapes import generate
+    from visualchat_train.data.shapes import generate
 
     script = [(r.question, r.answer, t) for s in generate("test", 8)
               for r, t in zip(s.conversation.rounds, s.round_types)]
@@ -67,7 +67,7 @@ def test_the_table_says_which_goals_are_met(capsys):
 
 
 def test_describe_questions_get_an_object_f1():
-    from train.data.shapes import generate
+    from visualchat_train.data.shapes import generate
 
     script = [(r.question, r.answer, t) for s in generate("test", 30)
               for r, t in zip(s.conversation.rounds, s.round_types)]
@@ -105,7 +105,7 @@ def test_reference_format_runner_reports_missing_images(tiny_vc, tmp_path):
 
 def test_a_round_may_list_several_images_separated_by_spaces(tiny_vc, tmp_path, monkeypatch):
     """eval_comprehensive.json's zootopia_adventures2: three images in the first round's field."""
-    from train.eval import image_paths
+    from visualchat_train.eval import image_paths
 
     for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)], 1):
         (tmp_path / "zootopia").mkdir(exist_ok=True)

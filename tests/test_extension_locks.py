@@ -80,7 +80,7 @@ def test_interrupted_start_then_next_run_succeeds(tmp_path):
     env = _env(TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
     flags = ["--engine", "deepspeed", "--zero_stage", "0", "--dataset_samples", "24", "--max_steps", "2",
              "--eval_every", "0", "--no_progress"]
-    cmd = [sys.executable, "-m", "train", "--preset", "smoke", *flags]
+    cmd = [sys.executable, "-m", "visualchat_train", "--preset", "smoke", *flags]
     log = tmp_path / "first.log"
     with open(log, "w") as f:
         first = subprocess.Popen(cmd + ["--output_dir", str(tmp_path / "first")], cwd=ROOT, env=env, stdout=f,

@@ -1,4 +1,4 @@
-"""The trainer's on-disk cache of frozen-encoder features (train/features.py)."""
+"""The trainer's on-disk cache of frozen-encoder features (visualchat_train/features.py)."""
 import base64
 import io
 import os
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import color_image
-from train.data import shapes as S
-from train.features import FeatureCache, encoder_key, image_key
+from visualchat_train.data import shapes as S
+from visualchat_train.features import FeatureCache, encoder_key, image_key
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_another_encoder_gets_another_folder(tmp_path, encoder, tiny_clip_dir):
 def test_a_pool_of_workers_fills_the_same_features(tmp_path, encoder, monkeypatch):
     """Images opened (shapes scenes drawn) in worker processes give the same cache as opening them here;
     a bad image is still reported, and every image is encoded once, in order."""
-    import train.features as F
+    import visualchat_train.features as F
 
     monkeypatch.setattr(F, "MIN_PER_WORKER", 2)  # start the pool for a short list
     refs = [img for smp in S.generate("train", 4, seed=3) for r in smp.conversation.rounds for img in r.images]

@@ -135,7 +135,7 @@ def test_compare_tab_shows_each_columns_speed(tiny_models):  # noqa: F811
 
 def test_model_line_reads_the_score_the_checkpoint_records(tiny_models, tmp_path):  # noqa: F811
     import app
-    from train.eval import eval_info, score_shapes, write_eval_info
+    from visualchat_train.eval import eval_info, score_shapes, write_eval_info
     from visualchat.config import VisualChatConfig
 
     chat = tiny_models[0]
@@ -144,7 +144,7 @@ def test_model_line_reads_the_score_the_checkpoint_records(tiny_models, tmp_path
     assert "Its accuracy has not been measured" in line and "K=" not in line and "DeepSpeed" not in line
     assert "--write_info" in app._details(demo.serving)
     result = score_shapes(chat, n=2, max_new_tokens=4, progress=False)
-    info = eval_info(result, "python -m train.eval --n 2")
+    info = eval_info(result, "python -m visualchat_train.eval --n 2")
     chat.save_pretrained(str(tmp_path))
     write_eval_info(str(tmp_path), info)
     saved = VisualChatConfig.load(str(tmp_path)).info["eval"]
@@ -157,11 +157,11 @@ def test_model_line_reads_the_score_the_checkpoint_records(tiny_models, tmp_path
     finally:
         chat.config.info = before
     assert f"**{100 * saved['accuracy']:.0f}%**" in line and f"measured on {saved['rounds']} test questions" in line
-    assert "K=16" in details and demo.serving.backend in details and "python -m train.eval --n 2" in details
+    assert "K=16" in details and demo.serving.backend in details and "python -m visualchat_train.eval --n 2" in details
 
 
 def test_eval_write_info_needs_a_checkpoint():
-    from train.eval import main
+    from visualchat_train.eval import main
 
     with pytest.raises(SystemExit):
         main(["--write_info", "--n", "1"])

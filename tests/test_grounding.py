@@ -1,9 +1,9 @@
-"""The grounded projection start (train/grounding.py): token labels, the ridge fit, the trainer flag."""
+"""The grounded projection start (visualchat_train/grounding.py): token labels, the ridge fit, the trainer flag."""
 import pytest
 import torch
 
-from train.data.shapes import Obj, Scene
-from train.grounding import fit_projection, token_words, word_targets
+from visualchat_train.data.shapes import Obj, Scene
+from visualchat_train.grounding import fit_projection, token_words, word_targets
 
 
 def test_token_words_follow_the_scene_graph():
@@ -58,8 +58,8 @@ def test_grounded_start_in_a_training_run(tmp_path):
 
 
 def test_grounded_start_needs_shapes_scenes(tmp_path):
-    from train import cli
-    from train.trainer import TrainError, train
+    from visualchat_train import cli
+    from visualchat_train.trainer import TrainError, train
 
     data = tmp_path / "chat.jsonl"
     data.write_text('{"rounds": [{"question": "Hi", "answer": "Hello!"}]}\n' * 8)

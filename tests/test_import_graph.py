@@ -1,10 +1,10 @@
 """The import graph of the library and the trainer has no cycles (issue 17): every ``import`` between
-modules of ``visualchat`` and ``train``, those inside functions included, read from the source."""
+modules of ``visualchat`` and ``visualchat_train``, those inside functions included, read from the source."""
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("visualchat", "train")
+PACKAGES = ("visualchat", "visualchat_train")
 
 
 def modules() -> dict[str, str]:
@@ -84,7 +84,7 @@ def graph() -> dict[str, set[str]]:
 def test_the_checker_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     g = graph()
-    assert "train.dist" in g["train.resume"] and "visualchat.config" in g["train.config"]
+    assert "visualchat_train.dist" in g["visualchat_train.resume"] and "visualchat.config" in g["visualchat_train.config"]
 
 
 def test_no_import_cycles():
@@ -94,7 +94,7 @@ def test_no_import_cycles():
 
 def test_resume_and_trainer_do_not_import_each_other():
     g = graph()
-    assert "train.trainer" not in g["train.resume"] and "train.resume" in g["train.trainer"]
+    assert "visualchat_train.trainer" not in g["visualchat_train.resume"] and "visualchat_train.resume" in g["visualchat_train.trainer"]
 
 
 def limit_variable_reads(source: str, names: set[str]) -> list[str]:
@@ -173,7 +173,7 @@ def private_kernel_uses(path: str) -> list[str]:
 
 def test_nothing_outside_the_kernels_uses_their_private_names():
     files = [os.path.join(ROOT, "app.py")]
-    for top in ("visualchat", "train", "webapp", "bench"):
+    for top in ("visualchat", "visualchat_train", "webapp", "bench"):
         for d, _, names in os.walk(os.path.join(ROOT, top)):
             if not os.path.relpath(d, ROOT).replace(os.sep, "/").startswith("visualchat/kernels"):
                 files += [os.path.join(d, f) for f in names if f.endswith(".py")]

@@ -48,7 +48,7 @@ def test_merge_changes_the_weights_by_the_adapters_product(tiny_tokenizer):
 
 def _lora_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir):
     """A tiny checkpoint whose LM has (non-zero) LoRA adapters, saved the way the trainer exports one."""
-    from train.export import export_checkpoint
+    from visualchat_train.export import export_checkpoint
     from visualchat.model import VisualChat
 
     lm_dir, plain_dir = save_tiny_checkpoint(tmp_path, tiny_tokenizer, tiny_clip_dir)

@@ -354,8 +354,8 @@ def test_app_model_line_names_the_lm_weight_format(tmp_path, tiny_tokenizer, tin
 
 
 def test_eval_answer_match():
-    """train.eval --match: the share of rounds answered alike and the accuracy difference."""
-    from train.eval import answer_match
+    """visualchat_train.eval --match: the share of rounds answered alike and the accuracy difference."""
+    from visualchat_train.eval import answer_match
 
     acc = lambda x: {"all": {"accuracy": x, "n": 4}}  # noqa: E731
     a = {"seed": 0, "answers": ["1", "red", "2", "top"], "accuracy": acc(0.5), "lm_weights": "fp16"}

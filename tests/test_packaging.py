@@ -40,7 +40,7 @@ def wheel(tmp_path_factory):
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "screenshots")
     for name in ("pyproject.toml", "README.md", "app.py"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("visualchat", "train", "webapp", "assets"):
+    for name in ("visualchat", "visualchat_train", "train", "webapp", "assets"):  # train: the checkout's shim
         shutil.copytree(ROOT / name, src / name, ignore=skip)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
@@ -51,7 +51,7 @@ def wheel(tmp_path_factory):
 
 def test_the_wheel_has_every_package_the_app_and_the_assets(wheel):
     names = set(wheel.namelist())
-    packages = {str(p.parent.relative_to(ROOT)) for top in ("visualchat", "train", "webapp")
+    packages = {str(p.parent.relative_to(ROOT)) for top in ("visualchat", "visualchat_train", "webapp")
                 for p in (ROOT / top).rglob("__init__.py") if "__pycache__" not in p.parts}
     assert {f"{p}/__init__.py" for p in packages} <= names  # pyproject lists them by name: none forgotten
     assert "visualchat_app/app.py" in names and "webapp/panel.py" in names
@@ -59,8 +59,12 @@ def test_the_wheel_has_every_package_the_app_and_the_assets(wheel):
         assert {f"visualchat/_assets/checkpoints/{ckpt}/config.json",
                 f"visualchat/_assets/checkpoints/{ckpt}/trainable.safetensors"} <= names
     assert {f"visualchat/_assets/examples/{p.name}" for p in (ROOT / "assets" / "examples").glob("*.png")} <= names
-    assert {n.split("/")[0] for n in names} == {"visualchat", "train", "webapp", "visualchat_app",
-                                              next(n.split("/")[0] for n in names if ".dist-info/" in n)}
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"visualchat", "visualchat_train", "webapp", "visualchat_app",
+                    next(n.split("/")[0] for n in names if ".dist-info/" in n)}
+    # the checkout's train/ (`python -m train` forwards to visualchat_train) is not installed, not even
+    # under visualchat_app (the root folder): an installed `train` would collide with anything else so named
+    assert "train" not in tops and not any(n.startswith("visualchat_app/train/") for n in names)
 
 
 def test_the_wheel_installs_the_four_commands(wheel):

@@ -13,10 +13,10 @@ from collections import Counter
 import pytest
 
 from tests.test_data_loaders import COLORS, CharTokenizer, cgd_ins, coco, img_bytes, llava_sample, write_img, write_json
-from train import cli
-from train import trainer as T
-from train.data.packing import pack_set
-from train.samples import build_samples_from_config, dump_debug_samples, parse_names
+from visualchat_train import cli
+from visualchat_train import trainer as T
+from visualchat_train.data.packing import pack_set
+from visualchat_train.samples import build_samples_from_config, dump_debug_samples, parse_names
 from visualchat.template import Conversation, Round, Template
 
 N_LLAVA, N_DIAL = 600, 300

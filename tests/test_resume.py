@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.test_train_run import ROOT, _env, train_cmd
-from train.resume import Checkpointer, load_state, rng_state, weights_only_loads
-from train.trainer import TrainError
+from visualchat_train.resume import Checkpointer, load_state, rng_state, weights_only_loads
+from visualchat_train.trainer import TrainError
 
 
 def tiny_state(seed=0):
@@ -175,7 +175,7 @@ def test_plain_engine_resume_gives_the_same_weights(tmp_path, caplog):
     assert (step2 / "state.safetensors").is_file() and not list(step2.glob("*.pt"))
     shutil.rmtree(out / "final"), shutil.rmtree(out / "best"), shutil.rmtree(out / "checkpoints" / "step-00000004")
     os.remove(out / "summary.json")
-    caplog.set_level("INFO", logger="train")
+    caplog.set_level("INFO", logger="visualchat_train")
     _train_in_process(out, *flags)
     assert "resumed from" in caplog.text and "step-00000002 at step 2" in caplog.text
     resumed = load_file(str(out / "final" / "trainable.safetensors"))

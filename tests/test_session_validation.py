@@ -34,7 +34,7 @@ def test_the_same_bad_round_fails_the_same_way_on_every_path(tiny_models, tiny_c
     import gradio as gr
 
     import app
-    from train.eval import run_conversations
+    from visualchat_train.eval import run_conversations
     from visualchat import chat as cli
     from webapp.state import TabState
 
@@ -62,7 +62,7 @@ def test_the_same_bad_round_fails_the_same_way_on_every_path(tiny_models, tiny_c
     assert cli.main(argv) == 2
     assert f"error: {expected}" in capsys.readouterr().err
 
-    # the eval runner (train/eval.py): the conversation's row records the error
+    # the eval runner (visualchat_train/eval.py): the conversation's row records the error
     out_csv = str(tmp_path / "answers.csv")
     counts = run_conversations(chat_vc, {"too-many": [[QUESTION, " ".join(paths)]]}, str(tmp_path), out_csv,
                                progress=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.data import shapes as S
+from visualchat_train.data import shapes as S
 from visualchat.template import Conversation, Round
 
 # Fingerprint of generate("test", 100, seed=0) per version. If this fails, the generator changed:
@@ -262,7 +262,7 @@ def test_dense_style():
 
 
 def test_dense_is_a_data_set():
-    from train.data import load_dataset
+    from visualchat_train.data import load_dataset
 
     st = {}
     convs = load_dataset("shapes_dense", None, split="validation", n=12, seed=3, stats=st)

@@ -9,7 +9,7 @@ import numpy as np
 import PIL
 import pytest
 
-from train.data import shapes as S
+from visualchat_train.data import shapes as S
 
 # Hash of the plain drawing of the first 30 test conversations' scenes at 224 and 64 px, computed
 # with the code as it was before drawing styles existed (Pillow's resampling may change the pixels
@@ -163,7 +163,7 @@ def test_varied_drawings_are_deterministic_per_split_seed_and_index():
 
 
 def test_feature_cache_keys_tell_the_drawings_apart():
-    from train.features import image_key
+    from visualchat_train.features import image_key
 
     p, v = S.make_sample("test", 2), S.make_sample("test", 2, drawing="varied")
     for a, b in zip(_images(p), _images(v)):
@@ -195,8 +195,8 @@ def test_save_jsonl_writes_varied_images_under_their_own_names(tmp_path):
 # -- training data --------------------------------------------------------------------------------
 
 def test_shapes_varied_is_a_generated_data_set():
-    from train.data import load_dataset
-    from train.samples import DataStats, load_splits
+    from visualchat_train.data import load_dataset
+    from visualchat_train.samples import DataStats, load_splits
 
     st = {}
     convs = load_dataset("shapes_varied", None, split="validation", n=5, seed=3, stats=st)
@@ -236,7 +236,7 @@ class _RecordingVC:
 
 
 def test_eval_scores_the_same_questions_drawn_varied():
-    from train.eval import score_shapes
+    from visualchat_train.eval import score_shapes
 
     samples = S.generate("test", 4)
     runs = {}
@@ -255,7 +255,7 @@ def test_eval_scores_the_same_questions_drawn_varied():
 def test_eval_cli_drawing_varied_on_a_tiny_model(tiny_vc, tmp_path, monkeypatch):
     import json
 
-    from train import eval as E
+    from visualchat_train import eval as E
     from visualchat.model import VisualChat
 
     monkeypatch.setattr(VisualChat, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_vc))

@@ -1,4 +1,4 @@
-"""Tokenize once per node (train/token_cache.py): the rendered samples are written to a cached index
+"""Tokenize once per node (visualchat_train/token_cache.py): the rendered samples are written to a cached index
 by the first build and read back by the next one (no tokenization), and any change of the data, the
 length limit or the tokenizer gives another index."""
 import json
@@ -22,7 +22,7 @@ def _write_data(folder, answer="A red square."):
 
 
 def _build(path, tok, max_seq_len=64):
-    from train.samples import build_samples
+    from visualchat_train.samples import build_samples
     from visualchat.template import Template
 
     return build_samples(["jsonl"], path, template=Template(tok, 3), val_ratio=0.25, seed=0,
@@ -59,7 +59,7 @@ def test_second_build_reads_the_token_index(tmp_path, monkeypatch, tiny_tokenize
 
 
 def test_a_change_invalidates_the_token_index(tmp_path, monkeypatch, tiny_tokenizer, counted_render):
-    from train.tiny import build_tokenizer
+    from visualchat_train.tiny import build_tokenizer
 
     monkeypatch.setenv("VISUALCHAT_CACHE", str(tmp_path / "cache"))
     index = tmp_path / "cache" / "token_index"
@@ -95,6 +95,6 @@ def test_a_stale_or_unreadable_index_is_rebuilt_here(tmp_path, monkeypatch, tiny
     (f,) = os.listdir(tmp_path / "cache" / "token_index")
     (tmp_path / "cache" / "token_index" / f).write_bytes(b"garbage")
     counted_render.clear()
-    monkeypatch.setattr("train.dist.local_rank", lambda: 1)  # a rank that reads what local rank 0 wrote
+    monkeypatch.setattr("visualchat_train.dist.local_rank", lambda: 1)  # a rank that reads what local rank 0 wrote
     tr2, _, _ = _build(path, tiny_tokenizer)
     assert counted_render and _as_tuples(tr2) == _as_tuples(tr1)

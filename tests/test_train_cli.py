@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from train import cli, memory
-from train import preflight as preflight_module
-from train import trainer as T
-from train.resume import COMPLETE
+from visualchat_train import cli, memory
+from visualchat_train import preflight as preflight_module
+from visualchat_train import trainer as T
+from visualchat_train.resume import COMPLETE
 
 
 def args_for(*argv, tmp_path=None):
@@ -51,7 +51,7 @@ def test_presets_load_and_flags_override():
     assert cli.parse_args(["--preset", "shapes-gpu-mmca"]).per_device_batch_size == 16
     for name in ("shapes-mmca", "shapes-ca"):
         with open(os.path.join(cli.RECIPES_DIR, name + ".json")) as f:
-            assert "python -m train --preset " + name in json.load(f)["command"]
+            assert "python -m visualchat_train --preset " + name in json.load(f)["command"]
     with pytest.raises(SystemExit):
         cli.parse_args(["--preset", "no-such-recipe"])
 
@@ -119,7 +119,7 @@ def test_lr_schedules():
 
 
 def test_data_order_depends_only_on_seed_and_step_and_matches_across_world_sizes():
-    from train.samples import Sample
+    from visualchat_train.samples import Sample
 
     samples = [Sample([1, 2], [False, False], [-100, 2], []) for _ in range(10)]
     one = T.Batcher(samples, micro=2, world=1, rank=0, seed=3)
@@ -151,7 +151,7 @@ def test_memory_planner(capsys):
 def test_a_count_above_a_sets_size_repeats_its_training_share(tmp_path):
     """jsonl:25 of a 10-conversation file: 1 held out (val_ratio 0.1) and never trained on, the other
     9 repeated to 24 (each twice, 6 of them a third time); only a count given by name repeats."""
-    from train.samples import DataStats, load_splits, named_counts, oversample
+    from visualchat_train.samples import DataStats, load_splits, named_counts, oversample
 
     f = tmp_path / "chat.jsonl"
     f.write_text("".join(json.dumps({"rounds": [{"question": f"q{i}", "answer": f"a{i}"}]}) + "\n" for i in range(10)))

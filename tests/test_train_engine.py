@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from train import cli
-from train.config import NOT_FLAGS, TrainConfig
-from train.engine import TorchEngine
-from train.schedule import SCHEDULERS, LRSchedule, lambda_lr
+from visualchat_train import cli
+from visualchat_train.config import NOT_FLAGS, TrainConfig
+from visualchat_train.engine import TorchEngine
+from visualchat_train.schedule import SCHEDULERS, LRSchedule, lambda_lr
 
 
 def test_every_flag_is_a_config_field_and_its_choices_come_from_the_type():
@@ -87,8 +87,8 @@ def test_the_plain_engine_averages_the_accumulated_gradient_and_clips_it():
 
 
 def test_the_trainer_runs_one_piece_at_a_time(tmp_path):
-    from train import preflight as P
-    from train.trainer import Trainer
+    from visualchat_train import preflight as P
+    from visualchat_train.trainer import Trainer
 
     cfg = cli.parse_args(["--preset", "smoke", "--engine", "torch", "--output_dir", str(tmp_path), "--no_progress",
                           "--max_steps", "3", "--dataset_samples", "24"])

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from train import trainer as T
-from train.lock import LOCK_NAME, OutputDirLocked, OutputLock
+from visualchat_train import trainer as T
+from visualchat_train.lock import LOCK_NAME, OutputDirLocked, OutputLock
 
 
 # -- the output-directory lock ------------------------------------------------------------------
@@ -50,7 +50,7 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path, live_pid
 
 
 def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, live_pid):
-    from train import cli
+    from visualchat_train import cli
 
     out = tmp_path / "run"
     write_lock(str(out), live_pid)
@@ -62,7 +62,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, live_pid):
 
 # -- malformed JSONL lines ------------------------------------------------------------------------
 def test_skip_bad_lines_counts_them_with_their_line_numbers(tmp_path, caplog):
-    from train.data import load_dataset
+    from visualchat_train.data import load_dataset
 
     f = tmp_path / "chat.jsonl"
     good = json.dumps({"rounds": [{"question": "q", "answer": "a"}]})
@@ -71,7 +71,7 @@ def test_skip_bad_lines_counts_them_with_their_line_numbers(tmp_path, caplog):
     with pytest.raises(ValueError, match="chat.jsonl:2"):
         load_dataset("jsonl", str(f))
     stats = {}
-    with caplog.at_level("WARNING", logger="train.data.jsonl"):
+    with caplog.at_level("WARNING", logger="visualchat_train.data.jsonl"):
         convs = load_dataset("jsonl", str(f), skip_bad_lines=True, stats=stats)
     assert len(convs) == 3 and stats["skipped_bad_line"] == 3
     assert stats["bad_line_list"] == [f"{f}:2", f"{f}:4", f"{f}:6"]
@@ -97,7 +97,7 @@ def test_other_schedulers_and_warmup_in_steps():
 
 
 def test_warmup_and_eval_batch_flags_are_checked(tmp_path):
-    from train import cli
+    from visualchat_train import cli
 
     for flags, msg in ((["--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
                        (["--eval_batch_size", "-2"], "--eval_batch_size must be >= 0"),
@@ -130,7 +130,7 @@ def test_eval_batch_size_gives_the_same_val_loss_and_debug_dump(tmp_path, monkey
 def test_micro_batch_stream_with_workers_matches_the_in_process_order():
     import torch
 
-    from train.samples import Sample
+    from visualchat_train.samples import Sample
 
     samples = [Sample([i + 1, i + 2, i + 3][: 1 + i % 3], [False] * (1 + i % 3), [-100] + [5] * (i % 3), [])
                for i in range(11)]
@@ -171,7 +171,7 @@ def test_data_pipeline_bench_runs(tmp_path):
 # -- image checks once per node, cached ---------------------------------------------------------------
 def test_image_checks_once_per_node_are_cached(tmp_path, monkeypatch, caplog):
     from tests.test_data_loaders import COLORS, write_img
-    import train.samples as S
+    import visualchat_train.samples as S
     from visualchat.template import Conversation, Round
 
     monkeypatch.setenv("VISUALCHAT_CACHE", str(tmp_path / "cache"))
@@ -205,7 +205,7 @@ def test_image_checks_once_per_node_are_cached(tmp_path, monkeypatch, caplog):
 
 def test_lock_of_a_reused_pid_is_taken_over(tmp_path, live_pid):
     """The pid lives, but it is another process than the one that wrote the lock (its start time differs)."""
-    from train.lock import start_ticks
+    from visualchat_train.lock import start_ticks
 
     out = str(tmp_path / "run")
     os.makedirs(out)
@@ -225,16 +225,16 @@ def test_a_staged_run_records_its_earlier_stages(tmp_path):
     time), oldest first, read from the checkpoint it started from."""
     import json
 
-    from train.trainer import earlier_stages
+    from visualchat_train.trainer import earlier_stages
 
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     s1.mkdir()
     s2.mkdir()
-    (s1 / "config.json").write_text(json.dumps({"info": {"command": "python -m train --preset a", "steps": 693,
+    (s1 / "config.json").write_text(json.dumps({"info": {"command": "python -m visualchat_train --preset a", "steps": 693,
                                                          "wall_time_s": 3354.6, "hardware": "CPU"}}))
     first = earlier_stages(str(s1))
-    assert first == [{"command": "python -m train --preset a", "steps": 693, "wall_time_s": 3354.6, "hardware": "CPU"}]
-    (s2 / "config.json").write_text(json.dumps({"info": {"command": "python -m train --preset b", "steps": 598,
+    assert first == [{"command": "python -m visualchat_train --preset a", "steps": 693, "wall_time_s": 3354.6, "hardware": "CPU"}]
+    (s2 / "config.json").write_text(json.dumps({"info": {"command": "python -m visualchat_train --preset b", "steps": 598,
                                                          "earlier_stages": first}}))
     assert [st["steps"] for st in earlier_stages(str(s2))] == [693, 598]
     assert earlier_stages(str(tmp_path / "missing")) == []

@@ -30,11 +30,11 @@ def _port() -> str:
 
 
 def train_cmd(out, *flags, nproc: int = 1):
-    base = [sys.executable, "-m", "train", "--preset", "smoke", "--output_dir", str(out), "--no_progress", *flags]
+    base = [sys.executable, "-m", "visualchat_train", "--preset", "smoke", "--output_dir", str(out), "--no_progress", *flags]
     if nproc == 1:
         return base
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", _port(),
-            "-m", "train"] + base[3:]
+            "-m", "visualchat_train"] + base[3:]
 
 
 def run_train(out, *flags, nproc: int = 1, timeout: int = 240, check: bool = True):
@@ -146,7 +146,7 @@ def test_zero3_export_round_trips(stage_runs):
     """Gathered ZeRO-3 export -> from_pretrained gives the same model outputs as the stage-0 export."""
     from visualchat.model import VisualChat
 
-    from train.data.shapes import generate
+    from visualchat_train.data.shapes import generate
 
     conv = generate("validation", 1, seed=9)[0].materialize(size=32)
     out = []
@@ -188,7 +188,7 @@ def test_sigkill_and_resume_gives_the_same_weights(tmp_path):
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
     """A kill during a save leaves a .tmp folder (or one without complete.json): auto skips it."""
-    from train.resume import find_resume
+    from visualchat_train.resume import find_resume
 
     ck = tmp_path / "checkpoints"
     (ck / "step-00000004").mkdir(parents=True)
@@ -220,7 +220,7 @@ def test_lora_smoke_trains_and_export_holds_only_adapters(tmp_path):
 
 
 def test_qlora_smoke(tmp_path):
-    from train.lora import qlora_unsupported_reason
+    from visualchat_train.lora import qlora_unsupported_reason
 
     why = qlora_unsupported_reason()
     if why:
@@ -258,8 +258,8 @@ def test_missing_and_corrupt_images_skip_their_samples(tmp_path):
 
 def _train_in_process(out, *flags):
     """One run of the smoke preset on the plain engine, in this process; returns its summary."""
-    from train import cli
-    from train.trainer import train
+    from visualchat_train import cli
+    from visualchat_train.trainer import train
 
     args = cli.parse_args(["--preset", "smoke", "--engine", "torch", "--eval_every", "0", "--output_dir", str(out),
                            "--no_progress", *flags])

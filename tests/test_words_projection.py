@@ -165,7 +165,7 @@ def test_shard_splits_big_tensors_and_load_joins_them(tmp_path, tiny_tokenizer, 
 
 # -- the trainer's side: per-image labels, --aux_loss, --detach_image_rows, --lora_layers -----------------
 def test_concept_labels_follow_the_scene_graph():
-    from train.data.shapes import CONCEPTS, Obj, Scene, concept_labels
+    from visualchat_train.data.shapes import CONCEPTS, Obj, Scene, concept_labels
 
     check_concepts(CONCEPTS, 9)
     sc = Scene("white", (Obj("star", "blue", "large", 0), Obj("circle", "red", "small", 8)), "cat")
@@ -180,9 +180,9 @@ def test_concept_labels_follow_the_scene_graph():
 
 
 def test_collate_gives_per_image_labels_only_for_labelled_images(tiny_tokenizer):
-    from train.batches import Batcher
-    from train.data.shapes import concept_labels, generate
-    from train.samples import Sample
+    from visualchat_train.batches import Batcher
+    from visualchat_train.data.shapes import concept_labels, generate
+    from visualchat_train.samples import Sample
 
     s = generate("train", 1, 0)[0]
     refs = [im for r in s.conversation.rounds for im in r.images]
@@ -195,8 +195,8 @@ def test_collate_gives_per_image_labels_only_for_labelled_images(tiny_tokenizer)
 
 
 def _module(aux: float, detach: bool = False):
-    from train.model import TrainModule
-    from train.tiny import random_lm
+    from visualchat_train.model import TrainModule
+    from visualchat_train.tiny import random_lm
 
     tok = pytest.importorskip("tests.conftest").tiny_tokenizer.__wrapped__()
     lm = random_lm(tok, "llama", 0, keep_rng=False, **{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -211,7 +211,7 @@ def _module(aux: float, detach: bool = False):
         def forward(self, pixel_values):
             return pixel_values
 
-    from train.data.shapes import CONCEPTS
+    from visualchat_train.data.shapes import CONCEPTS
 
     torch.manual_seed(0)
     vcm = VisualChatModel(lm, Grid(), "mmca", "words", CONCEPTS)
@@ -220,7 +220,7 @@ def _module(aux: float, detach: bool = False):
 
 
 def _batch(with_labels: bool):
-    from train.data.shapes import Obj, Scene, concept_labels
+    from visualchat_train.data.shapes import Obj, Scene, concept_labels
 
     k = 9 * 5 + 2
     ids = torch.tensor([[1] * 3 + [5] * k + [7, 8, 9, 10]])
@@ -265,15 +265,15 @@ def test_lora_layers_adapts_only_the_top_layers(tmp_path):
     assert cfg["vis_proj"] == "words" and cfg["concepts"]["cells"][0] == "top left"
     # the checkpoint with trained LM tensors loads and serves
     vc = VisualChat.from_pretrained(str(tmp_path / "final"), device="cpu")
-    from train.data.shapes import generate
+    from visualchat_train.data.shapes import generate
 
     im = generate("test", 1, 0)[0].conversation.rounds[0].images[0].load()
     assert isinstance(vc.new_session().ask("Describe Image 1.", images=[im], max_new_tokens=4), str)
 
 
 def _train_in_process_words(out, *flags):
-    from train import cli
-    from train.trainer import train
+    from visualchat_train import cli
+    from visualchat_train.trainer import train
 
     args = cli.parse_args(["--preset", "smoke", "--engine", "torch", "--eval_every", "0", "--output_dir", str(out),
                            "--no_progress", "--vision", "efficientnet-lite0:head@3", "--vis_proj", "words",

@@ -1,5 +1,5 @@
 """Under ZeRO-3 the trainer fills the partitioned LM tensor by tensor from its safetensors shards
-(train/zero3.py: partitioned_lm), not through transformers' loader (which reads the whole checkpoint
+(visualchat_train/zero3.py: partitioned_lm), not through transformers' loader (which reads the whole checkpoint
 into one state dict on rank 0): on a one-rank gloo group, a tiny random LLaMA saved as several
 safetensors shards comes out of build_model with every weight a ZeRO-3 parameter equal to the
 checkpoint's, tied or untied; a checkpoint missing a tensor, or holding one the model lacks, stops the
@@ -15,8 +15,8 @@ PROBE = r'''
 import json, os, sys
 import torch
 from safetensors.torch import load_file
-from train import cli, trainer as T, dist as D, model as M
-from train.errors import TrainError
+from visualchat_train import cli, trainer as T, dist as D, model as M
+from visualchat_train.errors import TrainError
 import deepspeed
 
 def refuse(*a, **k):  # transformers' ZeRO-3 loader must not be used for a safetensors folder
@@ -62,7 +62,7 @@ def _save(folder, tie: bool, shard: str = "60KB"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train.tiny import build_tokenizer
+    from visualchat_train.tiny import build_tokenizer
 
     tok = build_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -130,8 +130,8 @@ def test_zero3_config_limits_gathered_parameters_to_a_few_layers(tmp_path, capsy
     --deepspeed_config still overrides them."""
     from transformers import LlamaConfig
 
-    from train import cli, memory
-    from train.preflight import deepspeed_config, preflight
+    from visualchat_train import cli, memory
+    from visualchat_train.preflight import deepspeed_config, preflight
 
     LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=18,
                 num_attention_heads=16, tie_word_embeddings=False).save_pretrained(tmp_path / "lm")
@@ -167,7 +167,7 @@ def test_a_hub_id_in_the_hub_cache_is_read_from_its_snapshot(tmp_path, monkeypat
     """The paper preset names its LM by hub id: once `huggingface-cli download` has put it in the hub
     cache, the tensor-by-tensor load reads that snapshot folder; an id not in the cache, or a snapshot
     missing a shard, is left to transformers' loader (which downloads)."""
-    from train.zero3 import lm_checkpoint_files, local_lm_folder
+    from visualchat_train.zero3 import lm_checkpoint_files, local_lm_folder
 
     cache = tmp_path / "hub"
     snap = cache / "models--org--tiny-llama" / "snapshots" / ("a" * 40)

@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from tests.test_train_run import ROOT, _env, _port
-from train import memory
+from visualchat_train import memory
 
 SCRIPT = r'''
 import json, os, sys
 import torch
-from train import cli, trainer as T, dist as D
+from visualchat_train import cli, trainer as T, dist as D
 
 args = cli.parse_args(["--preset", "smoke", "--engine", "deepspeed", "--zero_stage", "3", "--output_dir",
                        sys.argv[1], "--no_progress", *sys.argv[3:]])
@@ -39,7 +39,7 @@ with open(os.path.join(sys.argv[2], f"rank{plan.rank}.json"), "w") as f:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero3_builds_the_lm_partitioned_in_the_run_precision(tmp_path, precision):
-    from train.trainer import bf16_supported
+    from visualchat_train.trainer import bf16_supported
 
     import torch
     if precision == "bf16" and not bf16_supported(torch.device("cpu")):

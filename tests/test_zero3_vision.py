@@ -1,4 +1,4 @@
-"""Under ZeRO-3 the Qwen-VL encoder is built partitioned from the start, like the LM (train/zero3.py):
+"""Under ZeRO-3 the Qwen-VL encoder is built partitioned from the start, like the LM (visualchat_train/zero3.py):
 on 2 gloo ranks, right after the trainer's build_model every encoder weight is a ZeRO-3 parameter
 holding only its rank's share, in the run's precision, with the checkpoint's values; the feature
 cache is filled with the partitioned encoder in lockstep (ranks with different numbers of images)
@@ -14,14 +14,14 @@ import torch
 
 from tests.test_encoders import _save_qwen_checkpoint, _tiny_qwen
 from tests.test_train_run import ROOT, _env, _port, run_train
-from train import memory
+from visualchat_train import memory
 
 PROBE = r'''
 import json, os, sys
 import torch
-from train import cli, trainer as T, dist as D
-from train.features import FeatureCache, encoder_key, image_key
-from train.zero3 import is_partitioned
+from visualchat_train import cli, trainer as T, dist as D
+from visualchat_train.features import FeatureCache, encoder_key, image_key
+from visualchat_train.zero3 import is_partitioned
 import deepspeed
 
 ckpt, out_dir, precision = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -81,7 +81,7 @@ def qwen_ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero3_builds_qwen_vl_partitioned_and_fills_the_cache_in_lockstep(tmp_path, qwen_ckpt, precision):
-    from train.trainer import bf16_supported
+    from visualchat_train.trainer import bf16_supported
 
     if precision == "bf16" and not bf16_supported(torch.device("cpu")):
         pytest.skip("no bf16 on this CPU")
@@ -119,7 +119,7 @@ def test_zero3_training_run_with_a_partitioned_qwen_vl(tmp_path, qwen_ckpt):
 
 
 def test_planner_counts_the_partitioned_encoder_at_load(capsys):
-    from train.zero3 import encoder_partitioned
+    from visualchat_train.zero3 import encoder_partitioned
 
     assert encoder_partitioned("qwen-vl") and encoder_partitioned("qwen-vl:/data/Qwen-VL-Chat")
     assert not encoder_partitioned("clip:openai/clip-vit-large-patch14") and not encoder_partitioned("default")

@@ -2,7 +2,7 @@
 regenerate. Every way of talking to a model drives a :class:`Session`: a browser tab
 (:class:`visualchat.chat_session.ChatSession`), the stateless ``/generate`` API and the ZeroGPU replay
 (:meth:`visualchat.serving.Server.stream`, :func:`visualchat.serving.stream_conversation`, which build
-one from the given history), the CLI chat (:mod:`visualchat.chat`) and the eval runner (``train.eval``).
+one from the given history), the CLI chat (:mod:`visualchat.chat`) and the eval runner (``visualchat_train.eval``).
 
 A round is checked in one place, :meth:`Session.prepare_round`, before anything changes: the question,
 the generation settings, the images opened, their count, and whether the conversation with it fits

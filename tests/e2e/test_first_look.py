@@ -21,12 +21,12 @@ SCREENSHOT = os.path.join(ARTIFACTS, "9-chat-where-it-looked-1280x800.png")
 @pytest.fixture(scope="module")
 def served(tiny_tokenizer, tiny_clip_dir):
     import app
-    from train.eval import eval_info, score_shapes
+    from visualchat_train.eval import eval_info, score_shapes
 
     chat, ca, mm = build_tiny_models(tiny_tokenizer, tiny_clip_dir)
-    # the chat model records a score, as `python -m train.eval --write_info` writes it into a checkpoint
+    # the chat model records a score, as `python -m visualchat_train.eval --write_info` writes it into a checkpoint
     chat.config.info = {"eval": eval_info(score_shapes(chat, n=2, max_new_tokens=4, progress=False),
-                                          "python -m train.eval --n 2")}
+                                          "python -m visualchat_train.eval --n 2")}
     demo = app.build_demo(chat, compare=(ca, mm), concurrency=2)
     url = serve(demo)
     yield demo, url
@@ -66,7 +66,7 @@ def test_model_line_and_collapsed_details(page, served):
     details.get_by_text("Details").first.click()
     wait_for(lambda: details.get_by_text("Serving").is_visible())
     text = details.inner_text()
-    assert "K=16" in text and demo.serving.backend in text and "python -m train.eval --n 2" in text
+    assert "K=16" in text and demo.serving.backend in text and "python -m visualchat_train.eval --n 2" in text
 
 
 def ask_fresh(pg, url, question, max_tokens):
