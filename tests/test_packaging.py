@@ -55,9 +55,9 @@ def test_the_wheel_has_every_package_the_app_and_the_assets(wheel):
                 for p in (ROOT / top).rglob("__init__.py") if "__pycache__" not in p.parts}
     assert {f"{p}/__init__.py" for p in packages} <= names  # pyproject lists them by name: none forgotten
     assert "visualchat_app/app.py" in names and "webapp/panel.py" in names
-    for ckpt in ("shapes-mmca", "shapes-ca"):
-        assert {f"visualchat/_assets/checkpoints/{ckpt}/config.json",
-                f"visualchat/_assets/checkpoints/{ckpt}/trainable.safetensors"} <= names
+    for ckpt in ("shapes-mmca", "shapes-ca"):  # every file of each checkpoint (one, or shards and their index)
+        files = {f"visualchat/_assets/checkpoints/{ckpt}/{f.name}" for f in (ROOT / "assets" / "checkpoints" / ckpt).iterdir()}
+        assert f"visualchat/_assets/checkpoints/{ckpt}/config.json" in files and files <= names
     assert {f"visualchat/_assets/examples/{p.name}" for p in (ROOT / "assets" / "examples").glob("*.png")} <= names
     tops = {n.split("/")[0] for n in names}
     assert tops == {"visualchat", "visualchat_train", "webapp", "visualchat_app",

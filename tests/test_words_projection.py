@@ -90,7 +90,7 @@ def test_a_words_checkpoint_saves_and_loads_with_its_concepts(tmp_path, tiny_tok
     vc.save_pretrained(str(tmp_path / "ckpt"))
     cfg = json.load(open(tmp_path / "ckpt" / "config.json"))
     assert cfg["vis_proj"] == "words" and cfg["concepts"] == concepts_for(enc.num_tokens)
-    vc2 = VisualChat.from_pretrained(str(tmp_path / "ckpt"), device="cpu")
+    vc2 = VisualChat.from_pretrained(str(tmp_path / "ckpt"), device="cpu", lm_weights="fp32")
     for (k, a), b in zip(vc.model.projection.state_dict().items(), vc2.model.projection.state_dict().values()):
         assert torch.equal(a, b), k
     torch.testing.assert_close(_logits(vc2), _logits(vc), atol=1e-5, rtol=1e-5)
@@ -147,7 +147,7 @@ def test_shard_splits_big_tensors_and_load_joins_them(tmp_path, tiny_tokenizer, 
     loaded = load_tensors(str(tmp_path / "ckpt"))
     for k, v in vc.model.projection.checkpoint_tensors().items():
         assert torch.equal(loaded[k], v.detach()), k
-    vc2 = VisualChat.from_pretrained(str(tmp_path / "ckpt"), device="cpu")
+    vc2 = VisualChat.from_pretrained(str(tmp_path / "ckpt"), device="cpu", lm_weights="fp32")
     torch.testing.assert_close(_logits(vc2), _logits(vc), atol=1e-5, rtol=1e-5)
     # saved again small: the shards and the index go, one file stays
     vc2.save_pretrained(str(tmp_path / "ckpt"))
@@ -292,6 +292,6 @@ def test_a_checkpoint_from_before_concepts_still_loads(tmp_path, tiny_tokenizer,
     cfg = json.load(open(tmp_path / "old" / "config.json"))
     del cfg["concepts"]
     json.dump(cfg, open(tmp_path / "old" / "config.json", "w"))
-    vc2 = VisualChat.from_pretrained(str(tmp_path / "old"), device="cpu")
+    vc2 = VisualChat.from_pretrained(str(tmp_path / "old"), device="cpu", lm_weights="fp32")
     assert vc2.config.concepts is None and vc2.config.vis_proj == "linear"
     torch.testing.assert_close(_logits(vc2), _logits(vc), atol=1e-5, rtol=1e-5)
