@@ -194,11 +194,10 @@ def test_collate_gives_per_image_labels_only_for_labelled_images(tiny_tokenizer)
     assert "image_labels" not in b.collate([plain], to_device=False)
 
 
-def _module(aux: float, detach: bool = False):
+def _module(tok, aux: float, detach: bool = False):
     from visualchat_train.model import TrainModule
     from visualchat_train.tiny import random_lm
 
-    tok = pytest.importorskip("tests.conftest").tiny_tokenizer.__wrapped__()
     lm = random_lm(tok, "llama", 0, keep_rng=False, **{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                                       "num_attention_heads": 4, "num_key_value_heads": 2,
                                                       "tie_word_embeddings": True})
@@ -233,21 +232,21 @@ def _batch(with_labels: bool):
     return b
 
 
-def test_aux_loss_changes_nothing_without_labels_and_adds_the_heads_loss_with_them():
-    on, vcm = _module(1.0)
-    off, _ = _module(0.0)
+def test_aux_loss_changes_nothing_without_labels_and_adds_the_heads_loss_with_them(tiny_tokenizer):
+    on, vcm = _module(tiny_tokenizer, 1.0)
+    off, _ = _module(tiny_tokenizer, 0.0)
     l_on, n_on = on(**_batch(False))
     l_off, n_off = off(**_batch(False))
     assert n_on == n_off and torch.equal(l_on, l_off)  # no labels: exactly the answers' loss
     l_lab, _ = on(**_batch(True))
     aux = vcm.projection.net.aux_loss(_batch(True)["image_feats"], _batch(True)["image_labels"])
     torch.testing.assert_close(l_lab, l_off + aux)
-    assert float(off(**_batch(True))[0]) == float(l_off)  # weight 0: labels are ignored
+    assert float(off(**_batch(True))[0].detach()) == float(l_off.detach())  # weight 0: labels are ignored
 
 
-def test_detached_image_rows_get_no_gradient_from_the_answers():
+def test_detached_image_rows_get_no_gradient_from_the_answers(tiny_tokenizer):
     for detach in (False, True):
-        m, vcm = _module(0.0, detach)
+        m, vcm = _module(tiny_tokenizer, 0.0, detach)
         loss, _ = m(**_batch(False))
         loss.backward()
         g = vcm.projection.net.cell_mlp[0].weight.grad
