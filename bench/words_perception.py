@@ -12,7 +12,9 @@ every cell and word are right (an image read perfectly, which the LM needs for "
 ``--train_heads N --epochs E`` first trains the heads alone (``Words.aux_loss``, AdamW lr 1e-3) for E
 passes over N fresh labelled images of the train split (half drawn plainly, half each its own way;
 the encoder's features computed once), then scores: what heads trained to convergence would read,
-with no LM in the loop.
+with no LM in the loop. ``--vision SPEC`` (instead of ``--checkpoint``) builds fresh heads on that
+encoder (one token per cell, e.g. ``efficientnet-lite0:stage4+head@3``) and trains them the same way:
+which feature tap the heads should read.
 """
 from __future__ import annotations
 
@@ -84,6 +86,21 @@ def train_heads(vc, n: int, epochs: int, seed: int = 1) -> float:
     return total / n
 
 
+def fresh_heads(vision: str):
+    """Untrained ``words`` heads on encoder ``vision``, shaped like a loaded VisualChat for :func:`perception`
+    (no LM: the heads' word tables stay empty, only their classifiers are scored)."""
+    from types import SimpleNamespace
+
+    from visualchat.encoders import build_encoder
+    from visualchat.projection import Projection
+    from visualchat_train.data.shapes import CONCEPTS
+
+    enc = build_encoder(vision).eval()
+    torch.manual_seed(0)
+    proj = Projection("words", enc.hidden_size, 8, enc.num_tokens, CONCEPTS)
+    return SimpleNamespace(model=SimpleNamespace(projection=proj, encode_images=lambda ims: enc.encode(ims)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="assets/checkpoints/shapes-mmca")
@@ -92,13 +109,21 @@ def main(argv=None) -> int:
     ap.add_argument("--train_heads", type=int, default=0, metavar="N",
                     help="first train the heads alone on N fresh labelled train-split images")
     ap.add_argument("--epochs", type=int, default=20, help="passes over them (with --train_heads)")
+    ap.add_argument("--vision", default=None, help="fresh heads on this encoder instead of a checkpoint's "
+                    "(needs --train_heads)")
     a = ap.parse_args(argv)
     from visualchat.model import VisualChat
 
-    vc = VisualChat.from_pretrained(a.checkpoint, device="cpu", lm_weights="fp32")
+    if a.vision:
+        vc = fresh_heads(a.vision)
+        a.checkpoint = None
+    else:
+        vc = VisualChat.from_pretrained(a.checkpoint, device="cpu", lm_weights="fp32")
     if vc.model.projection.kind != "words":
         raise SystemExit(f"{a.checkpoint}: the projection is {vc.model.projection.spec!r}; this scores a 'words' one")
-    result = {"checkpoint": a.checkpoint, "n": a.n}
+    if a.vision and not a.train_heads:
+        raise SystemExit("--vision builds untrained heads: give --train_heads N")
+    result = {"checkpoint": a.checkpoint, "vision": a.vision, "n": a.n}
     if a.train_heads:
         result["train_heads"] = {"images": a.train_heads, "epochs": a.epochs,
                                  "last_epoch_loss": train_heads(vc, a.train_heads, a.epochs)}

@@ -18,7 +18,7 @@ def test_one_shot_question_with_image(tiny_ckpt, tmp_path, capsys):
 
 
 def test_the_cli_serves_the_apps_weight_format_and_fp32_is_one_flag_away(tiny_ckpt, capsys):
-    from visualchat import lowp
+    from visualchat.kernels import lowp
 
     assert chat.main(["--checkpoint", tiny_ckpt, "--ask", "Hi?", "--max_new_tokens", "2"]) == 0
     assert f"LM weights {lowp.resolve('auto', 'cpu')[0]}" in capsys.readouterr().err
