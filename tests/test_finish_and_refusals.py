@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 from PIL import Image
 
 from tests.test_app import Slow, image_files, last, tiny_models  # noqa: F401 (tiny_models: a fixture)

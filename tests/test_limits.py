@@ -3,10 +3,8 @@ or model work, and a malformed /generate request gets a message naming the field
 (never ``{"error": null}``). Tiny models; the served tests run the real app on 127.0.0.1."""
 import base64
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 

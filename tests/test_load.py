@@ -1,7 +1,6 @@
 """A short version of bench/load_test.py (issue 20) on tiny models served in this process: concurrent
 normal, oversized and malformed /generate requests at concurrency 1 and a queue of 16; every one ends
 with an answer or a clear refusal, and the app serves normally afterwards."""
-import pytest
 
 from tests.test_app import tiny_models  # noqa: F401 (a fixture)
 

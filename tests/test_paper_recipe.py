@@ -5,7 +5,6 @@ more than 8 images is dropped (not cut), and an image missing from a MIMIC-IT im
 that image (the original's preprocessing). Also: the preset's global batch and the derived
 accumulation, the new data flags one by one, and --data_debug_path."""
 import base64
-import json
 import math
 import os
 from collections import Counter

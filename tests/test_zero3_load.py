@@ -4,7 +4,6 @@ ZeRO-3 parameter holding only its share, the trainable embedding copy equals the
 (gathered for the copy), and the memory planner reports the load peak. A whole ZeRO-3 training run
 with this load is covered by tests/test_train_run.py (stages agree, two processes, export)."""
 import json
-import os
 import subprocess
 import sys
 

@@ -5,7 +5,6 @@ cache is filled with the partitioned encoder in lockstep (ranks with different n
 and gives the whole encoder's features; a short ZeRO-3 training run with it completes and exports;
 the memory planner counts the encoder's share at load."""
 import json
-import os
 import subprocess
 import sys
 
