@@ -294,3 +294,24 @@ def test_a_checkpoint_from_before_concepts_still_loads(tmp_path, tiny_tokenizer,
     vc2 = VisualChat.from_pretrained(str(tmp_path / "old"), device="cpu", lm_weights="fp32")
     assert vc2.config.concepts is None and vc2.config.vis_proj == "linear"
     torch.testing.assert_close(_logits(vc2), _logits(vc), atol=1e-5, rtol=1e-5)
+
+
+def test_aux_only_is_a_perception_stage_a_later_run_starts_from(tmp_path):
+    """--aux_only trains the heads on their labels alone (the LM is never run, its loss never logged); a
+    second run starts from that checkpoint with --init_from and keeps the heads fixed with --projection_lr 0."""
+    s = _train_in_process_words(tmp_path / "perception", "--aux_only", "--lr", "1e-3", "--max_steps", "8",
+                                "--eval_every", "8")
+    assert s["steps"] == 8 and s["val_loss_last"] < s["val_loss_first"]  # the heads' validation loss fell
+    first = load_tensors(str(tmp_path / "perception" / "final"))
+    assert not [k for k in first if k.startswith("lora.")]
+    _train_in_process_words(tmp_path / "lm", "--init_from", str(tmp_path / "perception" / "final"),
+                            "--projection_lr", "0", "--lora_rank", "4", "--lora_layers", "1", "--max_steps", "2")
+    second = load_tensors(str(tmp_path / "lm" / "final"))
+    for k, v in first.items():
+        if k.startswith("projection."):
+            assert torch.equal(second[k], v), k
+    assert [k for k in second if k.startswith("lora.")]
+    from visualchat_train.errors import TrainError
+
+    with pytest.raises(TrainError, match="heads alone"):
+        _train_in_process_words(tmp_path / "bad", "--aux_only", "--lora_rank", "4", "--max_steps", "1")

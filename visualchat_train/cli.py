@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: --lr; a grounded projection keeps its start only with a small one, e.g. 3e-4)")
     flag(g, "--aux_loss", help="weight of the 'words' projection's per-cell label loss, added to the answers' loss "
             "for every image whose data set labels its cells (shapes); 0: off (real data has no labels)")
+    flag(g, "--aux_only", help="a perception stage: train the 'words' projection's heads on their per-cell labels "
+            "alone (no LM forward, minutes on a CPU); a later run starts from it with --init_from DIR --projection_lr 0")
     flag(g, "--detach_image_rows", help="the answers' loss does not reach the projection (it learns from "
             "--aux_loss alone), so the backward need not run through the LM below its lowest trained layer")
     flag(g, "--weight_decay", help="AdamW weight decay")

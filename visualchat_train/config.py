@@ -59,6 +59,7 @@ class TrainConfig:
     projection_lr: Optional[float] = None
     aux_loss: float = 0.0
     detach_image_rows: bool = False
+    aux_only: bool = False
     weight_decay: float = 0.0
     adam_betas: str = "0.0,0.95"
     epochs: float = 1

@@ -18,18 +18,27 @@ class TrainModule(nn.Module):
     """What the engine runs: images (as cached features or pixels) + tokens -> (loss, n_labels) (a plain
     tuple: DeepSpeed's ZeRO-3 hooks look for tensors in tuples)."""
 
-    def __init__(self, vcm, train_encoder: bool = False, aux_loss: float = 0.0, detach_image_rows: bool = False):
+    def __init__(self, vcm, train_encoder: bool = False, aux_loss: float = 0.0, detach_image_rows: bool = False,
+                 aux_only: bool = False):
         super().__init__()
         self.vcm = vcm
         self.train_encoder = train_encoder
         self.aux_loss = aux_loss  # weight of the projection's per-image label loss (0: off)
         self.detach_image_rows = detach_image_rows  # the answers' loss stops at the image rows
+        self.aux_only = aux_only  # a perception stage: the heads' loss alone, no LM forward
 
     def forward(self, input_ids, is_image, padding_mask, labels, image_feats=None, pixel_values=None,
                 image_labels=None):
         if pixel_values is not None:
             with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
                 image_feats = self.vcm.encoder(pixel_values.to(next(self.vcm.encoder.parameters()).dtype))
+        if self.aux_only:  # (loss, labelled images): a sample without labelled images adds nothing
+            proj = self.vcm.projection
+            if image_labels is None or image_feats is None:
+                return proj.first.weight.sum() * 0.0, 0
+            feats = image_feats.reshape(-1, proj.in_tokens, image_feats.shape[-1]).to(proj.first.weight.dtype)
+            labelled = int((image_labels >= 0).any(-1).sum())
+            return proj.net.aux_loss(feats, image_labels.to(feats.device)), labelled
         if self.detach_image_rows and image_feats is not None:
             rows = self.vcm.project(image_feats.reshape(-1, self.vcm.projection.in_tokens, image_feats.shape[-1]))
             out = self.vcm(input_ids, is_image, None, padding_mask, labels, image_embeds=rows.detach())

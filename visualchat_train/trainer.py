@@ -216,10 +216,12 @@ class Trainer:
             enable_gradient_checkpointing(vcm.lm)
         if cfg.embedding_lr == 0:
             vcm.embed_tokens.weight.requires_grad_(False)
-        if cfg.aux_loss and vcm.projection.kind != "words":
+        if (cfg.aux_loss or cfg.aux_only) and vcm.projection.kind != "words":
             raise TrainError(f"--aux_loss trains the heads of the 'words' projection; --vis_proj is {cfg.vis_proj!r}")
+        if cfg.aux_only and (cfg.lora_rank or cfg.vision_lora_rank):
+            raise TrainError("--aux_only trains the projection's heads alone: drop --lora_rank/--vision_lora_rank")
         self.module = TrainModule(vcm, train_encoder=cfg.vision_lora_rank > 0, aux_loss=cfg.aux_loss,
-                                  detach_image_rows=cfg.detach_image_rows)
+                                  detach_image_rows=cfg.detach_image_rows, aux_only=cfg.aux_only)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.trainable = trainable_names(self.module)
         log.info("trainable: %d tensors, %s parameters (%s)", len(self.params),
@@ -315,7 +317,8 @@ class Trainer:
                 idx, weight = [0], 0.0
             batch = self.val_batcher.collate([val_s[j] for j in idx])
             batch.pop("n_tokens")
-            batch.pop("image_labels", None)  # the validation loss is the answers' alone
+            if not self.cfg.aux_only:
+                batch.pop("image_labels", None)  # the validation loss is the answers' alone
             loss, n = self.engine.forward(batch)
             tot += float(loss) * n * weight
             cnt += n * weight
