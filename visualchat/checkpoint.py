@@ -69,11 +69,11 @@ def save_checkpoint(model, path: str, config: VisualChatConfig, extra: dict[str,
         if old == INDEX_NAME or (old.startswith("trainable") and old.endswith(".safetensors") and old not in names):
             os.remove(os.path.join(path, old))
     for name, part in zip(names, shards):
-        _write_atomic(path, name, lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
+        write_atomic(path, name, lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(_nbytes(v) for v in tensors.values())},
                  "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
-        _write_atomic(path, INDEX_NAME, lambda tmp: json.dump(index, open(tmp, "w"), indent=1, sort_keys=True))
+        write_atomic(path, INDEX_NAME, lambda tmp: _write_json(tmp, index))
     config.save(path)
 
 
@@ -102,7 +102,14 @@ def shard(tensors: dict[str, torch.Tensor], limit: int = SHARD_BYTES) -> list[di
     return parts
 
 
-def _write_atomic(path: str, name: str, write) -> None:
+def _write_json(file: str, obj: dict) -> None:
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def write_atomic(path: str, name: str, write) -> None:
+    """``write(tmp)`` into a temporary file in folder ``path``, then rename it to ``name``: a reader never
+    sees a half-written file, and a failed write leaves no temporary behind."""
     fd, tmp = tempfile.mkstemp(dir=path, suffix=".tmp")
     os.close(fd)
     try:

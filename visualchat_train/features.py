@@ -14,7 +14,6 @@ import hashlib
 import math
 import logging
 import os
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -99,14 +98,10 @@ class FeatureCache:
         return load_file(self.path(key))["f"].float()
 
     def put(self, key: str, feats: torch.Tensor) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"f": feats.detach().cpu().to(self.dtype).contiguous()}, tmp)
-            os.replace(tmp, self.path(key))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        from visualchat.checkpoint import write_atomic
+
+        data = {"f": feats.detach().cpu().to(self.dtype).contiguous()}
+        write_atomic(self.dir, os.path.basename(self.path(key)), lambda tmp: save_file(data, tmp))
 
     def fill(self, encoder, refs: Iterable[Any], batch_size: int = 16, rank: int = 0, world: int = 1,
              progress: bool = True, workers: int = 1) -> dict[str, str]:

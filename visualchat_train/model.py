@@ -32,25 +32,32 @@ class TrainModule(nn.Module):
         if pixel_values is not None:
             with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
                 image_feats = self.vcm.encoder(pixel_values.to(next(self.vcm.encoder.parameters()).dtype))
+        proj = self.vcm.projection
         if self.aux_only:  # (loss, labelled images): a sample without labelled images adds nothing
-            proj = self.vcm.projection
             if image_labels is None or image_feats is None:
                 return proj.first.weight.sum() * 0.0, 0
-            feats = image_feats.reshape(-1, proj.in_tokens, image_feats.shape[-1]).to(proj.first.weight.dtype)
             labelled = int((image_labels >= 0).any(-1).sum())
-            return proj.net.aux_loss(feats, image_labels.to(feats.device)), labelled
+            return self._aux(image_feats, image_labels), labelled
         if self.detach_image_rows and image_feats is not None:
-            rows = self.vcm.project(image_feats.reshape(-1, self.vcm.projection.in_tokens, image_feats.shape[-1]))
+            rows = self.vcm.project(self._whole_images(image_feats))
             out = self.vcm(input_ids, is_image, None, padding_mask, labels, image_embeds=rows.detach())
         else:
             out = self.vcm(input_ids, is_image, image_feats, padding_mask, labels)
         loss = out.loss
         if self.aux_loss and image_labels is not None and image_feats is not None:
             # the answers' loss plus the heads' loss on what every labelled image shows (--aux_loss)
-            proj = self.vcm.projection
-            feats = image_feats.reshape(-1, proj.in_tokens, image_feats.shape[-1]).to(proj.first.weight.dtype)
-            loss = loss + self.aux_loss * proj.net.aux_loss(feats, image_labels.to(feats.device))
+            loss = loss + self.aux_loss * self._aux(image_feats, image_labels)
         return loss, out.n_tokens
+
+    def _whole_images(self, image_feats: torch.Tensor) -> torch.Tensor:
+        """Cached or computed features ``[n, K_in, d_vis]`` (or their rows) in the projection's dtype."""
+        proj = self.vcm.projection
+        return image_feats.reshape(-1, proj.in_tokens, image_feats.shape[-1]).to(proj.first.weight.dtype)
+
+    def _aux(self, image_feats: torch.Tensor, image_labels: torch.Tensor) -> torch.Tensor:
+        """The words projection's heads' loss against every image's per-cell labels."""
+        feats = self._whole_images(image_feats)
+        return self.vcm.projection.net.aux_loss(feats, image_labels.to(feats.device))
 
 
 def enable_gradient_checkpointing(lm: nn.Module) -> int:
