@@ -84,6 +84,27 @@ def wait_for(cond, timeout=30.0, every=0.05):
     raise AssertionError("timed out")
 
 
+def set_max_tokens(pg, n: int, close: bool = True):
+    """Max new tokens set to ``n`` in the Generation settings, and seen to hold: the slider under the
+    number box moves only once the component's value changed (typing alone raced the next click on a
+    slow CI machine, and the answer ran past the intended cap)."""
+    pg.get_by_text("Generation settings", exact=True).click()
+    box = pg.locator("#max-new-tokens input[type=number]")
+    slider = pg.locator("#max-new-tokens input[type=range]")
+    for _ in range(3):
+        box.fill(str(n))
+        box.press("Tab")  # blur commits the value
+        try:
+            wait_for(lambda: slider.input_value() == str(n) and box.input_value() == str(n), timeout=5)
+            break
+        except AssertionError:
+            continue
+    else:
+        raise AssertionError(f"Max new tokens did not take {n}: box {box.input_value()}, slider {slider.input_value()}")
+    if close:
+        pg.get_by_text("Generation settings", exact=True).click()
+
+
 def attach_and_send(pg, box, files, text):
     pg.locator(f"{box} input[type=file]").set_input_files(files)
     wait_for(lambda: pg.locator(f"{box} img").count() >= len(files))  # the upload previews are shown
@@ -114,11 +135,7 @@ def test_chat_upload_two_images_stream_stop_and_compare(page):
     shot(pg, "2-answered.png")
 
     # 2. a long answer, stopped half-way: the partial answer stays
-    pg.get_by_text("Generation settings", exact=True).click()
-    box = pg.locator("#max-new-tokens input[type=number]")
-    box.fill("300")
-    box.press("Enter")
-    pg.get_by_text("Generation settings", exact=True).click()
+    set_max_tokens(pg, 300)
     pg.locator("#message textarea").fill("Tell me a long story about Image 2.")
     pg.locator("#message textarea").press("Enter")
     wait_for(lambda: len(bot_texts(pg)) == 2 and len(bot_texts(pg)[-1]) > 20)
@@ -190,10 +207,7 @@ def test_compare_stop_note_trash_icon_and_both_maps(page, app_url):
     pg = page
     pg.goto(app_url)
     pg.wait_for_selector("#message textarea")
-    pg.get_by_text("Generation settings", exact=True).click()  # long answers (the settings serve both tabs), to stop one
-    box = pg.locator("#max-new-tokens input[type=number]")
-    box.fill("300")
-    box.press("Enter")
+    set_max_tokens(pg, 300, close=False)  # long answers (the settings serve both tabs), to stop one
     pg.get_by_role("tab", name="Compare CA vs MMCA").click()
     pg.wait_for_selector("#compare-message textarea")
     assert pg.locator("#compare-stop").is_disabled() and "stop" not in classes(pg, "#compare-stop")

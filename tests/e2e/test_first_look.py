@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.e2e.test_browser import ARTIFACTS, EXAMPLES, attach_and_send, bot_texts, chromium_page, wait_for
+from tests.e2e.test_browser import (ARTIFACTS, EXAMPLES, attach_and_send, bot_texts, chromium_page, set_max_tokens,
+                                    wait_for)
 from tests.e2e.test_browser import pytestmark  # noqa: F401 (skipped without Debian's chromium)
 from tests.test_app import build_tiny_models
 from tests.test_app_client import serve
@@ -44,14 +45,6 @@ def fresh(pg, url):
     return pg
 
 
-def set_max_tokens(pg, n):
-    pg.get_by_text("Generation settings", exact=True).click()
-    box = pg.locator("#max-new-tokens input[type=number]")
-    box.fill(str(n))
-    box.press("Enter")
-    pg.get_by_text("Generation settings", exact=True).click()
-
-
 def test_model_line_and_collapsed_details(page, served):
     demo, url = served
     pg = fresh(page, url)
@@ -83,6 +76,8 @@ def test_a_note_under_an_answer_cut_at_the_cap(page, served):
     demo, url = served
     pg = ask_fresh(page, url, "Tell me a long story.", 4)
     answer = bot_texts(pg)[-1]
+    status = pg.locator("#status").inner_text()
+    assert "4 tokens in" in status, status  # the cap held
     assert "cut off at the token limit" in answer and "Max new tokens" in answer, answer
 
 
