@@ -7,11 +7,11 @@ This file is the entry point: flags, the page's layout and the launch. The Gradi
 the ``webapp`` package beside it: one chat panel over N models and its handlers (``webapp/panel.py``: the
 Chat tab is a panel with one model, Compare the same with two), rendering (``webapp/views.py``), a
 browser tab's state (``webapp/state.py``), the /generate API's input (``webapp/api.py``) and refusals
-(``webapp/refusal.py``: one log line each, nothing internal in the user's message). Loading
-and ZeroGPU live in visualchat/serving.py, DeepSpeed and the multi-rank lockstep in
-visualchat/tensor_parallel.py, a tab's conversation in visualchat/chat_session.py, driving a
-visualchat.session.Session. The handlers are plain methods (inputs in, output values out), so tests
-call them without a browser.
+(``webapp/refusal.py``: one log line each, nothing internal in the user's message). Loading lives in
+visualchat/server.py, ZeroGPU in visualchat/zerogpu.py, DeepSpeed and the multi-rank lockstep in
+visualchat/tensor_parallel.py; a tab's conversation and a /generate request's are both a
+visualchat.served.ServedConversation, driving a visualchat.session.Session. The handlers are plain
+methods (inputs in, output values out), so tests call them without a browser.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator
 
 from visualchat.session import INPUT_ERRORS
@@ -67,139 +67,78 @@ CSS = """
 
 
 # ---------------------------------------------------------------------------------------------------
-# Flags and environment variables
+# Flags and environment variables: each one a field of ServeOptions (what to load and how), Limits (what one
+# request may cost) or AppOptions (the web server), with its help text and variable (visualchat.flags)
 
 
-def _env(name: str, default: Any = None, *alts: str) -> Any:
-    for n in (name, *alts):
-        v = os.environ.get(n)
-        if v not in (None, ""):
-            return v
-    return default
+def _option(default, help: str, *env: str):
+    return field(default=default, metadata={"help": help, "env": env})
 
 
-def _env_bool(name: str, default: bool = False) -> bool:
-    v = os.environ.get(name)
-    return default if v in (None, "") else v.strip().lower() in ("1", "true", "yes", "on")
+@dataclass
+class AppOptions:
+    """The web server's settings (the models' are :class:`visualchat.server.ServeOptions`, the limits of one
+    request :class:`visualchat.limits.Limits`)."""
+
+    host: str = _option("127.0.0.1", "address to listen on (0.0.0.0 for all)", "VISUALCHAT_HOST", "GRADIO_SERVER_NAME")
+    port: int = _option(7860, "port", "VISUALCHAT_PORT", "GRADIO_SERVER_PORT")
+    queue_size: int = _option(16, "requests that may wait for the model; beyond this a request is refused with a "
+                              "'queue is full' message", "VISUALCHAT_QUEUE_SIZE")
+    concurrency: int = _option(1, "answers generated at the same time (the rest wait in the queue)",
+                               "VISUALCHAT_CONCURRENCY")
+    max_new_tokens: int = _option(128, "default of the max-new-tokens slider", "VISUALCHAT_MAX_NEW_TOKENS")
+    share: bool = _option(False, "also open a public gradio.live link", "VISUALCHAT_SHARE")
+    log_level: str = _option("INFO", "logging level", "VISUALCHAT_LOG_LEVEL")
+
+
+#: (group, options class, its fields that are flags there), in the order --help lists them
+FLAGS = (("model", "serve", ("checkpoint", "lm", "vision", "ca_checkpoint", "mmca_checkpoint", "compare",
+                             "trust_remote_code")),
+         ("runtime", "serve", ("device", "dtype", "quantization", "deepspeed", "tp_allreduce")),
+         ("server", "app", ("host", "port", "queue_size", "concurrency", "max_new_tokens")),
+         ("server", "limits", ("max_image_bytes",)),
+         ("limits per request (checked before any decoding or model work)", "limits",
+          ("max_new_tokens", "max_question_chars", "answer_seconds", "unread_seconds", "max_request_bytes",
+           "kv_cache_budget")),
+         ("server", "app", ("share", "log_level")))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from visualchat.flags import add_flags, from_env
     from visualchat.limits import Limits
+    from visualchat.server import ServeOptions
 
-    limits = Limits.from_env()  # the limit flags' defaults: visualchat.limits, the one reader of their variables
+    # the flags' defaults: the fields' environment variables; the limits' read by Limits.from_env, their one reader
+    defaults = {"serve": from_env(ServeOptions), "app": from_env(AppOptions), "limits": Limits.from_env()}
+    env_only = ", ".join(f"{f.metadata['env']} ({f.metadata['help']}, default {f.default})"
+                         for f in fields(Limits) if "flags" not in f.metadata)
     p = argparse.ArgumentParser(
         prog="python app.py",
         description="VisualChat web app (Gradio): chat about several images over several rounds, compare a "
                     "CA-trained with an MMCA-trained model, and a stateless /generate API. Every flag can also "
                     "be set by the environment variable in brackets (handy on Hugging Face Spaces).",
-        epilog="Also read from the environment: VISUALCHAT_MAX_PIXELS (largest image accepted, default 40000000), "
-               "VISUALCHAT_MAX_SIDE (longest image side, default 16384), VISUALCHAT_MAX_ASPECT (longest to shortest "
-               "side, default 64), "
+        epilog=f"Also read from the environment: {env_only}, "
                "VISUALCHAT_CACHE (where the converted default LM is cached, default ~/.cache/visualchat), "
                "VISUALCHAT_GPU_DURATION (ZeroGPU seconds per call, default 120). Multi-rank: start with "
                "`deepspeed --num_gpus N app.py` or `torchrun --nproc_per_node N app.py`; rank 0 serves the UI.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = p.add_argument_group("model")
-    m.add_argument("--checkpoint", default=_env("VISUALCHAT_CHECKPOINT"), metavar="DIR",
-                   help="checkpoint directory for the Chat tab; default: the shipped assets/checkpoints/shapes-mmca, "
-                        "else an untrained projection [VISUALCHAT_CHECKPOINT]")
-    m.add_argument("--lm", default=_env("VISUALCHAT_LM"), metavar="ID_OR_PATH",
-                   help="base LM (HF id or local path) instead of the one the checkpoint names; default: the embedded "
-                        "SmolLM2-135M-Instruct [VISUALCHAT_LM]")
-    m.add_argument("--vision", default=_env("VISUALCHAT_VISION"), metavar="SPEC",
-                   help="vision encoder spec (efficientnet-lite0, clip:PATH, qwen-vl:DIR) instead of the "
-                        "checkpoint's [VISUALCHAT_VISION]")
-    m.add_argument("--ca-checkpoint", default=_env("VISUALCHAT_CA_CHECKPOINT"), metavar="DIR",
-                   help="CA-trained checkpoint for the Compare tab; default: assets/checkpoints/shapes-ca "
-                        "[VISUALCHAT_CA_CHECKPOINT]")
-    m.add_argument("--mmca-checkpoint", default=_env("VISUALCHAT_MMCA_CHECKPOINT"), metavar="DIR",
-                   help="MMCA-trained checkpoint for the Compare tab; default: assets/checkpoints/shapes-mmca "
-                        "[VISUALCHAT_MMCA_CHECKPOINT]")
-    m.add_argument("--no-compare", dest="compare", action="store_false", default=_env_bool("VISUALCHAT_COMPARE", True),
-                   help="do not load the Compare tab's models [VISUALCHAT_COMPARE=0] (Compare tab on: %(default)s)")
-    m.add_argument("--trust-remote-code", action="store_true", default=_env_bool("VISUALCHAT_TRUST_REMOTE_CODE"),
-                   help="allow custom modeling code from the LM's repository [VISUALCHAT_TRUST_REMOTE_CODE=1]")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", default=_env("VISUALCHAT_DEVICE"),
-                   help="cpu, cuda or cuda:N; default: cuda if available (cuda:LOCAL_RANK per rank), else cpu "
-                        "[VISUALCHAT_DEVICE]")
-    r.add_argument("--dtype", default=_env("VISUALCHAT_DTYPE", "auto"),
-                   choices=["auto", "float32", "bfloat16", "float16"],
-                   help="GPU: the model's dtype (auto: bfloat16); one CPU rank: the LM's weight format (auto: float16 where supported, fastest with the same answers) [VISUALCHAT_DTYPE]")
-    r.add_argument("--load-in", "--quantization", dest="load_in", default=_env("VISUALCHAT_LOAD_IN", "none"),
-                   choices=["none", "4bit", "8bit"],
-                   help="load the LM in 4 or 8 bit with bitsandbytes (GPU; DeepSpeed-Inference is then not used) "
-                        "[VISUALCHAT_LOAD_IN]")
-    r.add_argument("--deepspeed", default=_env("VISUALCHAT_DEEPSPEED", "auto"), choices=["auto", "on", "off"],
-                   help="wrap the LM with DeepSpeed-Inference (kernel injection off; AutoTP over the launcher's "
-                        "ranks). auto: if DeepSpeed loads, else plain PyTorch (logged) [VISUALCHAT_DEEPSPEED]")
-    r.add_argument("--tp-allreduce", default=_env("VISUALCHAT_TP_ALLREDUCE", "gloo"), choices=["gloo", "shm"],
-                   help="how AutoTP all-reduces across ranks: gloo = torch.distributed on the process group (safe "
-                        "under any launcher); shm = DeepSpeed's shared-memory CPU kernel (faster, one machine; its "
-                        "first JIT build takes over a minute) [VISUALCHAT_TP_ALLREDUCE]")
-    r.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    s = p.add_argument_group("server")
-    s.add_argument("--host", default=_env("VISUALCHAT_HOST", "127.0.0.1", "GRADIO_SERVER_NAME"),
-                   help="address to listen on (0.0.0.0 for all) [VISUALCHAT_HOST or GRADIO_SERVER_NAME]")
-    s.add_argument("--port", type=int, default=int(_env("VISUALCHAT_PORT", 7860, "GRADIO_SERVER_PORT")),
-                   help="port [VISUALCHAT_PORT or GRADIO_SERVER_PORT]")
-    s.add_argument("--queue-size", type=int, default=int(_env("VISUALCHAT_QUEUE_SIZE", 16)),
-                   help="requests that may wait for the model; beyond this a request is refused with a 'queue is "
-                        "full' message [VISUALCHAT_QUEUE_SIZE]")
-    s.add_argument("--concurrency", type=int, default=int(_env("VISUALCHAT_CONCURRENCY", 1)),
-                   help="answers generated at the same time (the rest wait in the queue) [VISUALCHAT_CONCURRENCY]")
-    s.add_argument("--max-new-tokens", type=int, default=int(_env("VISUALCHAT_MAX_NEW_TOKENS", 128)),
-                   help="default of the max-new-tokens slider [VISUALCHAT_MAX_NEW_TOKENS]")
-    s.add_argument("--max-file-size", default=limits.max_image_bytes,
-                   help="largest upload Gradio accepts, and the largest data:/base64 image /generate decodes "
-                        "(refused by its length first) [VISUALCHAT_MAX_FILE_SIZE]")
-    lim = p.add_argument_group("limits per request (checked before any decoding or model work)")
-    lim.add_argument("--max-new-tokens-limit", type=int, default=limits.max_new_tokens,
-                     help="largest max_new_tokens a request may ask for; more is refused with a message "
-                          "[VISUALCHAT_MAX_NEW_TOKENS_LIMIT]")
-    lim.add_argument("--max-question-chars", type=int, default=limits.max_question_chars,
-                     help="longest question, in characters (an API round's earlier answer: 4x this) "
-                          "[VISUALCHAT_MAX_QUESTION_CHARS]")
-    lim.add_argument("--answer-seconds", type=float, default=limits.answer_seconds,
-                     help="wall-clock limit per answer, checked between tokens: the answer so far is kept "
-                          "[VISUALCHAT_ANSWER_SECONDS]")
-    lim.add_argument("--unread-seconds", type=float, default=limits.unread_seconds,
-                     help="an API answer whose output nobody reads for this long (a POST to "
-                          "/gradio_api/call/generate never fetched) is stopped [VISUALCHAT_UNREAD_SECONDS]")
-    lim.add_argument("--max-request-size", default=limits.max_request_bytes,
-                     help="largest API request body (inline base64 images included) read at all; larger ones get "
-                          "HTTP 413 before they are parsed [VISUALCHAT_MAX_REQUEST_SIZE]")
-    lim.add_argument("--kv-cache-budget", default=limits.kv_cache_budget,
-                     help="all tabs' KV caches together; beyond it the least recently used tabs drop theirs and "
-                          "rebuild it on their next round [VISUALCHAT_KV_CACHE_BUDGET]")
-    s.add_argument("--share", action="store_true", default=_env_bool("VISUALCHAT_SHARE"),
-                   help="also open a public gradio.live link [VISUALCHAT_SHARE=1]")
-    s.add_argument("--log-level", default=_env("VISUALCHAT_LOG_LEVEL", "INFO"),
-                   help="logging level [VISUALCHAT_LOG_LEVEL]")
+    groups = {}
+    for title, options, names in FLAGS:
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        add_flags(groups[title], defaults[options], names)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
 
 def serve_options(args: argparse.Namespace):
-    from visualchat.serving import ServeOptions
+    """The :class:`visualchat.server.ServeOptions` the flags give, its limits included (those without a flag
+    from the environment)."""
+    from visualchat.flags import values
+    from visualchat.limits import Limits
+    from visualchat.server import ServeOptions
 
-    return ServeOptions(checkpoint=args.checkpoint, lm=args.lm, vision=args.vision, compare=args.compare,
-                        ca_checkpoint=args.ca_checkpoint, mmca_checkpoint=args.mmca_checkpoint, device=args.device,
-                        dtype=args.dtype, quantization=None if args.load_in == "none" else args.load_in,
-                        deepspeed=args.deepspeed, tp_allreduce=args.tp_allreduce,
-                        trust_remote_code=args.trust_remote_code, limits=limits_from_args(args))
-
-
-def limits_from_args(args: argparse.Namespace):
-    from dataclasses import replace
-
-    from visualchat.limits import Limits, parse_size
-
-    return replace(Limits.from_env(),  # the image limits from the environment, the others from the flags
-                   max_new_tokens=args.max_new_tokens_limit, max_question_chars=args.max_question_chars,
-                   max_image_bytes=parse_size(args.max_file_size, "--max-file-size"),
-                   answer_seconds=args.answer_seconds, unread_seconds=args.unread_seconds,
-                   kv_cache_budget=parse_size(args.kv_cache_budget, "--kv-cache-budget"),
-                   max_request_bytes=parse_size(args.max_request_size, "--max-request-size"))
+    return ServeOptions(**values(args, ServeOptions), limits=replace(Limits.from_env(), **values(args, Limits)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,44 +179,37 @@ class ChatUI:
         (checked against its limits before any model work) is an error titled "Refused"."""
         import gradio as gr
 
-        from visualchat.serving import AbandonedError, bounded
+        from visualchat.served import AbandonedError, ServedConversation
         from webapp.api import forget_idle_sessions, forget_request_inputs, unread_probe, validate_api_request
         from webapp.refusal import log_refusal
 
-        limits = self.server.limits
         try:
-            model, history, question, images, gen = validate_api_request(
-                self.server, conversation, max_new_tokens, temperature, top_p, repetition_penalty, seed, model)
-            stream = self.server.stream(model, history, question, images, gen)  # a Session built from the history
-        except INPUT_ERRORS as e:
+            model, history, question, images = validate_api_request(self.server, conversation, model)
+            chat = ServedConversation.from_history(self.server, model, history,
+                                                   unread=unread_probe(request, self.server.limits.unread_seconds))
+            stream = chat.send(question, images, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               repetition_penalty=repetition_penalty, seed=seed)
+        except INPUT_ERRORS as e:  # checked by Session.prepare_round (the rounds) and webapp.api (the request)
             log_refusal("/generate", e)
             raise gr.Error(str(e), title="Refused", print_exception=False) from None
         finally:
             forget_request_inputs(request, "generate")  # Gradio's session copy of the request (it can be MBs)
             forget_idle_sessions(request)  # earlier API calls' sessions (each call is a session of its own)
             del conversation
-        answer, timed_out = stream, []
-        stream = bounded(answer, limits.answer_seconds, unread_probe(request, limits.unread_seconds),
-                         on_deadline=lambda: timed_out.append(True))
-        text, reason = "", "stopped"  # until the answer ends by itself (a cancelled request keeps "stopped")
+        text = ""
         try:
             for piece in stream:
                 text += piece
                 yield {"answer": text, "finish_reason": None}
-            reason = "timeout" if timed_out else answer.finish_reason
-        except AbandonedError as e:
-            log.warning("/generate: %s (nothing read for %g s)", e, limits.unread_seconds)
-            raise gr.Error(f"{e} (nothing was read for {limits.unread_seconds:g} s)", print_exception=False) from None
-        except INPUT_ERRORS as e:
-            log_refusal("/generate", e)
-            raise gr.Error(str(e), title="Refused", print_exception=False) from None
-        except Exception:
-            log.exception("/generate failed")
+        except AbandonedError as e:  # logged by the conversation
+            raise gr.Error(f"{e} (nothing was read for {self.server.limits.unread_seconds:g} s)",
+                           print_exception=False) from None
+        except Exception:  # logged by the conversation
             raise gr.Error("the model failed while answering; the server keeps serving, so try again",
                            print_exception=False) from None
         finally:
-            stream.close()
-        yield {"answer": text.strip(), "finish_reason": reason}
+            stream.close()  # a cancelled request ends "stopped"
+        yield {"answer": text.strip(), "finish_reason": chat.finish_reason}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,7 +312,7 @@ def _layer_choices(vc) -> list[tuple[str, int]]:
 
 def _server_for(model, compare, compare_missing, stateless):
     """``model`` if it is a loaded Server, else a Server around the given VisualChats."""
-    from visualchat.serving import Server
+    from visualchat.server import Server
 
     if isinstance(model, Server):
         return model
@@ -565,7 +497,7 @@ def _wire(ui: ChatUI, panel: Panel, v: PanelView, tab, settings: list, queue_kw:
 
 def build_demo(model, compare: tuple | None = None, *, max_new_tokens: int = 128, concurrency: int = 1,
                compare_missing: list[str] | None = None, stateless: bool | None = None):
-    """The Gradio app. ``model`` is a loaded ``serving.Server`` or a ``VisualChat`` (then ``compare``
+    """The Gradio app. ``model`` is a loaded ``visualchat.server.Server`` or a ``VisualChat`` (then ``compare``
     may give the (CA, MMCA) pair). The handlers are at ``demo.ui`` (a ChatUI)."""
     import gradio as gr
 
@@ -668,7 +600,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.time()
-    from visualchat.serving import Server
+    from visualchat.server import Server
 
     server = Server.load(serve_options(args))
     log.info("models loaded in %.1f s; serving with %s", time.time() - t0, server.backend)

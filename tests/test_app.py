@@ -323,7 +323,7 @@ def test_server_load_shares_lm_and_encoder_and_reports_missing(tmp_path, tiny_to
     """Server.load (what app.py runs): the compare models reuse the chat model's LM and encoder, so the
     tab costs about one model's memory; without checkpoints it says which are missing."""
     from tests.test_app_tp import make_tiny_checkpoints
-    from visualchat.serving import Server, ServeOptions
+    from visualchat.server import Server, ServeOptions
 
     paths = make_tiny_checkpoints(str(tmp_path), tiny_tokenizer, tiny_clip_dir)
     opts = ServeOptions(checkpoint=paths["chat"], ca_checkpoint=paths["ca"], mmca_checkpoint=paths["mmca"],
@@ -342,7 +342,7 @@ def test_server_load_shares_lm_and_encoder_and_reports_missing(tmp_path, tiny_to
                                   device="cpu", deepspeed="off"))
     assert s2.compare.mmca is s2.chat
     # no compare checkpoints shipped: the note names both defaults
-    monkeypatch.setattr("visualchat.serving.shipped_checkpoint", lambda name: None)
+    monkeypatch.setattr("visualchat.server.shipped_checkpoint", lambda name: None)
     s3 = Server.load(ServeOptions(checkpoint=paths["chat"], device="cpu", deepspeed="off"))
     assert not s3.compare.ready
     assert "shapes-ca" in s3.compare.note and "shapes-mmca" in s3.compare.note and "--ca-checkpoint" in s3.compare.note

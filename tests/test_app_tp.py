@@ -49,8 +49,8 @@ def _worker(ckpt_root: str, out_path: str) -> None:
     from PIL import Image
 
     from visualchat.model import VisualChat
-    from visualchat.chat_session import ChatSession
-    from visualchat.serving import Server, ServeOptions
+    from visualchat.served import ServedConversation
+    from visualchat.server import Server, ServeOptions
 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def _worker(ckpt_root: str, out_path: str) -> None:
     gen = dict(max_new_tokens=12, temperature=1.0, seed=7)  # sampled: the answers depend on the logits
 
     def scenario(send):
-        """The same conversation, on the 1-rank reference or through the served ChatSessions."""
+        """The same conversation, on the 1-rank reference or through the served conversations."""
         answers = []
         answers.append(send("chat", "What is in Image 1 and Image 2?", ims[:2]))
         answers.append(send("chat", "And in Image 3?", ims[2:]))
@@ -99,7 +99,7 @@ def _worker(ckpt_root: str, out_path: str) -> None:
             json.dump(result, f)
         return
 
-    chats = {name: ChatSession(server, name) for name in ("chat", "ca", "mmca")}
+    chats = {name: ServedConversation(server, name) for name in ("chat", "ca", "mmca")}
     diffs = {}
     for name, vc in server.models.items():
         with torch.no_grad():

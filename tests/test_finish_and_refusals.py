@@ -230,10 +230,13 @@ def test_generate_returns_finish_reason_for_each_ending(served):
     gen = ui.api_generate([{"question": "Tell me a long story."}], 300)
     assert next(gen)["finish_reason"] is None
     gen.close()
-    stream = demo.serving.stream("chat", [], "Tell me a long story.", [], {"max_new_tokens": 300})
+    from visualchat.served import ServedConversation
+
+    chat = ServedConversation.from_history(demo.serving, "chat", [])  # what /generate answers with
+    stream = chat.send("Tell me a long story.", max_new_tokens=300)
     next(stream)
     stream.close()
-    assert stream.finish_reason == "stopped"
+    assert chat.finish_reason == "stopped"
 
 
 def _refused_file_entries():
@@ -326,13 +329,13 @@ def test_no_refusal_message_holds_a_path_a_variable_or_internals(served, tmp_pat
 def test_the_zerogpu_replay_reports_why_it_ended(tiny_models):  # noqa: F811
     """On ZeroGPU every answer is replayed in the GPU worker; its finish reason comes back as the stream's
     last item (here the worker is this process: `spaces` is not installed)."""
-    from visualchat.chat_session import ChatSession
-    from visualchat.serving import Server
+    from visualchat.served import ServedConversation
+    from visualchat.server import Server
 
     server = Server.from_models(tiny_models[0], stateless=True)
-    stream = server.stream("chat", [], "Hi", [], {"max_new_tokens": 3})
-    assert all(isinstance(p, str) for p in stream) and stream.finish_reason == "length"
-    chat = ChatSession(server)
+    request = ServedConversation.from_history(server, "chat", [])  # a /generate request's
+    assert all(isinstance(p, str) for p in request.send("Hi", max_new_tokens=3)) and request.finish_reason == "length"
+    chat = ServedConversation(server)
     with EndsAtOnce(tiny_models[0]):
         list(chat.send("Hi", max_new_tokens=30))
     assert chat.finish_reason == "stop" and chat.rounds[-1].finish_reason == "stop"

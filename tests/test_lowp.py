@@ -302,7 +302,7 @@ def test_library_default_is_the_apps_weight_format_and_fp32_is_one_argument_away
 
 
 def test_serving_dtype_plan():
-    from visualchat.serving import plan_dtype
+    from visualchat.server import plan_dtype
 
     assert plan_dtype("auto", "cpu") == (torch.float32, "auto")
     assert plan_dtype("float16", "cpu") == (torch.float32, "fp16")
@@ -341,7 +341,7 @@ def test_app_model_line_names_the_lm_weight_format(tmp_path, tiny_tokenizer, tin
     """Server.load (what app.py runs) on one CPU rank: --dtype auto converts the LM, and the model line
     (``server.backend``) says which format it serves and why when it fell back."""
     from tests.test_app_tp import make_tiny_checkpoints
-    from visualchat.serving import Server, ServeOptions
+    from visualchat.server import Server, ServeOptions
 
     paths = make_tiny_checkpoints(str(tmp_path), tiny_tokenizer, tiny_clip_dir)
     opts = ServeOptions(checkpoint=paths["chat"], device="cpu", deepspeed="off", compare=False)

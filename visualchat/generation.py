@@ -2,29 +2,58 @@
 streaming text pieces as tokens arrive."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Callable, Iterator
 
 import torch
 
 
+def check_number(value, field: str, lo: float, hi: float, lo_open: bool = False, integer: bool = False,
+                 allowed: str | None = None):
+    """``value`` as a finite number (an int when ``integer``) in [lo, hi] (or (lo, hi]), else a ValueError
+    that names the field and what is allowed (``allowed``, else said from the bounds)."""
+    allowed = allowed or (f"{'a whole number' if integer else 'a number'} "
+                          f"{'>' if lo_open else '>='} {lo:g} and <= {hi:g}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{field} must be {allowed}, got {'null' if value is None else type(value).__name__}")
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        raise ValueError(f"{field} must be {allowed}, got {value}")
+    if integer:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{field} must be {allowed}, got {value}")
+        value = int(value)
+    if value < lo or (lo_open and value == lo) or value > hi:
+        raise ValueError(f"{field} must be {allowed}, got {value}")
+    return value
+
+
 @dataclass
 class GenerationConfig:
+    """How an answer is generated: THE check of generation settings. Making one checks every field (its
+    type, finiteness and range, e.g. a JSON request's ``"12"`` or ``NaN``) and normalises it (``12.0``
+    becomes ``12``), raising a ValueError that names the field and what is allowed. ``max_new_tokens_limit``
+    (a server's :attr:`visualchat.limits.Limits.max_new_tokens`) caps ``max_new_tokens``; it is not kept."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # 1 = off; applied to tokens already in the answer
     seed: int | None = None
+    max_new_tokens_limit: InitVar[int | None] = None
 
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    def __post_init__(self, max_new_tokens_limit: int | None):
+        cap = max_new_tokens_limit
+        self.max_new_tokens = check_number(
+            self.max_new_tokens, "max_new_tokens", 1, cap or float("inf"), integer=True,
+            allowed=f"a whole number from 1 to {cap} (this server's limit)" if cap else "a whole number >= 1")
+        self.temperature = float(check_number(self.temperature, "temperature", 0, 5,
+                                              allowed="a number from 0 (greedy) to 5"))
+        self.top_p = float(check_number(self.top_p, "top_p", 0, 1, lo_open=True, allowed="a number > 0 and <= 1"))
+        self.repetition_penalty = float(check_number(self.repetition_penalty, "repetition_penalty", 0, 10, lo_open=True,
+                                                     allowed="a number > 0 and <= 10 (1 = off)"))
+        if self.seed is not None:
+            self.seed = check_number(self.seed, "seed", 0, 2 ** 63 - 1, integer=True,
+                                     allowed="null or a whole number from 0 to 2**63-1")
 
 
 def next_token(logits: torch.Tensor, previous: list[int], cfg: GenerationConfig,

@@ -1,14 +1,16 @@
 """The server's limits on one request's cost, and the one reader of their environment variables.
 
-Each limit is a field of :class:`Limits` with its default, and :data:`ENV` names its variable;
+Each limit is a field of :class:`Limits` with its default, its variable (:data:`ENV`), its help text and
+the ``app.py`` flag that sets it (:mod:`visualchat.flags` builds the flags from the fields);
 :meth:`Limits.from_env` is the only code that reads those variables (``tests/test_import_graph.py``
 checks that no other module does). ``app.py`` takes its limit flags' defaults from it,
-:mod:`visualchat.images` its image limits, and the server its :class:`Limits` when it is given none.
+:mod:`visualchat.images` its image limits, and the server its :class:`Limits` when it is given none. The
+checks of a request against them are :meth:`visualchat.session.Session.prepare_round`'s.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "kib": 1024, "mib": 1024 ** 2,
                "gib": 1024 ** 3}
@@ -34,21 +36,18 @@ def parse_size(value, what: str = "size") -> int:
     return n
 
 
-#: the environment variable of each limit
-ENV = {
-    "max_new_tokens": "VISUALCHAT_MAX_NEW_TOKENS_LIMIT",
-    "max_question_chars": "VISUALCHAT_MAX_QUESTION_CHARS",
-    "max_image_bytes": "VISUALCHAT_MAX_FILE_SIZE",
-    "answer_seconds": "VISUALCHAT_ANSWER_SECONDS",
-    "unread_seconds": "VISUALCHAT_UNREAD_SECONDS",
-    "kv_cache_budget": "VISUALCHAT_KV_CACHE_BUDGET",
-    "max_request_bytes": "VISUALCHAT_MAX_REQUEST_SIZE",
-    "max_pixels": "VISUALCHAT_MAX_PIXELS",
-    "max_side": "VISUALCHAT_MAX_SIDE",
-    "max_aspect": "VISUALCHAT_MAX_ASPECT",
-}
-_SIZES = ("max_image_bytes", "kv_cache_budget", "max_request_bytes")  # read with parse_size: 25mb, 2gb, ...
 _SECONDS = ("answer_seconds", "unread_seconds")
+
+
+def _limit(default, env: str, help: str, flag: str | None = None, parse=None):
+    """A limit's field: its default, its environment variable, its help text, the ``app.py`` flag that sets
+    it (if one does) and how a value given as text is read (sizes: :func:`parse_size`)."""
+    meta = {"env": env, "help": help}
+    if flag:
+        meta["flags"] = (flag,)
+    if parse:
+        meta["parse"] = parse
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -56,16 +55,28 @@ class Limits:
     """The server's bounds on one request's cost, checked before any decoding or model work (flags and
     environment variables of ``app.py``: docs/app-and-api.md lists them)."""
 
-    max_new_tokens: int = 1024  # a larger max_new_tokens is refused
-    max_question_chars: int = 4000  # a question's length (earlier answers: 4x this)
-    max_image_bytes: int = 25_000_000  # an upload; also caps data:/base64 images before decoding
-    answer_seconds: float = 120.0  # an answer stops generating after this long
-    unread_seconds: float = 15.0  # an API answer nobody reads stops after this long
-    kv_cache_budget: int = 2_000_000_000  # all tabs' KV caches together, bytes
-    max_request_bytes: int = 64_000_000  # an API request's body (uploads: max_image_bytes)
-    max_pixels: int = 40_000_000  # an image's pixel count (a larger one may be a decompression bomb)
-    max_side: int = 16_384  # an image's longer side, in pixels
-    max_aspect: int = 64  # an image's longer side over its shorter one
+    max_new_tokens: int = _limit(1024, "VISUALCHAT_MAX_NEW_TOKENS_LIMIT", "largest max_new_tokens a request may ask "
+                                 "for; more is refused with a message", "--max-new-tokens-limit")
+    max_question_chars: int = _limit(4000, "VISUALCHAT_MAX_QUESTION_CHARS", "longest question, in characters (an "
+                                     "API round's earlier answer: 4x this)", "--max-question-chars")
+    max_image_bytes: int = _limit(25_000_000, "VISUALCHAT_MAX_FILE_SIZE", "largest upload Gradio accepts, and the "
+                                  "largest data:/base64 image /generate decodes (refused by its length first)",
+                                  "--max-file-size", parse_size)
+    answer_seconds: float = _limit(120.0, "VISUALCHAT_ANSWER_SECONDS", "wall-clock limit per answer, checked "
+                                   "between tokens: the answer so far is kept", "--answer-seconds")
+    unread_seconds: float = _limit(15.0, "VISUALCHAT_UNREAD_SECONDS", "an API answer whose output nobody reads for "
+                                   "this long (a POST to /gradio_api/call/generate never fetched) is stopped",
+                                   "--unread-seconds")
+    kv_cache_budget: int = _limit(2_000_000_000, "VISUALCHAT_KV_CACHE_BUDGET", "all tabs' KV caches together; "
+                                  "beyond it the least recently used tabs drop theirs and rebuild it on their next "
+                                  "round", "--kv-cache-budget", parse_size)
+    max_request_bytes: int = _limit(64_000_000, "VISUALCHAT_MAX_REQUEST_SIZE", "largest API request body (inline "
+                                    "base64 images included) read at all; larger ones get HTTP 413 before they "
+                                    "are parsed", "--max-request-size", parse_size)
+    max_pixels: int = _limit(40_000_000, "VISUALCHAT_MAX_PIXELS", "largest image accepted, in pixels; a larger one "
+                             "may be a decompression bomb")
+    max_side: int = _limit(16_384, "VISUALCHAT_MAX_SIDE", "longest image side, in pixels")
+    max_aspect: int = _limit(64, "VISUALCHAT_MAX_ASPECT", "longest to shortest image side")
 
     def __post_init__(self):
         for f in fields(self):
@@ -84,17 +95,21 @@ class Limits:
     def from_env(cls) -> "Limits":
         """The defaults, each replaced by its environment variable (:data:`ENV`) where that is set."""
         kw = {}
-        for name, var in ENV.items():
-            v = os.environ.get(var)
+        for f in fields(cls):
+            v = os.environ.get(f.metadata["env"])
             if v in (None, ""):
                 continue
-            convert = parse_size if name in _SIZES else float if name in _SECONDS else int
+            convert = f.metadata.get("parse") or (float if f.name in _SECONDS else int)
             try:
-                kw[name] = convert(v)
+                kw[f.name] = convert(v)
             except ValueError as e:
-                raise ValueError(f"environment variable {var}={v!r}: {e}") from None
+                raise ValueError(f"environment variable {f.metadata['env']}={v!r}: {e}") from None
         try:
             return cls(**kw)
         except ValueError as e:
             name = str(e).split()[1]  # "limit NAME must be ..."
             raise ValueError(f"environment variable {ENV[name]}={os.environ[ENV[name]]!r}: {e}") from None
+
+
+#: the environment variable of each limit
+ENV = {f.name: f.metadata["env"] for f in fields(Limits)}

@@ -1,12 +1,13 @@
 """The conversation engine: a conversation's state (rounds, images, the KV cache); ask, stream, undo,
-regenerate. Every way of talking to a model drives a :class:`Session`: a browser tab
-(:class:`visualchat.chat_session.ChatSession`), the stateless ``/generate`` API and the ZeroGPU replay
-(:meth:`visualchat.serving.Server.stream`, :func:`visualchat.serving.stream_conversation`, which build
-one from the given history), the CLI chat (:mod:`visualchat.chat`) and the eval runner (``visualchat_train.eval``).
+regenerate. Every way of talking to a model drives a :class:`Session`: a served conversation
+(:class:`visualchat.served.ServedConversation`: a browser tab's, or a ``/generate`` request's built from
+its history), the ZeroGPU replay (:func:`visualchat.zerogpu.stream_conversation`), the CLI chat
+(:mod:`visualchat.chat`) and the eval runner (``visualchat_train.eval``).
 
 A round is checked in one place, :meth:`Session.prepare_round`, before anything changes: the question,
 the generation settings, the images opened, their count, and whether the conversation with it fits
-the context window. Everything that adds or redoes a round goes through it.
+the context window; a server passes its :class:`~visualchat.limits.Limits` in. Everything that adds or
+redoes a round goes through it.
 
 The session keeps the LM's KV cache between rounds (a prefix cache). Every token of the rendered
 conversation has a key (its id, or ``(image uid, row)`` for an image slot); before each forward the
@@ -26,6 +27,7 @@ import torch
 
 from .generation import GenerationConfig, TextStreamer, sample_stream
 from .images import ImageError, open_image
+from .limits import Limits
 from .template import Conversation, Rendered, Round
 
 
@@ -37,10 +39,28 @@ class TooManyImagesError(ValueError):
     """More images than the model is configured for."""
 
 
-def check_question(question) -> str:
-    """The stripped question, or ValueError when it is empty."""
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty")
+def check_text(value, field: str, limit: int | None = None, required: bool = True) -> str:
+    """A question or answer: a string of valid Unicode (no lone surrogates), at most ``limit`` characters
+    (None: no limit); ``None`` is ``""`` when not ``required``. Else a ValueError naming ``field``."""
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        got = "null" if value is None else type(value).__name__
+        raise ValueError(f"{field} must be text{'' if required else ' or null'}, got {got}")
+    for i, ch in enumerate(value):
+        if "\ud800" <= ch <= "\udfff":
+            raise ValueError(f"{field} contains a lone surrogate (U+{ord(ch):04X}) at character {i + 1}; "
+                             "send valid Unicode text")
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"{field} is {len(value):,} characters long; this server accepts at most {limit:,}")
+    return value
+
+
+def check_question(question, limits: Limits | None = None, field: str = "the question") -> str:
+    """The stripped question: text (:func:`check_text`, at most ``limits.max_question_chars``), not empty."""
+    question = check_text(question, field, limits.max_question_chars if limits else None)
+    if not question.strip():
+        raise ValueError(f"{field} is empty")
     return question.strip()
 
 
@@ -113,6 +133,7 @@ class Session:
         self._cache_is_image: list[bool] = []
         self.last_stats: dict = {}
         self.finish_reason: str | None = None  # why the last answer ended (FINISH_REASONS); None while it runs
+        self.numbered = False  # messages name the round ("the question of round 2"): a request's conversation
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -140,6 +161,18 @@ class Session:
         self._encode_new_images()
         feats = torch.stack(self._features) if self._features else None
         return compute(self.vc, self._render(), feats)
+
+    def cache_bytes(self) -> int:
+        """Memory held by the KV cache (each storage counted once; 0 when there is none)."""
+        seen, total = set(), 0
+        for layer in getattr(self._cache, "layers", None) or ():
+            for t in vars(layer).values():
+                if torch.is_tensor(t) and t.numel():
+                    st = t.untyped_storage()
+                    if st.data_ptr() not in seen:
+                        seen.add(st.data_ptr())
+                        total += st.nbytes()
+        return total
 
     def drop_cache(self) -> None:
         """Forget the KV cache (to free memory, or after a failed forward left it inconsistent); the next
@@ -231,45 +264,56 @@ class Session:
 
     # -- public --------------------------------------------------------------------------------
     @classmethod
-    def from_history(cls, vc, history: Sequence[dict] = (), system: str | None = None) -> "Session":
+    def from_history(cls, vc, history: Sequence[dict] = (), system: str | None = None,
+                     limits: Limits | None = None) -> "Session":
         """A session holding ``history`` (dicts with question, images, answer), each round checked by
-        :meth:`prepare_round`; nothing is run (the first forward encodes and prefills it)."""
+        :meth:`prepare_round` (against ``limits``, when given), whose messages name the round ("the
+        question of round 2"); nothing is run (the first forward encodes and prefills it)."""
         session = cls(vc, system)
+        session.numbered = True
         for r in history:
-            session.add_round(r.get("question"), r.get("images") or (), r.get("answer") or "")
+            answer = r.get("answer")
+            session.add_round(r.get("question"), r.get("images") or (), "" if answer is None else answer, limits=limits)
         return session
 
     def prepare_round(self, question, images: Sequence = (), *, answer: str | None = None, redo: bool = False,
-                      **gen) -> PreparedRound:
+                      limits: Limits | None = None, **gen) -> PreparedRound:
         """Check a round against this conversation and return it ready to add, changing nothing. THE
         check of a round: :meth:`stream`, :meth:`add_round` and :meth:`regenerate` call it, and so does
         every path that drives a session. In this order, raising the first that fails:
 
-        1. the question: ``ValueError`` when it is empty (it is stripped);
-        2. the generation settings: ``ValueError`` naming the field (:class:`GenerationConfig`);
-        3. the images, opened: :class:`~visualchat.images.ImageError`;
-        4. the image count: :class:`TooManyImagesError`;
-        5. the conversation with this round fits the context window: :class:`ContextWindowError`.
+        1. the question: ``ValueError`` when it is not text, holds a lone surrogate, is longer than
+           ``limits.max_question_chars`` or is empty (it is stripped);
+        2. the generation settings: ``ValueError`` naming the field (:class:`GenerationConfig`, its
+           ``max_new_tokens`` at most ``limits.max_new_tokens``);
+        3. a given answer: ``ValueError`` when it is not text or longer than ``limits.max_answer_chars``;
+        4. the images, opened: :class:`~visualchat.images.ImageError`;
+        5. the image count: :class:`TooManyImagesError`;
+        6. the conversation with this round fits the context window: :class:`ContextWindowError`.
 
         ``answer``: the round's given answer (a history round; nothing is generated). ``redo``: the round
-        replaces the last one's answer (``images`` are then that round's, already open)."""
-        question = check_question(question)
-        config = GenerationConfig(**gen)
+        replaces the last one's answer (``images`` are then that round's, already open). ``limits``: a
+        server's limits on one request (None: only the model's own bounds)."""
         rounds, ids = list(self.conversation.rounds), list(self._answer_ids)
+        named = f" of round {len(rounds) + (0 if redo else 1)}" if self.numbered else ""
+        question = check_question(question, limits, f"the question{named}")
+        config = GenerationConfig(**gen, max_new_tokens_limit=limits.max_new_tokens if limits else None)
+        if answer is not None:
+            answer = check_text(answer, f"the answer{named}", limits.max_answer_chars if limits else None,
+                                required=False).strip()
         if redo:
             if not rounds:
                 raise ValueError("there is no round to regenerate")
             opened = list(images)
             rounds, ids = rounds[:-1], ids[:-1]
         else:
-            opened = [open_image(im) for im in images]
+            opened = [open_image(im, limits.max_pixels if limits else None) for im in images]
         check_image_count(sum(len(r.images) for r in rounds) + len(opened), self.vc.config.max_images)
         eos = self.vc.template.eos_id
         if ids and ids[-1] is None:  # stopped before its first token: it joins as an empty answer
             ids[-1] = [eos]
         answer_ids = None
         if answer is not None:
-            answer = answer.strip()
             # escaped like every user text: a marker or special-token string in it is never structure
             answer_ids = self.vc.template.answer_ids(answer) if answer else [eos]
         rnd = Round(question, images=opened, answer=answer)
@@ -311,11 +355,11 @@ class Session:
         or a bad generation setting."""
         return self.generate(self.prepare_round(question, images, **gen))
 
-    def add_round(self, question: str, images: Sequence = (), answer: str = "") -> Round:
+    def add_round(self, question: str, images: Sequence = (), answer: str = "", limits: Limits | None = None) -> Round:
         """Append a finished round with a given answer, generating nothing (an API caller's history,
         or a conversation replayed in a fresh process). Checked by :meth:`prepare_round` like
         :meth:`stream`; the next forward prefills it."""
-        return self.commit(self.prepare_round(question, images, answer=answer or ""))
+        return self.commit(self.prepare_round(question, images, answer=answer, limits=limits))
 
     def set_answer(self, text: str) -> None:
         """Give the open last round the answer generated elsewhere (the ZeroGPU replay's worker)."""

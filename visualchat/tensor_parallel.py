@@ -1,6 +1,6 @@
 """DeepSpeed-Inference and tensor parallelism for serving: wrapping the frozen LM (AutoTP, kernel
 injection off), joining the launcher's process group, and the :class:`Lockstep` protocol that keeps
-the ranks' forwards in step. :mod:`visualchat.serving` calls this when it loads the models.
+the ranks' forwards in step. :meth:`visualchat.server.Server.load` calls this when it loads the models.
 
 Ranks and lockstep
     Started by the DeepSpeed launcher (or torchrun) with N ranks, every rank loads the same models

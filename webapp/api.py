@@ -1,7 +1,9 @@
-"""The stateless API's input and the web server's request plumbing (Gradio-specific): the images of a
-``/generate`` request (uploaded files, data URLs, base64), the whole request checked up front, noticing
-an answer nobody reads, dropping Gradio's copy of a finished request, and an ASGI guard on request bodies
-(their size, and file entries that are not uploads)."""
+"""The stateless API's input and the web server's request plumbing (Gradio-specific): a ``/generate``
+request's shape and its images (uploaded files, data URLs, base64) as data, noticing an answer nobody
+reads, dropping Gradio's copy of a finished request, and an ASGI guard on request bodies (their size, and
+file entries that are not uploads). The rounds themselves are checked where every round is,
+:meth:`visualchat.session.Session.prepare_round`, when the request's conversation is built
+(:meth:`visualchat.served.ServedConversation.from_history`)."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +12,7 @@ import os
 from typing import Callable
 
 from visualchat.images import ImageError
-from visualchat.serving import Limits, check_generation, check_text
+from visualchat.limits import Limits
 
 
 class RequestGuard:
@@ -186,9 +188,11 @@ def api_image(item, upload_dir: str | None = None, limits: Limits | None = None,
 
 def parse_api_conversation(conversation, limits: Limits | None = None,
                            upload_dir: str | None = None) -> tuple[list[dict], str, list]:
-    """``[{"question": ..., "images": [...], "answer": ...}, ...]`` -> (history, question, images).
-    Every round but the last may carry its answer; the last round is the one to answer. Every field is
-    checked for its type and size before anything is decoded; messages name the round and the field."""
+    """``[{"question": ..., "images": [...], "answer": ...}, ...]`` -> (history, question, images): the
+    request's shape (a list of rounds, each an object with known keys; the last one, the round to answer,
+    without an answer) and its images as data (:func:`api_image`: inline data is refused by its length
+    before it is decoded). Messages name the round and the field. What the rounds say is checked when
+    the conversation is built from them (:meth:`visualchat.session.Session.prepare_round`)."""
     limits = limits or Limits.from_env()
     if isinstance(conversation, dict) and "rounds" in conversation:
         conversation = conversation["rounds"]
@@ -205,42 +209,34 @@ def parse_api_conversation(conversation, limits: Limits | None = None,
         unknown = set(r) - {"question", "images", "answer"}
         if unknown:
             raise ValueError(f"round {i} has unknown keys {sorted(map(str, unknown))}; use question, images, answer")
-        q = check_text(r.get("question"), f"the question of round {i}", limits.max_question_chars)
-        if not q.strip():
-            raise ValueError(f"the question of round {i} is empty")
-        answer = check_text(r.get("answer"), f"the answer of round {i}", limits.max_answer_chars, required=False)
         images = r.get("images")
         if images is None:
             images = []
         elif not isinstance(images, list):
             images = [images]
-        rounds.append({"question": q, "images": images, "answer": answer})
-    if rounds[-1]["answer"].strip():
+        rounds.append({"question": r.get("question"), "images": images, "answer": r.get("answer")})
+    last = rounds.pop()
+    if last["answer"] is not None and (not isinstance(last["answer"], str) or last["answer"].strip()):
         raise ValueError("the last round already has an answer; append the round to answer")
     n = 0
-    for i, r in enumerate(rounds, 1):  # decoded only once every round's text has passed
+    for i, r in enumerate(rounds + [last], 1):
         opened = []
         for x in r["images"]:
             n += 1
             opened.append(api_image(x, upload_dir, limits, field=f"image {n} (round {i})"))
         r["images"] = opened
-    last = rounds.pop()
     return rounds, last["question"], last["images"]
 
 
-def validate_api_request(server, conversation, max_new_tokens=128, temperature=0.0, top_p=1.0,
-                         repetition_penalty=1.0, seed=None, model="chat") -> tuple[str, list[dict], str, list, dict]:
-    """Everything ``/generate`` receives, checked up front (types, finiteness, ranges, sizes) with a message
-    naming the field: (model, history, question, images, generation settings)."""
+def validate_api_request(server, conversation, model="chat") -> tuple[str, list[dict], str, list]:
+    """The model a ``/generate`` request names and its conversation (:func:`parse_api_conversation`), with
+    a message naming the field: (model, history, question, images)."""
     if not isinstance(model, str) or model not in server.models:
         got = repr(model) if isinstance(model, str) else ("null" if model is None else type(model).__name__)
         raise ValueError(f"model must be one of {sorted(server.models)}, got {got}"
                          + ("" if server.compare.ready else " (the Compare tab's models are not loaded on this server)"))
-    gen = check_generation(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=seed), server.limits)
     history, question, images = parse_api_conversation(conversation, server.limits)
-    return model, history, question, images, gen
-
+    return model, history, question, images
 
 
 def unread_probe(request, seconds: float) -> Callable[[], bool] | None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -57,13 +55,12 @@ COMPARE = PanelSpec("compare", ("ca", "mmca"), ("CA", "MMCA"))
 
 
 class Panel:
-    """A panel's handlers over its models' :class:`~visualchat.chat_session.ChatSession` s. Every model
-    answers every round; with several, one token each in turn so that all columns stream."""
+    """A panel's handlers over its models' conversations (:class:`~visualchat.served.ServedConversation`).
+    Every model answers every round; with several, one token each in turn so that all columns stream."""
 
     def __init__(self, server, spec: PanelSpec):
         self.server, self.spec = server, spec
         self.single = len(spec.models) == 1
-        self._overlays = weakref.WeakKeyDictionary()  # chat session -> its attention-map image files
 
     @property
     def ready(self) -> bool:
@@ -137,7 +134,7 @@ class Panel:
                         next(s)
                     except StopIteration:
                         live.remove(s)
-                    except Exception:  # recorded by its ChatSession (status failed); the others go on
+                    except Exception:  # recorded by its conversation (status failed); the others go on
                         live.remove(s)
                 if throttle():
                     yield view(status="")
@@ -153,7 +150,7 @@ class Panel:
         else:
             log_refusal(f"the {self.spec.key} tab", e)
         for chat in chats:
-            chat.status, chat.error, chat.finish_reason = "rejected", str(e), "refused"
+            chat.refused(e)
 
     # -- handlers ------------------------------------------------------------------------------
     def send(self, message, tab, max_new_tokens, temperature, top_p, repetition_penalty):
@@ -268,24 +265,17 @@ class Panel:
         except RuntimeError as e:
             return None, status_html("error", f"<b>Where it looked</b>: {esc(e)}.")
 
-    def _draw_maps(self, owner, entries) -> list[tuple[str, str]]:
+    @staticmethod
+    def _draw_maps(owner, entries) -> list[tuple[str, str]]:
         """Gallery items for ``entries`` (source image path, heat map, caption): each image in its own
-        colours with its hot cells outlined, its map beside it, written to the server's temp folder
-        (replacing ``owner``'s previous ones)."""
+        colours with its hot cells outlined, its map beside it, saved by ``owner``, the conversation shown
+        (replacing its previous ones)."""
         from PIL import Image
 
         from visualchat.attention_maps import map_beside
-        from visualchat.chat_session import _remove
 
-        for p in self._overlays.pop(owner, []):
-            _remove(p)
-        items, paths = [], []
-        for src, heat, caption in entries:
-            with Image.open(src) as im:
-                drawn = map_beside(im, heat)
-            path = os.path.join(self.server.tmpdir, f"looked-{uuid.uuid4().hex}.png")
-            drawn.save(path, format="PNG", compress_level=1)
-            paths.append(path)
-            items.append((path, caption))
-        self._overlays[owner] = paths
-        return items
+        def drawn():
+            for src, heat, _ in entries:
+                with Image.open(src) as im:
+                    yield map_beside(im, heat)
+        return list(zip(owner.save_pictures(drawn()), [caption for _, _, caption in entries]))

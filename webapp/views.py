@@ -20,7 +20,7 @@ GENERATING = "*(generating…)*"
 
 
 def chat_messages(chat) -> list[dict]:
-    """A ChatSession as Chatbot messages: each user turn shows the images it brought (captioned with the
+    """A served conversation as Chatbot messages: each user turn shows the images it brought (captioned with the
     numbers the model sees) above its question."""
     msgs = []
     for r in chat.rounds:

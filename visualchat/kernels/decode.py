@@ -140,13 +140,13 @@ def _gemm_fn(mods):
     """A callable ``f(h [1, in]) -> [1, out]`` for one linear layer, a :class:`visualchat.kernels.lowp.Fused`
     group, or a tuple of layers (outputs side by side). fbgemm fp16 layers are called as torch's op
     on their packed weight directly (no module call, no dtype checks: the step's input is float32)."""
-    from .lowp import Fused, _Fp16
+    from .lowp import CLASSES, Fused
 
     if isinstance(mods, tuple):
         fns = [_gemm_fn(m) for m in mods]
         return lambda h: torch.cat([f(h) for f in fns], -1)
     lin = mods.linear if isinstance(mods, Fused) else mods
-    if type(lin) is _Fp16:
+    if type(lin) is CLASSES["fp16"]:
         op, packed = torch.ops.quantized.linear_dynamic_fp16.default, lin.packed
         return lambda h: op(h, packed)
     return mods

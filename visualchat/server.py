@@ -1,14 +1,9 @@
-"""Serving: what one request may cost (:class:`~visualchat.limits.Limits`), what to load and how (:class:`ServeOptions`),
-loading the models (:meth:`Server.load`: the chat model, the CA vs MMCA pair, DeepSpeed-Inference
-and the ranks through :mod:`visualchat.tensor_parallel`), ZeroGPU, and stateless generation
-(:meth:`Server.stream`). A browser tab's conversation is :class:`visualchat.chat_session.ChatSession`;
-the web UI (Gradio) is ``app.py`` and the ``webapp`` package beside it, not part of this library.
-
-ZeroGPU
-    ``@spaces.GPU`` runs the decorated function in a forked worker and pickles its arguments and
-    results, so it cannot carry a session with a KV cache. On ZeroGPU (``SPACES_ZERO_GPU``) the chats
-    keep their conversation as plain data and every answer replays it through
-    :func:`stream_conversation`, the only decorated function. Off ZeroGPU ``spaces.GPU`` is not used.
+"""What is served and how it is loaded: the options (:class:`ServeOptions`, from which ``app.py`` builds its
+flags), the dtype plan, and the :class:`Server`: the chat model and the CA vs MMCA pair (:meth:`Server.load`,
+with DeepSpeed-Inference and the ranks through :mod:`visualchat.tensor_parallel`), the limits of one
+request, ZeroGPU's replay function and the KV-cache budget shared by the served conversations
+(:class:`visualchat.served.ServedConversation`). The web UI (Gradio) is ``app.py`` and the ``webapp``
+package beside it, not part of this library.
 """
 from __future__ import annotations
 
@@ -22,106 +17,59 @@ import uuid
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 from .assets import DEFAULT_CA_CHECKPOINT, DEFAULT_CHECKPOINT, shipped_checkpoint
 from .config import VisualChatConfig
 from .limits import Limits
-from .session import Session
 from .tensor_parallel import Lockstep, dist_env, init_distributed, wrap_deepspeed
+from .zerogpu import gpu_decorator, register, stream_conversation, zero_gpu_active
 
 log = logging.getLogger("visualchat.serving")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Checks of one request against the limits (visualchat.limits)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def check_number(value, field: str, lo: float, hi: float, lo_open: bool = False, integer: bool = False,
-                 allowed: str | None = None):
-    """``value`` as a finite number (an int when ``integer``) in [lo, hi] (or (lo, hi]), else a ValueError
-    that names the field and what is allowed."""
-    allowed = allowed or (f"{'a whole number' if integer else 'a number'} "
-                          f"{'>' if lo_open else '>='} {lo:g} and <= {hi:g}")
-    if not _is_number(value):
-        raise ValueError(f"{field} must be {allowed}, got {'null' if value is None else type(value).__name__}")
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        raise ValueError(f"{field} must be {allowed}, got {value}")
-    if integer:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{field} must be {allowed}, got {value}")
-        value = int(value)
-    if value < lo or (lo_open and value == lo) or value > hi:
-        raise ValueError(f"{field} must be {allowed}, got {value}")
-    return value
-
-
-def check_generation(gen: dict, limits: "Limits") -> dict:
-    """Validate generation settings (types, finiteness, ranges, the server's max_new_tokens limit);
-    returns them normalised. Messages name the field and what is allowed."""
-    out = dict(gen)
-    if "max_new_tokens" in gen:
-        out["max_new_tokens"] = check_number(
-            gen["max_new_tokens"], "max_new_tokens", 1, limits.max_new_tokens, integer=True,
-            allowed=f"a whole number from 1 to {limits.max_new_tokens} (this server's limit)")
-    if "temperature" in gen:
-        out["temperature"] = float(check_number(gen["temperature"], "temperature", 0, 5,
-                                                allowed="a number from 0 (greedy) to 5"))
-    if "top_p" in gen:
-        out["top_p"] = float(check_number(gen["top_p"], "top_p", 0, 1, lo_open=True,
-                                          allowed="a number > 0 and <= 1"))
-    if "repetition_penalty" in gen:
-        out["repetition_penalty"] = float(check_number(gen["repetition_penalty"], "repetition_penalty", 0, 10,
-                                                       lo_open=True, allowed="a number > 0 and <= 10 (1 = off)"))
-    if gen.get("seed") is not None:
-        out["seed"] = check_number(gen["seed"], "seed", 0, 2 ** 63 - 1, integer=True,
-                                   allowed="null or a whole number from 0 to 2**63-1")
-    return out
-
-
-def check_text(value, field: str, limit: int, required: bool = True) -> str:
-    """A question or answer: a string of valid Unicode (no lone surrogates), at most ``limit`` characters."""
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        got = "null" if value is None else type(value).__name__
-        raise ValueError(f"{field} must be text{'' if required else ' or null'}, got {got}")
-    for i, ch in enumerate(value):
-        if "\ud800" <= ch <= "\udfff":
-            raise ValueError(f"{field} contains a lone surrogate (U+{ord(ch):04X}) at character {i + 1}; "
-                             "send valid Unicode text")
-    if len(value) > limit:
-        raise ValueError(f"{field} is {len(value):,} characters long; this server accepts at most {limit:,}")
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------
-# Options
+def _option(default, help: str, env: str | None = None, **meta):
+    """A serving option's field: its default, its help text and the environment variable that sets it."""
+    return field(default=default, metadata={"help": help, **({"env": env} if env else {}), **meta})
 
 
 @dataclass
 class ServeOptions:
-    """What to load and how to run it. ``app.py`` fills this from flags and environment variables."""
+    """What to load and how to run it. ``app.py`` builds a flag from each field (:mod:`visualchat.flags`),
+    its default from the field's environment variable."""
 
-    checkpoint: str | None = None  # None: the shipped default (assets/checkpoints/shapes-mmca), else untrained
-    lm: str | None = None
-    vision: str | None = None
-    compare: bool = True
-    ca_checkpoint: str | None = None  # None: assets/checkpoints/shapes-ca
-    mmca_checkpoint: str | None = None  # None: assets/checkpoints/shapes-mmca
-    device: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; on one CPU rank: the LM's weight format (lowp)
-    quantization: str | None = None  # 4bit | 8bit | None
-    deepspeed: str = "auto"  # auto | on | off
-    tp_allreduce: str = "gloo"  # gloo | shm
-    trust_remote_code: bool = False
-    limits: Limits | None = None  # None: Limits.from_env()
+    checkpoint: str | None = _option(
+        None, "checkpoint directory for the Chat tab; default: the shipped assets/checkpoints/shapes-mmca, else an "
+        "untrained projection", "VISUALCHAT_CHECKPOINT", metavar="DIR")
+    lm: str | None = _option(None, "base LM (HF id or local path) instead of the one the checkpoint names; default: "
+                             "the embedded SmolLM2-135M-Instruct", "VISUALCHAT_LM", metavar="ID_OR_PATH")
+    vision: str | None = _option(None, "vision encoder spec (efficientnet-lite0, clip:PATH, qwen-vl:DIR) instead of "
+                                 "the checkpoint's", "VISUALCHAT_VISION", metavar="SPEC")
+    ca_checkpoint: str | None = _option(None, "CA-trained checkpoint for the Compare tab; default: "
+                                        "assets/checkpoints/shapes-ca", "VISUALCHAT_CA_CHECKPOINT", metavar="DIR")
+    mmca_checkpoint: str | None = _option(None, "MMCA-trained checkpoint for the Compare tab; default: "
+                                          "assets/checkpoints/shapes-mmca", "VISUALCHAT_MMCA_CHECKPOINT", metavar="DIR")
+    compare: bool = _option(True, "do not load the Compare tab's models (or set the variable to 0)", "VISUALCHAT_COMPARE")
+    trust_remote_code: bool = _option(False, "allow custom modeling code from the LM's repository",
+                                      "VISUALCHAT_TRUST_REMOTE_CODE")
+    device: str | None = _option(None, "cpu, cuda or cuda:N; default: cuda if available (cuda:LOCAL_RANK per rank), "
+                                 "else cpu", "VISUALCHAT_DEVICE")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _option(
+        "auto", "GPU: the model's dtype (auto: bfloat16); one CPU rank: the LM's weight format (auto: float16 where "
+        "supported, fastest with the same answers)", "VISUALCHAT_DTYPE")
+    quantization: Literal["4bit", "8bit"] | None = _option(
+        None, "load the LM in 4 or 8 bit with bitsandbytes (GPU; DeepSpeed-Inference is then not used)",
+        "VISUALCHAT_LOAD_IN", flags=("--load-in", "--quantization"))
+    deepspeed: Literal["auto", "on", "off"] = _option(
+        "auto", "wrap the LM with DeepSpeed-Inference (kernel injection off; AutoTP over the launcher's ranks). auto: "
+        "if DeepSpeed loads, else plain PyTorch (logged)", "VISUALCHAT_DEEPSPEED")
+    tp_allreduce: Literal["gloo", "shm"] = _option(
+        "gloo", "how AutoTP all-reduces across ranks: gloo = torch.distributed on the process group (safe under any "
+        "launcher); shm = DeepSpeed's shared-memory CPU kernel (faster, one machine; its first JIT build takes over "
+        "a minute)", "VISUALCHAT_TP_ALLREDUCE")
+    limits: Limits | None = _option(None, "the limits of one request; None: Limits.from_env()")
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -152,79 +100,6 @@ def plan_dtype(name: str | None, dev_type: str, world: int = 1, quantization: st
     return dtype or (torch.bfloat16 if dev_type == "cuda" else torch.float32), None
 
 
-# ---------------------------------------------------------------------------------------------------
-# ZeroGPU
-
-
-def zero_gpu_active() -> bool:
-    """True on a Hugging Face ZeroGPU Space (the ``spaces`` package importable and SPACES_ZERO_GPU set),
-    or when VISUALCHAT_STATELESS=1 forces the same stateless replay path."""
-    if os.environ.get("VISUALCHAT_STATELESS", "").lower() in ("1", "true", "yes"):
-        return True
-    if os.environ.get("SPACES_ZERO_GPU", "").lower() not in ("1", "t", "true"):
-        return False
-    try:
-        import spaces  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def gpu_decorator(duration: int | None = None) -> Callable[[Callable], Callable]:
-    """``spaces.GPU(duration=...)`` when the ``spaces`` package is importable, else the identity."""
-    try:
-        import spaces
-    except ImportError:
-        return lambda fn: fn
-    duration = duration or int(os.environ.get("VISUALCHAT_GPU_DURATION", "120"))
-    return spaces.GPU(duration=duration)
-
-
-_REGISTRY: dict[str, Any] = {}  # model key -> VisualChat, read by stream_conversation (also in a forked worker)
-
-
-def stream_conversation(key: str, history: list[dict], question: str, images: Sequence, gen: dict) -> Iterator[str]:
-    """Answer ``question`` (with ``images``) after ``history`` (dicts with question, images, answer) on
-    the registered model ``key``: a session built from the history, nothing kept. Only plain data in and
-    text out, so ``spaces.GPU`` can run it in its forked worker."""
-    session = Session.from_history(_REGISTRY[key], history)
-    yield from session.stream(question, images, **gen)
-    yield {"finish_reason": session.finish_reason}  # the last item: why it ended (AnswerStream reads it)
-
-
-class AnswerStream:
-    """An answer's text pieces (iterate it; ``close()`` stops it) and, once it has ended, why:
-    ``finish_reason`` (:data:`visualchat.session.FINISH_REASONS`: ``stop`` or ``length``, ``stopped``
-    when closed early). ``pieces`` yields text, and may end with ``{"finish_reason": ...}`` (what
-    :func:`stream_conversation` sends back from the GPU worker); else ``session`` says why."""
-
-    def __init__(self, pieces: Iterator, session: Session | None = None):
-        self._pieces, self._session, self._reason = pieces, session, None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        piece = next(self._pieces)
-        if isinstance(piece, dict):  # stream_conversation's last item
-            self._reason = piece.get("finish_reason")
-            raise StopIteration
-        return piece
-
-    def close(self) -> None:
-        close = getattr(self._pieces, "close", None)
-        if close:
-            close()
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._session.finish_reason if self._session is not None else self._reason
-
-
-# ---------------------------------------------------------------------------------------------------
-# The server: models, backend, ranks
-
-
 @dataclass
 class CompareInfo:
     """The CA vs MMCA pair, or what is missing for it."""
@@ -250,7 +125,7 @@ class Server:
                  limits: Limits | None = None):
         self.chat = chat
         self.limits = limits or Limits.from_env()
-        self._chats: weakref.WeakSet = weakref.WeakSet()  # the tabs' ChatSessions (for the KV-cache budget)
+        self._chats: weakref.WeakSet = weakref.WeakSet()  # the served conversations (for the KV-cache budget)
         self._chats_lock = threading.Lock()
         self.kv_drops = 0  # how many times a tab's KV cache was dropped for the budget
         self.compare = compare or CompareInfo(note="The Compare tab is off.")
@@ -262,8 +137,9 @@ class Server:
         if self.compare.ready:
             self.models.update(ca=self.compare.ca, mmca=self.compare.mmca)
         for name, vc in self.models.items():
-            _REGISTRY[self.key(name)] = vc
-        self._remote = gpu_decorator()(stream_conversation) if self.stateless else stream_conversation
+            register(self.key(name), vc)
+        #: on ZeroGPU, what answers a conversation's last round in the GPU worker (visualchat.zerogpu)
+        self.replay = gpu_decorator()(stream_conversation) if self.stateless else None
         self.tmpdir = tempfile.mkdtemp(prefix="visualchat-ui-")  # display copies of images (Gradio may serve tmp)
         atexit.register(shutil.rmtree, self.tmpdir, True)
 
@@ -401,20 +277,6 @@ class Server:
                          f"{self.limits.kv_cache_budget:,}", f"{sizes[id(c)]:,}")
         return freed
 
-    # -- stateless generation ------------------------------------------------------------------
-    def stream(self, name: str, history: list[dict], question: str, images: Sequence, gen: dict) -> AnswerStream:
-        """Answer the last round of a whole conversation, nothing kept (the ``/generate`` API): a session
-        is built from ``history`` and the round prepared (:meth:`Session.prepare_round`) in this process,
-        so bad input raises here before any model (or GPU) time is spent; then the answer streams from
-        that session, or on ZeroGPU from the same conversation replayed in the GPU worker."""
-        session = Session.from_history(self.models[name], history)
-        prepared = session.prepare_round(question, images, **gen)
-        if not self.stateless:
-            return AnswerStream(session.generate(prepared), session)
-        hist = [{"question": r.question, "images": r.images, "answer": r.answer} for r in session.conversation.rounds]
-        return AnswerStream(self._remote(self.key(name), hist, prepared.round.question, prepared.round.images,
-                                         dict(gen)))
-
 
 def _missing_note(missing: Sequence[str]) -> str:
     what = " and ".join(f"`{m}`" for m in missing)
@@ -429,37 +291,3 @@ def _same_base(cfg: VisualChatConfig, chat_cfg: VisualChatConfig, opts: ServeOpt
     lm_a, lm_b = opts.lm or cfg.lm, opts.lm or chat_cfg.lm
     v_a, v_b = opts.vision or cfg.vision, opts.vision or chat_cfg.vision
     return lm_a == lm_b and norm.get(v_a, v_a) == norm.get(v_b, v_b)
-
-
-
-# ---------------------------------------------------------------------------------------------------
-# Bounding a running answer: a wall-clock limit, and answers nobody reads
-
-
-class AbandonedError(RuntimeError):
-    """Nobody has read an answer's output for too long (the client went away without cancelling)."""
-
-
-def bounded(stream: Iterator[str], seconds: float, unread: Callable[[], bool] | None = None,
-            on_deadline: Callable[[], None] | None = None) -> Iterator[str]:
-    """Yield ``stream``'s pieces until it ends or ``seconds`` have passed since the first one was asked
-    for (then ``on_deadline()`` and stop: the answer so far stands, as with max_new_tokens), checked
-    between tokens. ``unread()`` true between tokens raises :class:`AbandonedError`. Closes ``stream``."""
-    import time
-
-    deadline = time.monotonic() + seconds
-    try:
-        for piece in stream:
-            yield piece
-            if unread is not None and unread():
-                raise AbandonedError("nobody read this answer's output, so it was stopped")
-            if time.monotonic() > deadline:
-                log.warning("an answer reached the time limit of %g s per answer and was stopped", seconds)
-                if on_deadline is not None:
-                    on_deadline()
-                return
-    finally:
-        close = getattr(stream, "close", None)
-        if close:
-            close()
-
