@@ -1,5 +1,5 @@
 """Issue 27: why an answer ended (finish_reason: stop, length, stopped, timeout, refused) through the
-library (Session, ChatSession), the Chat tab's handlers and the served /generate API; refusals that cost
+library (Session, ServedConversation), the Chat tab's handlers and the served /generate API; refusals that cost
 the server one log line and show the user no server path, environment variable, exception class or
 traceback; the model line and its Details; Regenerate at temperature 0; the Compare tab's speed."""
 import base64
@@ -46,7 +46,7 @@ def msg(text, files=()):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The library: Session and ChatSession
+# The library: Session and ServedConversation
 
 
 def test_session_says_why_each_answer_ended(tiny_models):  # noqa: F811

@@ -85,3 +85,26 @@ def test_streamer_matches_a_sentencepiece_decoder_at_every_step():
         if not whole.endswith("\ufffd"):
             assert streamer.text == whole, (n, streamer.text, whole)
     assert streamer.text == "Hello, world! café 🙂 Hello日本!"
+
+
+def test_generation_settings_are_checked_once_where_they_are_made():
+    """Issue 28: GenerationConfig is the one check of generation settings (what serving.check_generation
+    did apart): types, finiteness, ranges, a server's cap on max_new_tokens, normalised values."""
+    import pytest
+
+    cfg = GenerationConfig(max_new_tokens=12.0, temperature=1, top_p=1, repetition_penalty=1, seed=3.0)
+    assert (cfg.max_new_tokens, cfg.temperature, cfg.seed) == (12, 1.0, 3)
+    assert type(cfg.max_new_tokens) is int and type(cfg.temperature) is float and type(cfg.seed) is int
+    assert GenerationConfig(max_new_tokens=5000).max_new_tokens == 5000  # no server: no cap
+    bad = [({"max_new_tokens": 5000, "max_new_tokens_limit": 1024},
+            r"max_new_tokens must be a whole number from 1 to 1024 \(this server's limit\), got 5000"),
+           ({"max_new_tokens": "12"}, "max_new_tokens must be a whole number >= 1, got str"),
+           ({"max_new_tokens": 0}, "max_new_tokens must be a whole number >= 1, got 0"),
+           ({"temperature": float("nan")}, r"temperature must be a number from 0 \(greedy\) to 5, got nan"),
+           ({"temperature": -1}, "temperature must be a number from 0"),
+           ({"top_p": 0}, "top_p must be a number > 0 and <= 1, got 0"),
+           ({"repetition_penalty": True}, "repetition_penalty must be a number > 0 and <= 10 .* got bool"),
+           ({"seed": -1}, r"seed must be null or a whole number from 0 to 2\*\*63-1, got -1")]
+    for kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            GenerationConfig(**kw)

@@ -81,3 +81,35 @@ def test_the_same_bad_round_fails_the_same_way_on_every_path(tiny_models, tiny_c
             tb = tb.tb_next
         assert any(code.co_name == "prepare_round" and code.co_filename.endswith("visualchat/session.py")
                    for code in frames)
+
+
+def test_prepare_round_checks_a_servers_limits_and_names_a_requests_rounds(tiny_models):  # noqa: F811
+    """Issue 28: the server's limits are passed to Session.prepare_round, the one check of a round (no
+    separate check of the question's length or the generation settings in front of it)."""
+    from visualchat.limits import Limits
+
+    vc = tiny_models[0]
+    limits = Limits(max_question_chars=10, max_new_tokens=4)
+    s = vc.new_session()
+    for question, gen, message in [
+        ("x" * 11, {}, "the question is 11 characters long; this server accepts at most 10"),
+        ("Hi", {"max_new_tokens": 5}, r"max_new_tokens must be a whole number from 1 to 4 \(this server's limit\)"),
+        ("   ", {}, "the question is empty"),
+        (None, {}, "the question must be text, got null"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            s.stream(question, limits=limits, **gen)
+    assert s.conversation.rounds == []
+    s.stream("x" * 11, max_new_tokens=2).close()  # no limits given: the model's bounds only
+    "".join(s.stream("Hi", limits=limits))  # the default max_new_tokens (256), within the server's cap
+    assert s.last_stats["new_tokens"] <= 4 and s.finish_reason in ("stop", "length")
+    with pytest.raises(ValueError, match="the answer of round 1 must be text or null, got int"):
+        Session.from_history(vc, [{"question": "Hi", "answer": 3}], limits=limits)
+    with pytest.raises(ValueError, match="the answer of round 1 is 41 characters long; this server accepts at most 40"):
+        Session.from_history(vc, [{"question": "Hi", "answer": "y" * 41}], limits=limits)
+    with pytest.raises(ValueError, match="the question of round 2 is 11 characters long"):
+        Session.from_history(vc, [{"question": "Hi", "answer": "ok"}, {"question": "x" * 11}], limits=limits)
+    request = Session.from_history(vc, [{"question": "Hi", "answer": "ok"}], limits=limits)
+    with pytest.raises(ValueError, match="the question of round 2 is empty"):
+        request.stream("", limits=limits)
+    assert [r.answer for r in request.conversation.rounds] == ["ok"]

@@ -284,8 +284,8 @@ class Session:
 
         1. the question: ``ValueError`` when it is not text, holds a lone surrogate, is longer than
            ``limits.max_question_chars`` or is empty (it is stripped);
-        2. the generation settings: ``ValueError`` naming the field (:class:`GenerationConfig`, its
-           ``max_new_tokens`` at most ``limits.max_new_tokens``);
+        2. the generation settings: ``ValueError`` naming the field (:class:`GenerationConfig`; to
+           generate, ``max_new_tokens`` at most ``limits.max_new_tokens``, which also caps its default);
         3. a given answer: ``ValueError`` when it is not text or longer than ``limits.max_answer_chars``;
         4. the images, opened: :class:`~visualchat.images.ImageError`;
         5. the image count: :class:`TooManyImagesError`;
@@ -297,7 +297,10 @@ class Session:
         rounds, ids = list(self.conversation.rounds), list(self._answer_ids)
         named = f" of round {len(rounds) + (0 if redo else 1)}" if self.numbered else ""
         question = check_question(question, limits, f"the question{named}")
-        config = GenerationConfig(**gen, max_new_tokens_limit=limits.max_new_tokens if limits else None)
+        cap = limits.max_new_tokens if limits and answer is None else None  # (a given answer generates nothing)
+        if cap is not None and "max_new_tokens" not in gen:
+            gen["max_new_tokens"] = min(GenerationConfig.max_new_tokens, cap)  # the default, within the cap
+        config = GenerationConfig(**gen, max_new_tokens_limit=cap)
         if answer is not None:
             answer = check_text(answer, f"the answer{named}", limits.max_answer_chars if limits else None,
                                 required=False).strip()
