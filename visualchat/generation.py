@@ -1,5 +1,6 @@
-"""The sampling loop: greedy or temperature/top-p sampling with a repetition penalty, stop on EOS,
-streaming text pieces as tokens arrive."""
+"""How an answer is generated: the settings (:class:`GenerationConfig`, their one check) and the sampling
+loop (greedy or temperature/top-p sampling with a repetition penalty, stop on EOS, streaming text
+pieces as tokens arrive)."""
 from __future__ import annotations
 
 from dataclasses import InitVar, dataclass
