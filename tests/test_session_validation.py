@@ -103,13 +103,16 @@ def test_prepare_round_checks_a_servers_limits_and_names_a_requests_rounds(tiny_
     s.stream("x" * 11, max_new_tokens=2).close()  # no limits given: the model's bounds only
     "".join(s.stream("Hi", limits=limits))  # the default max_new_tokens (256), within the server's cap
     assert s.last_stats["new_tokens"] <= 4 and s.finish_reason in ("stop", "length")
-    with pytest.raises(ValueError, match="the answer of round 1 must be text or null, got int"):
-        Session.from_history(vc, [{"question": "Hi", "answer": 3}], limits=limits)
+    with pytest.raises(ValueError, match="the answer must be text or null, got int"):  # a library caller's
+        Session.from_history(vc, [{"question": "Hi", "answer": 3}])
+    with pytest.raises(ValueError, match="the answer of round 1 must be text or null, got int"):  # a request's
+        Session.from_history(vc, [{"question": "Hi", "answer": 3}], limits=limits, numbered=True)
     with pytest.raises(ValueError, match="the answer of round 1 is 41 characters long; this server accepts at most 40"):
-        Session.from_history(vc, [{"question": "Hi", "answer": "y" * 41}], limits=limits)
+        Session.from_history(vc, [{"question": "Hi", "answer": "y" * 41}], limits=limits, numbered=True)
     with pytest.raises(ValueError, match="the question of round 2 is 11 characters long"):
-        Session.from_history(vc, [{"question": "Hi", "answer": "ok"}, {"question": "x" * 11}], limits=limits)
-    request = Session.from_history(vc, [{"question": "Hi", "answer": "ok"}], limits=limits)
+        Session.from_history(vc, [{"question": "Hi", "answer": "ok"}, {"question": "x" * 11}], limits=limits,
+                             numbered=True)
+    request = Session.from_history(vc, [{"question": "Hi", "answer": "ok"}], limits=limits, numbered=True)
     with pytest.raises(ValueError, match="the question of round 2 is empty"):
         request.stream("", limits=limits)
     assert [r.answer for r in request.conversation.rounds] == ["ok"]

@@ -87,7 +87,7 @@ class ServedConversation:
         answer), each checked by :meth:`Session.prepare_round` against the server's limits; messages name
         the round ("the question of round 2"). Nothing is run until an answer is asked for."""
         conv = cls(server, name, unread)
-        conv.session = Session.from_history(conv.vc, rounds, limits=server.limits)
+        conv.session = Session.from_history(conv.vc, rounds, limits=server.limits, numbered=True)
         return conv
 
     # -- views ---------------------------------------------------------------------------------

@@ -265,12 +265,13 @@ class Session:
     # -- public --------------------------------------------------------------------------------
     @classmethod
     def from_history(cls, vc, history: Sequence[dict] = (), system: str | None = None,
-                     limits: Limits | None = None) -> "Session":
+                     limits: Limits | None = None, numbered: bool = False) -> "Session":
         """A session holding ``history`` (dicts with question, images, answer), each round checked by
-        :meth:`prepare_round` (against ``limits``, when given), whose messages name the round ("the
-        question of round 2"); nothing is run (the first forward encodes and prefills it)."""
+        :meth:`prepare_round` (against ``limits``, when given); nothing is run (the first forward encodes
+        and prefills it). ``numbered``: messages name the round ("the question of round 2"), as a
+        request's conversation wants."""
         session = cls(vc, system)
-        session.numbered = True
+        session.numbered = numbered
         for r in history:
             answer = r.get("answer")
             session.add_round(r.get("question"), r.get("images") or (), "" if answer is None else answer, limits=limits)
