@@ -315,3 +315,24 @@ def test_aux_only_is_a_perception_stage_a_later_run_starts_from(tmp_path):
 
     with pytest.raises(TrainError, match="heads alone"):
         _train_in_process_words(tmp_path / "bad", "--aux_only", "--lora_rank", "4", "--max_steps", "1")
+
+
+def test_init_from_continues_the_lora_adapters_of_an_earlier_stage(tmp_path):
+    """A later stage (--init_from a checkpoint with LoRA factors) starts from those factors, not fresh ones:
+    with lr 0 it saves them unchanged; a run asking for other adapters, or none, is refused by name."""
+    from visualchat_train.errors import TrainError
+
+    _train_in_process_words(tmp_path / "one", "--lora_rank", "4", "--lora_layers", "1", "--max_steps", "2")
+    first = load_tensors(str(tmp_path / "one" / "final"))
+    lora = {k: v for k, v in first.items() if k.startswith("lora.")}
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # trained: B left zero
+    _train_in_process_words(tmp_path / "two", "--init_from", str(tmp_path / "one" / "final"), "--lora_rank", "4",
+                            "--lora_layers", "1", "--lr", "0", "--projection_lr", "0", "--max_steps", "1")
+    second = load_tensors(str(tmp_path / "two" / "final"))
+    for k, v in lora.items():
+        torch.testing.assert_close(second[k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(TrainError, match="differ from this run's"):
+        _train_in_process_words(tmp_path / "rank", "--init_from", str(tmp_path / "one" / "final"), "--lora_rank", "8",
+                                "--lora_layers", "1", "--max_steps", "1")
+    with pytest.raises(TrainError, match="holds LoRA adapters"):
+        _train_in_process_words(tmp_path / "none", "--init_from", str(tmp_path / "one" / "final"), "--max_steps", "1")

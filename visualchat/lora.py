@@ -40,15 +40,30 @@ def load_lora(vcm, lora_config: dict[str, Any] | None, tensors: dict[str, torch.
         inject(vcm.lm, lora_config["lm"])
     if "vision" in lora_config:
         inject(vcm.encoder, lora_config["vision"])
+    n = copy_lora(vcm, tensors)
+    for p in lora_parameters(vcm).values():
+        p.requires_grad_(False)
+    return n
+
+
+@torch.no_grad()
+def copy_lora(vcm, tensors: dict[str, torch.Tensor]) -> int:
+    """Copy the ``lora.``-prefixed ``tensors`` into the adapters already injected in ``vcm``, which must
+    match them one to one in names and shapes (ValueError naming the first differences, before anything
+    is copied). Returns how many tensors were copied."""
     params = lora_parameters(vcm)
     got = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
     missing = sorted(set(params) - set(got))
     unexpected = sorted(set(got) - set(params))
     if missing or unexpected:
         raise ValueError(f"LoRA weights do not match the model: missing {missing[:3]}..., unexpected {unexpected[:3]}...")
+    shapes = [k for k, p in params.items() if tuple(got[k].shape) != tuple(p.shape)]
+    if shapes:
+        k = shapes[0]
+        raise ValueError(f"LoRA weight {k} has shape {tuple(got[k].shape)}, the model's {tuple(params[k].shape)} "
+                         f"({len(shapes)} differ; another rank?)")
     for k, p in params.items():
         p.copy_(got[k].to(p.device, p.dtype))
-        p.requires_grad_(False)
     return len(params)
 
 

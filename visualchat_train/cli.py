@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag(g, "--max_seq_len", help="longest training sample in tokens; longer ones lose trailing rounds")
     flag(g, "--max_images_per_sample", help="most images in one training sample")
     flag(g, "--init_from", help="start the projection and embedding from this checkpoint directory "
-            "(e.g. a first-stage run's final/) instead of a random projection")
+            "(e.g. a first-stage run's final/) instead of a random projection; its LoRA adapters, if any, are "
+            "continued (the run must ask for the same --lora_rank/--lora_layers/--lora_target_modules)")
     flag(g, "--vis_proj", help="the trainable projection from vision features to LM rows: linear (default), baseline "
             "(Linear + LayerNorm, the original's), mlp (Linear, GELU, Linear: LLaVA-1.5's), perceiver[:N] (N "
             "learned latents, default 16, cross-attend to the image's tokens: N rows per image)")

@@ -205,7 +205,7 @@ def build_model(cfg: TrainConfig, plan: Plan, ds_config: dict | None):
 
         try:
             # another token grid of the same encoder is fine: the projection acts on each token
-            load_trainable(vcm, cfg.init_from, any_grid=True)
+            vcm.init_lora = load_trainable(vcm, cfg.init_from, any_grid=True)  # its LoRA factors, for the trainer
         except (OSError, ValueError, CheckpointMismatch) as e:
             raise TrainError(f"could not start from --init_from {cfg.init_from!r}: {e}") from None
     if cfg.precision == "bf16" and plan.engine == "torch":

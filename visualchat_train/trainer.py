@@ -201,6 +201,24 @@ class Trainer:
             except ValueError as e:
                 raise TrainError(str(e)) from None
 
+    def _continue_lora(self) -> None:
+        """A run started ``--init_from`` a checkpoint with LoRA factors continues them: the run must ask
+        for the same adapters (rank, targets, layers), else it stops with the difference; a run without
+        LoRA starting from one with it is refused too (its factors would silently be dropped)."""
+        from visualchat.lora import PREFIX, copy_lora
+
+        init = {k: v for k, v in (getattr(self.vcm, "init_lora", None) or {}).items() if k.startswith(PREFIX)}
+        if not init:
+            return
+        if not self.lora_cfg:
+            raise TrainError(f"--init_from {self.cfg.init_from!r} holds LoRA adapters; continue them with the same "
+                             "--lora_rank/--lora_layers/--lora_target_modules it was trained with")
+        try:
+            n = copy_lora(self.vcm, init)
+        except ValueError as e:
+            raise TrainError(f"--init_from {self.cfg.init_from!r}: its LoRA adapters differ from this run's: {e}") from None
+        log.info("continuing %d LoRA tensors from %s", n, self.cfg.init_from)
+
     def _setup_adapters(self) -> None:
         """LoRA adapters (when asked), gradient checkpointing, and what the optimiser gets."""
         from . import lora as L
@@ -212,6 +230,7 @@ class Trainer:
 
             for p in lora_parameters(vcm).values():  # fp32 masters (peft follows the base layer's dtype)
                 p.data = p.data.float()
+        self._continue_lora()  # after the fp32 masters exist, so the factors are copied at full precision
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(vcm.lm)
         if cfg.embedding_lr == 0:
