@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import VisualChatConfig
+from .projection import same_tensors
 
 WEIGHTS_NAME = "trainable.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -186,7 +187,7 @@ def load_trainable(model, path: str, config: VisualChatConfig | None = None,
     it did not consume (e.g. LoRA adapters). ``any_grid``: see :func:`check_compatible`."""
     config = config or VisualChatConfig.load(path)
     check_compatible(model, config, path, any_grid)
-    if config.vis_proj != model.projection.spec:
+    if not same_tensors(config.vis_proj, model.projection.spec):
         raise CheckpointMismatch(f"{path}: the checkpoint's projection is {config.vis_proj!r}, the model was built "
                                  f"with {model.projection.spec!r}")
     t = load_tensors(path)

@@ -62,7 +62,7 @@ class VisualChatConfig:
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or isinstance(self.max_seq_len, bool)
                                              or self.max_seq_len < 1):
             bad("max_seq_len", "null or an integer >= 1")
-        if (self.vis_proj == "words") != (self.concepts is not None):
+        if (parse_spec(self.vis_proj)[0] == "words") != (self.concepts is not None):  # (the spec was checked above)
             bad("concepts", "an object of cells, heads and labels exactly when vis_proj is 'words', else null")
         if self.concepts is not None:
             from .projection import check_concepts

@@ -242,7 +242,7 @@ class VisualChat:
         (``concepts``: the cells and labels of a ``words`` projection, whose word tables are filled from
         this LM's embedding)."""
         model = VisualChatModel(lm, encoder, attention, vis_proj, concepts)
-        if vis_proj == "words":
+        if model.projection.kind == "words":
             model.projection.net.init_tables(tokenizer, model.base_embedding)
         return cls(model, tokenizer, config_for(model, lm_spec, **config_kw))
 

@@ -17,6 +17,11 @@ spec           what                                                       K_out
                in the LM's own word space (:class:`Words`); needs a        words + heads)
                concept space (``config.concepts``) and labelled images     + 2 per image
                to train (``--aux_loss``)                                   head
+``words:cell`` the same heads (the same tensors), read out as one row per  cells + 1 per
+               cell: the mean of its name's and its labels' rows, so each  image head
+               row holds the whole cell (MMCA keeps image rows apart: an
+               image token attends only to itself, so a cell spread over
+               several rows cannot be bound back together)
 ============== ========================================================== ===============
 
 A checkpoint stores the module's ``state_dict`` under ``projection.`` (a linear one as
@@ -31,6 +36,13 @@ from torch import nn
 
 KINDS = ("linear", "baseline", "mlp", "perceiver", "words")
 DEFAULT_LATENTS = 16
+WORDS_LAYOUTS = ("", "cell")  # words: the rows of every word; words:cell: one row per cell
+
+
+def same_tensors(a: str, b: str) -> bool:
+    """Whether projections ``a`` and ``b`` hold the same tensors (a checkpoint of one loads into the
+    other): the same spec, or two layouts of the words projection."""
+    return a == b or (parse_spec(a)[0] == parse_spec(b)[0] == "words")
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
@@ -40,6 +52,11 @@ def parse_spec(spec: str) -> tuple[str, int]:
     kind, _, arg = spec.partition(":")
     if kind not in KINDS:
         raise ValueError(f"unknown vis_proj {spec!r}: choose one of {', '.join(KINDS)} (perceiver:N for N latents)")
+    if kind == "words":
+        if arg not in WORDS_LAYOUTS:
+            raise ValueError(f"vis_proj {spec!r}: the words projection's layout after ':' is one of "
+                             f"{', '.join(repr(x) for x in WORDS_LAYOUTS if x)} (or none)")
+        return kind, 0
     if kind != "perceiver":
         if arg:
             raise ValueError(f"vis_proj {kind!r} takes no ':' argument, got {spec!r}")
@@ -93,10 +110,12 @@ class Words(nn.Module):
     The heads learn from per-cell labels through :meth:`aux_loss` (the trainer's ``--aux_loss``) and
     from the LM's loss through the mixes."""
 
-    def __init__(self, d_vis: int, hidden: int, in_tokens: int, concepts: dict, width: int = 512):
+    def __init__(self, d_vis: int, hidden: int, in_tokens: int, concepts: dict, width: int = 512,
+                 layout: str = ""):
         super().__init__()
         check_concepts(concepts, in_tokens)
         self.concepts = concepts
+        self.layout = layout
         self.cell_heads = list(concepts["cell_heads"])
         self.image_heads = list(concepts["image_heads"])
         self.name_words = max(len(n.split()) for n in concepts["cells"])
@@ -111,7 +130,14 @@ class Words(nn.Module):
                                         for h, labels in self.labels().items()})
         self.cell_names = nn.Parameter(torch.zeros(in_tokens, self.name_words, hidden), requires_grad=False)
         self.head_names = nn.Parameter(torch.zeros(len(self.image_heads), hidden), requires_grad=False)
-        self.out_tokens = in_tokens * (self.name_words + len(self.cell_heads)) + 2 * len(self.image_heads)
+        if layout == "cell":
+            self.out_tokens = in_tokens + len(self.image_heads)
+            # per cell, the weight of each name row in the cell's mean (0 for the "," padding a short name)
+            n = [len(c.split()) for c in concepts["cells"]]
+            w = torch.tensor([[1.0 if j < k else 0.0 for j in range(self.name_words)] for k in n])
+            self.register_buffer("name_weight", w, persistent=False)
+        else:
+            self.out_tokens = in_tokens * (self.name_words + len(self.cell_heads)) + 2 * len(self.image_heads)
 
     def labels(self) -> dict[str, list[str]]:
         """head -> its labels, cell heads first, in row order."""
@@ -150,10 +176,16 @@ class Words(nn.Module):
         n, cells = feats.shape[:2]
         heads = torch.stack([lg[h].float().softmax(-1) @ self.tables[h].float() for h in self.cell_heads], 2)
         names = self.cell_names.float().expand(n, -1, -1, -1)  # [n, cells, name_words, H]
-        rows = [torch.cat([names, heads], 2).flatten(1, 2)]  # [n, cells * (name_words + heads), H]
+        if self.layout == "cell":  # one row per cell: the mean of its name's words and its labels
+            w = self.name_weight.to(names.device)
+            total = (names * w[None, :, :, None]).sum(2) + heads.sum(2)
+            rows = [total / (w.sum(1)[None, :, None] + heads.shape[2])]  # [n, cells, H]
+        else:
+            rows = [torch.cat([names, heads], 2).flatten(1, 2)]  # [n, cells * (name_words + heads), H]
         for i, h in enumerate(self.image_heads):
             value = lg[h].float().softmax(-1) @ self.tables[h].float()  # [n, H]
-            rows.append(torch.stack([self.head_names[i].float().expand(n, -1), value], 1))
+            name = self.head_names[i].float().expand(n, -1)
+            rows.append(((name + value) / 2)[:, None] if self.layout == "cell" else torch.stack([name, value], 1))
         return torch.cat(rows, 1).to(feats.dtype)
 
     def aux_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -236,7 +268,7 @@ class Projection(nn.Module):
         elif self.kind == "perceiver":
             self.net = Perceiver(d_vis, hidden, in_tokens, latents)
         else:
-            self.net = Words(d_vis, hidden, in_tokens, concepts)
+            self.net = Words(d_vis, hidden, in_tokens, concepts, layout=spec.partition(":")[2])
             self.out_tokens = self.net.out_tokens
 
     @property

@@ -186,7 +186,7 @@ def build_model(cfg: TrainConfig, plan: Plan, ds_config: dict | None):
         gather_base.enter_context(deepspeed.zero.GatheredParameters([lm.get_input_embeddings().weight]))
     torch.manual_seed(cfg.seed)  # the projection's initialisation
     concepts = None
-    if cfg.vis_proj == "words":  # the one data set with per-cell labels names the concept space
+    if cfg.vis_proj.partition(":")[0] == "words":  # the one data set with per-cell labels names the concept space
         from .data.shapes import CONCEPTS as concepts
     try:
         vcm = VisualChatModel(lm, enc, cfg.attention, cfg.vis_proj, concepts)
