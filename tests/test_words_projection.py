@@ -336,3 +336,41 @@ def test_init_from_continues_the_lora_adapters_of_an_earlier_stage(tmp_path):
                                 "--lora_layers", "1", "--max_steps", "1")
     with pytest.raises(TrainError, match="holds LoRA adapters"):
         _train_in_process_words(tmp_path / "none", "--init_from", str(tmp_path / "one" / "final"), "--max_steps", "1")
+
+
+def test_the_cell_layout_gives_one_row_per_cell_holding_all_its_words(tmp_path, tiny_tokenizer, tiny_clip_dir):
+    """words:cell (for MMCA, where an image row never sees another): each cell's row is the mean of its
+    name's words and its heads' labels (no "," padding), each image head's row the mean of its name and
+    value; the tensors are those of 'words', so a words checkpoint loads into it."""
+    from visualchat.checkpoint import load_trainable
+    from visualchat.projection import parse_spec
+
+    enc = build_encoder("clip:" + tiny_clip_dir)
+    cells = enc.num_tokens
+    vc = VisualChat.from_components(tiny_llama(tiny_tokenizer), tiny_tokenizer, enc, vis_proj="words:cell",
+                                    concepts=concepts_for(cells))
+    assert vc.model.image_tokens == vc.config.image_tokens == cells + 1
+    net = vc.model.projection.net
+    emb = vc.model.base_embedding
+    row = lambda w: emb[tiny_tokenizer.encode(" " + w, add_special_tokens=False)].float().mean(0)  # noqa: E731
+    with torch.no_grad():
+        for h, k in (("color", 2), ("shape", 1)):
+            net.cell_out[h].weight.zero_()
+            net.cell_out[h].bias.copy_(torch.full((net.cell_out[h].bias.numel(),), -50.0))
+            net.cell_out[h].bias[k] = 50.0
+        net.image_out["word"][-1].weight.zero_()
+        net.image_out["word"][-1].bias.copy_(torch.tensor([-50.0, 50.0]))
+    out = vc.model.project(torch.randn(2, cells, enc.hidden_size))
+    assert out.shape == (2, cells + 1, emb.shape[1])
+    torch.testing.assert_close(out[0, 0], (row("top") + row("left") + row("blue") + row("circle")) / 4)
+    torch.testing.assert_close(out[1, 1], (row("center") + row("blue") + row("circle")) / 3)
+    torch.testing.assert_close(out[0, -1], (row("word") + row("cat")) / 2)
+    # a 'words' checkpoint (same tensors) loads into the cell layout, and its heads come with it
+    vc2, _ = _words_vc(tiny_tokenizer, tiny_clip_dir)
+    with torch.no_grad():
+        vc2.model.projection.net.cell_mlp[0].weight.normal_()
+    vc2.save_pretrained(str(tmp_path / "words"))
+    load_trainable(vc.model, str(tmp_path / "words"), any_grid=True)
+    assert torch.equal(vc.model.projection.net.cell_mlp[0].weight, vc2.model.projection.net.cell_mlp[0].weight)
+    with pytest.raises(ValueError, match="layout"):
+        parse_spec("words:rows")
